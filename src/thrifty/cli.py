@@ -1,0 +1,256 @@
+"""``thrifty`` command line: list | show-config | run | reproduce | report.
+
+Exit codes: 0 success; 1 a run failed; 2 bad usage, unknown recipe or invalid config; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG_RUN = """\
+overrides are dotted key=value pairs applied after the preset, e.g.
+  thrifty run glam --preset smoke arms=[moe] max_steps=50 moe.num_experts=4 out_dir=/tmp/runs
+lists use brackets; `thrifty show-config RECIPE` prints every key with its value.
+Under torchrun the same command trains with DDP:
+  torchrun --nproc_per_node=2 -m thrifty run glam --preset smoke
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from thrifty import __version__
+    from thrifty.core.config import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="thrifty",
+        description="Run faithful miniatures of label- and compute-thrifty deep-learning systems, and their "
+        "paper-scale configurations.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"thrifty {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("list", help="list the recipes, their papers and whether they are implemented")
+
+    sc = sub.add_parser(
+        "show-config",
+        help="print a recipe's resolved config as YAML",
+        epilog=EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sc.add_argument("recipe")
+    sc.add_argument("--preset", default="quick", help="preset name (default: quick)")
+    sc.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    run = sub.add_parser(
+        "run",
+        help="run one recipe end to end and write its results and report",
+        epilog=EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("recipe")
+    run.add_argument(
+        "--preset",
+        default="quick",
+        help=f"budget preset: {', '.join(PRESETS)} (default: quick, <= 5 min on 2 CPU cores)",
+    )
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="run recipes at one budget and write one combined report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="with no recipe named, every implemented recipe runs.\n"
+        "  thrifty reproduce                  # all, quick budget\n"
+        "  thrifty reproduce glam --budget smoke",
+    )
+    rep.add_argument("recipes", nargs="*", metavar="RECIPE")
+    rep.add_argument(
+        "--budget", default="quick", help=f"preset for every recipe: {', '.join(PRESETS)} (default: quick)"
+    )
+    rep.add_argument("--out-dir", default="runs", help="root of run directories and of report/ (default: runs)")
+
+    rp = sub.add_parser("report", help="render report.md and report.html from run directories")
+    rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    rp.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: the single run dir, or ./report)"
+    )
+    return p
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("matplotlib", "PIL", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_claims(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from thrifty.core.report import CLAIM_COLUMNS, claim_rows
+
+    rows = claim_rows({**results, "recipe": results.get("recipe", "?")})
+    table = Table(title=f"{results.get('recipe')} claims (preset {results.get('preset')})", show_lines=True)
+    keep = [1, 4, 5, 6, 7, 9]
+    for i in keep:
+        table.add_column(CLAIM_COLUMNS[i])
+    for r in rows:
+        style = "green" if r[9] == "holds" else "red"
+        table.add_row(*[r[i] for i in keep], style=style)
+    Console().print(table)
+
+
+def cmd_list() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from thrifty.core.config import available_presets
+    from thrifty.core.registry import RECIPES
+
+    table = Table(title="thrifty recipes")
+    for col in ("recipe", "paper", "arXiv", "domain", "status", "presets"):
+        table.add_column(col)
+    for r in RECIPES:
+        table.add_row(
+            r.name,
+            r.title,
+            r.arxiv,
+            r.domain,
+            "ready" if r.ready else "planned",
+            ", ".join(available_presets(r.name)) if r.ready else "",
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_show_config(recipe: str, preset: str, overrides: list[str]) -> int:
+    from thrifty.core.config import to_yaml
+    from thrifty.core.registry import load_config
+
+    _, cfg = load_config(recipe, preset, overrides)
+    print(to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+def run_recipe(recipe: str, preset: str, overrides: list[str]) -> dict[str, Any]:
+    """Resolve the config, run the recipe and render its report into the run directory."""
+    from thrifty.core.registry import load_config
+    from thrifty.core.report import render
+    from thrifty.core.run import tune_allocator
+
+    tune_allocator()
+    module, cfg = load_config(recipe, preset, overrides)
+    results = module.train(cfg)
+    if results.get("run_dir"):  # empty on non-zero DDP ranks
+        render([Path(results["run_dir"])], Path(results["run_dir"]), title=f"thrifty {recipe} ({preset})")
+    return results
+
+
+def cmd_run(recipe: str, preset: str, overrides: list[str]) -> int:
+    results = run_recipe(recipe, preset, overrides)
+    if results:
+        _print_claims(results)
+        print(f"results: {results['run_dir']}/results.json  report: {results['run_dir']}/report.html")
+    return EXIT_OK
+
+
+def cmd_reproduce(recipes: list[str], budget: str, out_dir: str) -> int:
+    from thrifty.core import registry
+    from thrifty.core.config import preset_path
+    from thrifty.core.report import render
+
+    names = recipes or registry.names(ready_only=True)
+    for n in names:  # fail fast on typos before hours of work
+        registry.get(n).load()
+        preset_path(n, budget)
+    done, failed = [], []
+    for i, name in enumerate(names, 1):
+        logging.getLogger("thrifty").info("[%d/%d] reproducing %s at %s", i, len(names), name, budget)
+        try:
+            res = run_recipe(name, budget, [f"out_dir={out_dir}", f"run_name={budget}"])
+            done.append(Path(res["run_dir"]))
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # one recipe failing must not hide the others' results
+            failed.append(name)
+            logging.getLogger("thrifty").error("%s failed: %s", name, err)
+            traceback.print_exc()
+    if done:
+        md, page = render(done, Path(out_dir) / "report", title=f"thrifty reproduce ({budget})")
+        print(f"report: {page}  (markdown: {md})")
+    if failed:
+        print(f"failed recipes: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_report(run_dirs: list[Path], out: Path | None) -> int:
+    from thrifty.core.report import render
+
+    target = out or (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
+    md, page = render(run_dirs, target)
+    print(f"report: {page}  (markdown: {md})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may follow options (`run glam --preset smoke k=v`), which argparse's positional
+    # matching does not allow; collect them from the unparsed rest.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if args.command in ("run", "show-config") and all("=" in r and not r.startswith("-") for r in rest):
+            args.overrides = [*args.overrides, *rest]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose, args.quiet)
+
+    from thrifty.core.checkpoint import CheckpointError
+    from thrifty.core.config import ConfigError
+    from thrifty.core.registry import RecipeNotReady, UnknownRecipe
+    from thrifty.core.report import ReportError
+    from thrifty.data.text import CorpusError
+
+    try:
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "show-config":
+            return cmd_show_config(args.recipe, args.preset, args.overrides)
+        if args.command == "run":
+            return cmd_run(args.recipe, args.preset, args.overrides)
+        if args.command == "reproduce":
+            return cmd_reproduce(args.recipes, args.budget, args.out_dir)
+        if args.command == "report":
+            return cmd_report(args.run_dirs, args.out)
+    except (UnknownRecipe, RecipeNotReady, ConfigError) as err:
+        print(f"thrifty: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CorpusError, CheckpointError, ReportError) as err:
+        print(f"thrifty: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("thrifty: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    parser.print_help()
+    return EXIT_USAGE

@@ -1,0 +1,169 @@
+"""Claims: the paper's statement, our measurement over seeds, a 95% interval and a computed verdict.
+
+A claim compares a measured quantity with a threshold in a stated direction. For a comparison
+("A beats B") the measured quantity is the mean *paired* difference A−B over seeds (same seed, same
+data for both arms) and the interval is Student's t over those differences. ``holds`` is computed:
+the whole interval must lie on the claimed side of the threshold. With few seeds that is strict on
+purpose; add seeds rather than loosen it. Nothing here lets a caller set ``holds`` by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from scipy import stats
+
+Direction = Literal["less", "greater"]
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
+    """Mean and two-sided 95% Student-t interval; a single value gives an infinite interval."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, (-math.inf, math.inf)
+    half = float(stats.t.ppf(0.975, df=x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, (mean - half, mean + half)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One row of ``results.json``'s claims table.
+
+    Attributes:
+        id: short stable identifier (``moe_beats_dense_active``).
+        statement: the claim in words, including the metric and split.
+        paper_value: what the paper reports (number or words), shown beside ours.
+        measured: mean over seeds (of the paired difference for comparisons).
+        ci95: Student-t 95% interval of ``measured``.
+        direction: ``less`` or ``greater``: the side of ``threshold`` the claim asserts.
+        threshold: the value the interval is compared with (0 for paired differences).
+        baseline: what was compared against (arm name or value), for the report.
+        values: per-seed values (differences for comparisons).
+        seeds: the seeds, aligned with ``values``.
+        preset: the budget it was measured at.
+        unit: unit of ``measured`` (``nats``, ``AUROC points`` ...).
+        holds: computed, never given.
+    """
+
+    id: str
+    statement: str
+    paper_value: Any
+    measured: float
+    ci95: tuple[float, float]
+    direction: Direction
+    threshold: float
+    baseline: str
+    values: tuple[float, ...]
+    seeds: tuple[int, ...]
+    preset: str
+    unit: str = ""
+    note: str = ""
+
+    @property
+    def holds(self) -> bool:
+        lo, hi = self.ci95
+        if self.direction == "less":
+            return bool(hi < self.threshold)
+        return bool(lo > self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ci95"] = [_finite(v) for v in self.ci95]
+        d["values"] = list(self.values)
+        d["seeds"] = list(self.seeds)
+        d["holds"] = self.holds
+        return d
+
+
+def _finite(v: float) -> float | None:
+    return None if not math.isfinite(v) else v
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in ("less", "greater"):
+        raise ValueError(f"direction must be 'less' or 'greater', not {direction!r}")
+
+
+def value_claim(
+    *,
+    id: str,
+    statement: str,
+    values: Sequence[float],
+    seeds: Sequence[int],
+    direction: Direction,
+    threshold: float,
+    paper_value: Any,
+    preset: str,
+    baseline: str = "",
+    unit: str = "",
+    note: str = "",
+) -> Claim:
+    """A claim about one quantity (e.g. "drop rate below 1%") over seeds."""
+    _check_direction(direction)
+    if len(values) != len(seeds):
+        raise ValueError("values and seeds must align")
+    mean, ci = mean_ci95(values)
+    return Claim(
+        id=id,
+        statement=statement,
+        paper_value=paper_value,
+        measured=mean,
+        ci95=ci,
+        direction=direction,
+        threshold=threshold,
+        baseline=baseline or f"{threshold:g}",
+        values=tuple(float(v) for v in values),
+        seeds=tuple(int(s) for s in seeds),
+        preset=preset,
+        unit=unit,
+        note=note,
+    )
+
+
+def paired_claim(
+    *,
+    id: str,
+    statement: str,
+    a: dict[int, float],
+    b: dict[int, float],
+    direction: Direction,
+    paper_value: Any,
+    preset: str,
+    baseline: str,
+    unit: str = "",
+    note: str = "",
+) -> Claim:
+    """A comparison over seeds: ``measured`` is mean(A−B) over seeds present in both ``a`` and ``b``.
+
+    Args:
+        a, b: per-seed metric of the two arms, keyed by seed.
+        direction: ``less`` claims A < B (the difference is negative), ``greater`` claims A > B.
+    """
+    _check_direction(direction)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError(f"claim {id!r}: the two arms share no seed")
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, ci = mean_ci95(diffs)
+    return Claim(
+        id=id,
+        statement=statement,
+        paper_value=paper_value,
+        measured=mean,
+        ci95=ci,
+        direction=direction,
+        threshold=0.0,
+        baseline=baseline,
+        values=tuple(diffs),
+        seeds=tuple(seeds),
+        preset=preset,
+        unit=unit,
+        note=note,
+    )

@@ -1,0 +1,95 @@
+"""torchrun / DDP helpers: one code path for a laptop (1 process) and a cluster (N processes).
+
+``torchrun --nproc_per_node=N -m thrifty run RECIPE ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+:func:`init` reads them and starts a process group (gloo on CPU, NCCL on CUDA). Without them
+everything degrades to a single process and the collectives below are no-ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, its ``local_rank`` and ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: torch.device) -> DistInfo:
+    """Start (or join) the process group when launched by torchrun; otherwise a 1-process DistInfo.
+
+    CUDA processes use their ``LOCAL_RANK`` GPU and NCCL; CPU processes use gloo.
+    """
+    if not launched_by_torchrun():
+        return DistInfo(device=device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks (returns a new tensor; identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a small picklable object from ``src`` to every rank (our own values only, never files)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_rows(n: int, info: DistInfo) -> slice:
+    """Rows of a global batch of ``n`` that belong to this rank (contiguous, equal sizes).
+
+    Raises:
+        ValueError: when ``n`` is not divisible by the world size.
+    """
+    if n % info.world_size:
+        raise ValueError(f"global batch_size {n} is not divisible by world size {info.world_size}")
+    per = n // info.world_size
+    return slice(info.rank * per, (info.rank + 1) * per)

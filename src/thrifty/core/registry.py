@@ -1,0 +1,116 @@
+"""The explicit list of recipes. Nothing is discovered by import side effects.
+
+A recipe module (e.g. ``thrifty.methods.glam.train``) exposes ``Config`` (its config dataclass) and
+``train(cfg) -> dict`` (the whole recipe; returns what it wrote to ``results.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from types import ModuleType
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    title: str
+    arxiv: str
+    domain: str
+    module: str | None  # None: planned, not implemented yet
+
+    @property
+    def ready(self) -> bool:
+        return self.module is not None
+
+    def load(self) -> ModuleType:
+        if self.module is None:
+            raise RecipeNotReady(
+                f"recipe {self.name!r} ({self.title}) is planned but not implemented yet; "
+                f"ready recipes: {', '.join(r.name for r in RECIPES if r.ready)}"
+            )
+        return importlib.import_module(self.module)
+
+
+class UnknownRecipe(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class RecipeNotReady(RuntimeError):
+    pass
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        "glam",
+        "GLaM: sparse mixture-of-experts language model",
+        "2112.06905",
+        "text",
+        "thrifty.methods.glam.train",
+    ),
+    Recipe(
+        "autodistill",
+        "AutoDistill: distillation + multi-objective BO architecture search",
+        "2201.08539",
+        "text, serving",
+        None,
+    ),
+    Recipe("bigssl", "BigSSL: Conformer SSL pre-training + noisy-student ASR", "2109.13226", "speech", None),
+    Recipe("genesis", "Models Genesis / Semantic Genesis / TransVW", "2007.06959, 2102.10680", "3D CT", None),
+    Recipe("squid", "SQUID: memory-queue in-painting anomaly detection", "2111.13495", "X-ray", None),
+    Recipe(
+        "mt_transunet",
+        "MT-TransUNet: joint lesion segmentation + classification",
+        "2112.01767",
+        "dermoscopy",
+        None,
+    ),
+    Recipe("data_assemble", "Data, assemble: partial labels across datasets", "2109.12265", "X-ray", None),
+    Recipe(
+        "pe_cad",
+        "Pulmonary-embolism CAD: CNN vs ViT, SSL vs supervised, CC vs MIL",
+        "2109.07029",
+        "CTPA",
+        None,
+    ),
+    Recipe(
+        "temporal_gradient",
+        "Temporal-gradient semi-supervised action recognition",
+        "2111.13241",
+        "video",
+        None,
+    ),
+)
+
+
+def names(ready_only: bool = False) -> list[str]:
+    return [r.name for r in RECIPES if r.ready or not ready_only]
+
+
+def get(name: str) -> Recipe:
+    """The recipe called ``name``; :class:`UnknownRecipe` lists the known ones and close matches."""
+    for r in RECIPES:
+        if r.name == name:
+            return r
+    close = difflib.get_close_matches(name, names(), n=2)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise UnknownRecipe(f"unknown recipe {name!r}.{hint} Known recipes: {', '.join(names())}")
+
+
+def load_config(
+    name: str, preset: str | None = "quick", overrides: list[str] | None = None
+) -> tuple[ModuleType, object]:
+    """Recipe module and its resolved config: dataclass defaults < preset YAML < ``key=value`` overrides.
+
+    Raises:
+        UnknownRecipe, RecipeNotReady, ConfigError (from :mod:`thrifty.core.config`).
+    """
+    from thrifty.core.config import load_config as _load
+    from thrifty.core.config import preset_path
+
+    module = get(name).load()
+    path = preset_path(name, preset) if preset else None
+    cfg = _load(module.Config, path, [*(["preset=" + preset] if preset else []), *(overrides or [])])
+    return module, cfg

@@ -1,0 +1,204 @@
+"""Markdown and self-contained HTML reports built from runs' ``results.json``.
+
+The report puts each claim's paper value beside our measurement, its 95% interval, the number of
+seeds, the preset it was measured at and the computed verdict; then each run's tables, cost and
+figures. The HTML page embeds the figures (base64 PNG) so it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from thrifty.core.run import atomic_write_text
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise ReportError(f"{run_dir} has no results.json (is it a finished run directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not valid JSON: {err}") from None
+    data["_run_dir"] = str(Path(run_dir))
+    return data
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "—"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _ci(ci: Any) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "undefined (1 seed)"
+    return f"[{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def claim_rows(run: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in run.get("claims", []):
+        side = "<" if c["direction"] == "less" else ">"
+        rows.append(
+            [
+                run["recipe"],
+                c["id"],
+                c["statement"],
+                _num(c["paper_value"]),
+                f"{_num(c['measured'])} {c.get('unit', '')}".strip(),
+                _ci(c["ci95"]),
+                f"{side} {_num(c['threshold'])}",
+                str(len(c.get("seeds", []))),
+                c.get("preset", ""),
+                "holds" if c["holds"] else "does not hold",
+            ]
+        )
+    return rows
+
+
+CLAIM_COLUMNS = [
+    "recipe",
+    "claim",
+    "statement",
+    "paper",
+    "measured",
+    "95% CI",
+    "claimed side",
+    "seeds",
+    "preset",
+    "verdict",
+]
+
+
+def _md_table(columns: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return _num(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(columns: list[str], rows: list[list[Any]], verdict_col: int | None = None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for i, v in enumerate(r):
+            cls = ""
+            if verdict_col is not None and i == verdict_col:
+                cls = ' class="ok"' if v == "holds" else ' class="bad"'
+            cells.append(f"<td{cls}>{html.escape(_num(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _cost_rows(run: dict[str, Any]) -> list[list[Any]]:
+    cost = run.get("cost", {})
+    rows: list[list[Any]] = [
+        ["wall time (s)", round(cost.get("wall_time_s", float("nan")), 1)],
+        ["peak RSS (MiB)", round(cost.get("peak_rss_mb", float("nan")), 1)],
+    ]
+    for k, v in cost.items():
+        if k in ("wall_time_s", "peak_rss_mb"):
+            continue
+        if isinstance(v, dict):
+            rows += [[f"{k} [{kk}]", round(vv, 1) if isinstance(vv, float) else vv] for kk, vv in v.items()]
+        else:
+            rows.append([k, v])
+    return rows
+
+
+def render(run_dirs: list[Path], out_dir: Path, *, title: str = "thrifty report") -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` for the given runs into ``out_dir``."""
+    runs = [load_results(Path(d)) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    all_claims = [row for run in runs for row in claim_rows(run)]
+    held = sum(1 for r in all_claims if r[-1] == "holds")
+
+    md = [
+        f"# {title}",
+        "",
+        f"Generated {stamp}. {held} of {len(all_claims)} claims hold.",
+        "",
+        "A claim holds only when its whole 95% interval lies on the claimed side; comparisons are paired "
+        "differences over seeds measured on a test split touched once.",
+        "",
+        "## Claims",
+        "",
+        _md_table(CLAIM_COLUMNS, all_claims),
+        "",
+    ]
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Generated {stamp}. <b>{held} of {len(all_claims)}</b> claims hold. A claim holds only when its "
+        "whole 95% interval lies on the claimed side; comparisons are paired differences over seeds measured "
+        "on a test split touched once.</p>",
+        "<h2>Claims</h2>",
+        _html_table(CLAIM_COLUMNS, all_claims, verdict_col=len(CLAIM_COLUMNS) - 1),
+    ]
+
+    for run in runs:
+        run_dir = Path(run["_run_dir"])
+        paper = run.get("paper", {})
+        arxiv = paper.get("arxiv", "?")
+        head = f"{run['recipe']} — {paper.get('title', '')} (arXiv {arxiv}), preset `{run.get('preset')}`"
+        md += [f"## {head}", "", f"Run directory: `{run_dir}`", ""]
+        body += [
+            f"<h2>{html.escape(head.replace('`', ''))}</h2>",
+            f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p>",
+        ]
+        for table in run.get("tables", []):
+            md += [f"### {table['title']}", "", _md_table(table["columns"], table["rows"]), ""]
+            body += [f"<h3>{html.escape(table['title'])}</h3>", _html_table(table["columns"], table["rows"])]
+        md += ["### Cost", "", _md_table(["what", "value"], _cost_rows(run)), ""]
+        body += ["<h3>Cost</h3>", _html_table(["what", "value"], _cost_rows(run))]
+        for note in run.get("notes", []):
+            md += [f"> {note}", ""]
+            body += [f"<p class='note'>{html.escape(note)}</p>"]
+        for rel in run.get("figures", []):
+            fig = run_dir / rel
+            if not fig.is_file():
+                continue
+            md += [f"![{rel}]({os.path.relpath(fig, out_dir)})", ""]
+            data = base64.b64encode(fig.read_bytes()).decode()
+            body += [
+                f"<figure><img alt='{html.escape(rel)}' src='data:image/png;base64,{data}'/>"
+                f"<figcaption>{html.escape(rel)}</figcaption></figure>"
+            ]
+
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left;vertical-align:top}th{background:#f3f3f3}.ok{background:#e3f6e3}.bad{background:#fbe4e4}"
+        "img{max-width:100%;border:1px solid #eee}figure{display:inline-block;margin:0.5em;max-width:48%}"
+        ".note{color:#555;font-style:italic}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    atomic_write_text(html_path, page)
+    return md_path, html_path

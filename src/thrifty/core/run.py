@@ -1,0 +1,293 @@
+"""Run directories, seeding, determinism, JSONL metrics, progress bars and resource accounting.
+
+A run lives in ``<out_dir>/<recipe>/<run_name>/`` and holds ``config.yaml`` (the resolved config),
+``metrics.jsonl`` (one JSON record per line), ``checkpoints/``, ``results.json`` and ``figures/``.
+Resuming into an existing directory requires the same config (apart from keys that cannot change
+results, such as ``progress``); otherwise a :class:`~thrifty.core.config.ConfigError` says which keys
+differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from thrifty.core.config import BaseConfig, ConfigError, diff, to_dict, to_yaml
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between a run and its resumption without changing any result.
+RESUMABLE_KEYS = {"resume", "progress", "num_threads", "preset", "run_name", "out_dir", "data_dir"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"config key 'device': {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' asks for CUDA but torch sees no CUDA device; use device=cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_torch(cfg: BaseConfig) -> None:
+    """Apply thread count and determinism settings from the shared config keys."""
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def data_root(cfg: BaseConfig) -> Path:
+    """Cache directory for generated data and tokenizers (``data_dir``, ``$THRIFTY_DATA`` or ~/.cache)."""
+    root = cfg.data_dir or os.environ.get("THRIFTY_DATA") or str(Path.home() / ".cache" / "thrifty")
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_dir_for(recipe: str, cfg: BaseConfig) -> Path:
+    """``<out_dir>/<recipe>/<run_name or preset>``."""
+    return Path(cfg.out_dir) / recipe / (cfg.run_name or cfg.preset)
+
+
+def prepare_run_dir(recipe: str, cfg: BaseConfig, *, write: bool = True) -> Path:
+    """Create (or reopen for resumption) the run directory and write ``config.yaml``.
+
+    With ``resume=True`` an existing directory must have been created with the same config (keys in
+    :data:`RESUMABLE_KEYS` excepted). With ``resume=False`` earlier artefacts are removed first.
+    ``write=False`` (non-zero DDP ranks) only computes the path.
+    """
+    path = run_dir_for(recipe, cfg)
+    if not write:
+        return path
+    saved = path / "config.yaml"
+    if saved.exists():
+        if cfg.resume:
+            old = yaml.safe_load(saved.read_text()) or {}
+            changed = [k for k in diff(old, to_dict(cfg)) if k.split(".")[0] not in RESUMABLE_KEYS]
+            if changed:
+                raise ConfigError(
+                    f"run directory {path} was made with a different config (changed: {', '.join(changed)}); "
+                    "pass run_name=<new name> for a new run, or resume=false to start this one over"
+                )
+        else:
+            for name in ("checkpoints", "units", "figures", "metrics.jsonl", "results.json"):
+                target = path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "figures").mkdir(exist_ok=True)
+    atomic_write_text(saved, to_yaml(cfg))
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic, pretty JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics file, one record per line, flushed on every write.
+
+    Records carry a ``unit`` (e.g. ``moe/seed0``) and a ``step``. When a unit resumes from step ``k``,
+    :meth:`truncate` drops that unit's records after ``k`` so the file shows one continuous curve.
+    """
+
+    def __init__(self, path: Path, *, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+    def read(self, unit: str | None = None) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+            if unit is None or rec.get("unit") == unit:
+                out.append(rec)
+        return out
+
+    def truncate(self, unit: str, after_step: int) -> None:
+        """Drop records of ``unit`` whose step is greater than ``after_step`` (and any torn line)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.read() if not (r.get("unit") == unit and r.get("step", -1) > after_step)]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (MiB); children are counted separately by the OS."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+class Stopwatch:
+    """Wall-clock timer: ``with Stopwatch() as sw: ...; sw.seconds``."""
+
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+@contextlib.contextmanager
+def progress(total: int, description: str, *, enabled: bool = True, start: int = 0) -> Iterator[Callable[..., None]]:
+    """Progress bar with ETA; yields ``advance(n=1, **fields)``.
+
+    On a terminal it is a rich bar; otherwise (CI logs, pipes) it logs a line at every 10% so long
+    work still shows where it is. ``enabled=False`` makes it silent.
+    """
+    if not enabled:
+        yield lambda n=1, **fields: None
+        return
+    if sys.stderr.isatty():
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            transient=False,
+        )
+        with bar:
+            task = bar.add_task(description, total=total, completed=start, info="")
+
+            def advance(n: int = 1, **fields: Any) -> None:
+                info = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+                bar.update(task, advance=n, info=info)
+
+            yield advance
+        return
+
+    state = {"done": start, "next": 0.1, "t0": time.perf_counter()}
+
+    def advance_log(n: int = 1, **fields: Any) -> None:
+        state["done"] += n
+        frac = state["done"] / max(total, 1)
+        if frac + 1e-9 >= state["next"] or state["done"] >= total:
+            elapsed = time.perf_counter() - state["t0"]
+            rate = (state["done"] - start) / max(elapsed, 1e-9)
+            eta = (total - state["done"]) / rate if rate > 0 else float("nan")
+            info = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            log.info(
+                "%s %d/%d (%.0f%%) elapsed %.0fs eta %.0fs %s",
+                description,
+                state["done"],
+                total,
+                100 * frac,
+                elapsed,
+                eta,
+                info,
+            )
+            while state["next"] <= frac + 1e-9:
+                state["next"] += 0.1
+
+    yield advance_log
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def tune_allocator() -> bool:
+    """Keep freed large blocks in glibc's heap instead of returning them to the OS at once.
+
+    PyTorch on CPU allocates and frees many multi-MB activations per step; with glibc's defaults each
+    of them is an ``mmap``/``munmap`` pair whose pages are faulted in and zeroed again, which cost this
+    project 25-40% of a training step (measured; see benchmarks/README.md). Raising the mmap and trim
+    thresholds makes the allocator reuse those blocks. Returns False where glibc is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        return False
+    return bool(ok)

@@ -1,0 +1,320 @@
+"""Run directories, resumption checks, JSONL metrics, atomic writes, progress, seeding and devices."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from thrifty.core.config import ConfigError, load_config, preset_path, to_dict
+from thrifty.core.run import (
+    MetricsLog,
+    atomic_write_text,
+    data_root,
+    prepare_run_dir,
+    progress,
+    resolve_device,
+    run_dir_for,
+    seed_everything,
+    write_json,
+)
+from thrifty.methods.glam.config import GlamConfig
+
+
+@pytest.fixture(autouse=True)
+def _no_config_dir_env(monkeypatch):
+    monkeypatch.delenv("THRIFTY_CONFIG_DIR", raising=False)
+
+
+def _cfg(tmp_path, *overrides: str) -> GlamConfig:
+    return load_config(GlamConfig, preset_path("glam", "smoke"), [f"out_dir={tmp_path}", "preset=smoke", *overrides])
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def test_run_dir_for_uses_run_name_or_preset(tmp_path):
+    assert run_dir_for("glam", _cfg(tmp_path)) == tmp_path / "glam" / "smoke"
+    assert run_dir_for("glam", _cfg(tmp_path, "run_name=exp1")) == tmp_path / "glam" / "exp1"
+
+
+def test_prepare_run_dir_writes_resolved_config(tmp_path):
+    cfg = _cfg(tmp_path, "max_steps=15")
+    path = prepare_run_dir("glam", cfg)
+    assert path == tmp_path / "glam" / "smoke"
+    assert (path / "figures").is_dir()
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    assert saved["max_steps"] == 15
+    assert saved["model"]["dim"] == 32
+    assert saved == to_dict(cfg)
+    # the saved file is itself a loadable preset that reproduces the config
+    assert load_config(GlamConfig, path / "config.yaml") == cfg
+
+
+def test_prepare_run_dir_write_false_only_computes_path(tmp_path):
+    path = prepare_run_dir("glam", _cfg(tmp_path), write=False)
+    assert path == tmp_path / "glam" / "smoke"
+    assert not path.exists()
+
+
+def test_resume_with_identical_config_is_allowed(tmp_path):
+    first = prepare_run_dir("glam", _cfg(tmp_path))
+    (first / "metrics.jsonl").write_text('{"unit": "moe/seed0", "step": 5}\n')
+    again = prepare_run_dir("glam", _cfg(tmp_path))
+    assert again == first
+    assert (first / "metrics.jsonl").read_text() == '{"unit": "moe/seed0", "step": 5}\n'
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("max_steps=21", "max_steps"),
+        ("model.dim=64", "model.dim"),
+        ("seeds=[0,2]", "seeds"),
+        ("arms=[moe]", "arms"),
+        ("optim.lr=0.01", "optim.lr"),
+    ],
+)
+def test_resume_with_changed_result_key_names_it(tmp_path, override, key):
+    prepare_run_dir("glam", _cfg(tmp_path))
+    with pytest.raises(ConfigError) as ei:
+        prepare_run_dir("glam", _cfg(tmp_path, override))
+    msg = str(ei.value)
+    assert key in msg
+    assert "resume=false" in msg
+    # the original config is untouched
+    saved = yaml.safe_load((tmp_path / "glam" / "smoke" / "config.yaml").read_text())
+    assert saved == to_dict(_cfg(tmp_path))
+
+
+def test_resume_with_changed_progress_or_threads_is_allowed(tmp_path):
+    prepare_run_dir("glam", _cfg(tmp_path))
+    path = prepare_run_dir("glam", _cfg(tmp_path, "progress=false", "num_threads=2", "data_dir=/tmp/elsewhere"))
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    assert saved["progress"] is False
+    assert saved["num_threads"] == 2
+
+
+def test_resume_false_removes_old_artefacts(tmp_path):
+    path = prepare_run_dir("glam", _cfg(tmp_path))
+    (path / "checkpoints" / "moe" / "step-00000010").mkdir(parents=True)
+    (path / "checkpoints" / "moe" / "latest").write_text("step-00000010\n")
+    (path / "units" / "moe-seed0").mkdir(parents=True)
+    (path / "figures" / "loss.png").write_bytes(b"png")
+    (path / "metrics.jsonl").write_text("{}\n")
+    (path / "results.json").write_text("{}")
+
+    # a changed config is fine when starting over
+    path2 = prepare_run_dir("glam", _cfg(tmp_path, "resume=false", "max_steps=30"))
+    assert path2 == path
+    assert not (path / "checkpoints").exists()
+    assert not (path / "units").exists()
+    assert not (path / "metrics.jsonl").exists()
+    assert not (path / "results.json").exists()
+    assert (path / "figures").is_dir()
+    assert list((path / "figures").iterdir()) == []
+    assert yaml.safe_load((path / "config.yaml").read_text())["max_steps"] == 30
+
+
+# --------------------------------------------------------------------------- metrics log
+
+
+def _records(log: MetricsLog) -> list[tuple[str, int]]:
+    return [(r["unit"], r["step"]) for r in log.read()]
+
+
+def test_metrics_log_appends_and_filters_by_unit(tmp_path):
+    log = MetricsLog(tmp_path / "sub" / "metrics.jsonl")
+    log.log({"unit": "a", "step": 1, "loss": np.float32(2.5), "n": np.int64(3)})
+    log.log({"unit": "b", "step": 1, "loss": 1.0})
+    assert log.read("a") == [{"unit": "a", "step": 1, "loss": 2.5, "n": 3}]
+    assert [r["unit"] for r in log.read()] == ["a", "b"]
+    assert MetricsLog(tmp_path / "none.jsonl").read() == []
+
+
+def test_metrics_log_disabled_writes_nothing(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl", enabled=False)
+    log.log({"unit": "a", "step": 1})
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_truncate_drops_only_that_units_later_records(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in (1, 2, 3, 4, 5):
+        log.log({"unit": "a", "step": step})
+        log.log({"unit": "b", "step": step})
+    log.log({"unit": "a", "event": "eval"})  # no step: kept
+    log.truncate("a", 3)
+    recs = log.read()
+    assert [(r["unit"], r.get("step")) for r in recs] == [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 3),
+        ("b", 3),
+        ("b", 4),
+        ("b", 5),
+        ("a", None),
+    ]
+
+
+def test_truncate_tolerates_torn_last_line_and_leaves_valid_jsonl(tmp_path):
+    path = tmp_path / "m.jsonl"
+    log = MetricsLog(path)
+    for step in (1, 2, 3):
+        log.log({"unit": "a", "step": step})
+    with open(path, "a") as fh:
+        fh.write('{"unit": "a", "st')  # killed mid-write
+    assert _records(log) == [("a", 1), ("a", 2), ("a", 3)]
+    log.truncate("a", 2)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"unit": "a", "step": 1}, {"unit": "a", "step": 2}]
+    assert path.read_text().endswith("\n")
+    # appending after resumption yields well-formed records
+    log.log({"unit": "a", "step": 3})
+    assert _records(log) == [("a", 1), ("a", 2), ("a", 3)]
+    assert not [p for p in tmp_path.iterdir() if p.name != "m.jsonl"]
+
+
+def test_truncate_missing_file_is_noop(tmp_path):
+    MetricsLog(tmp_path / "m.jsonl").truncate("a", 3)
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_text_writes_and_overwrites_without_temp_files(tmp_path):
+    target = tmp_path / "deep" / "file.txt"
+    atomic_write_text(target, "one\n")
+    assert target.read_text() == "one\n"
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]
+
+
+def test_write_json_handles_numpy_torch_and_paths(tmp_path):
+    from pathlib import Path
+
+    write_json(
+        tmp_path / "r.json",
+        {
+            "i": np.int64(3),
+            "f": np.float32(0.5),
+            "a": np.arange(3),
+            "t": torch.tensor([1, 2]),
+            "p": Path("x/y"),
+        },
+    )
+    assert json.loads((tmp_path / "r.json").read_text()) == {
+        "i": 3,
+        "f": 0.5,
+        "a": [0, 1, 2],
+        "t": [1, 2],
+        "p": "x/y",
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "bad.json", {"o": object()})
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_non_tty_logs_every_tenth(caplog, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    caplog.set_level(logging.INFO, logger="thrifty.core.run")
+    with progress(100, "training") as advance:
+        for i in range(100):
+            if i == 99:
+                advance(1, loss=0.5)
+            else:
+                advance()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "thrifty.core.run"]
+    assert len(msgs) == 10  # at 10%, 20%, ..., 100%
+    assert all(m.startswith("training ") for m in msgs)
+    assert "10/100" in msgs[0]
+    assert "100/100 (100%)" in msgs[-1]
+    assert "loss=0.5" in msgs[-1]
+
+
+def test_progress_non_tty_resumed_start(caplog, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger="thrifty.core.run")
+    with progress(10, "eval", start=5) as advance:
+        for _ in range(5):
+            advance()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "thrifty.core.run"]
+    # 6/10 .. 10/10: one line per 10%
+    assert [m.split()[1] for m in msgs] == ["6/10", "7/10", "8/10", "9/10", "10/10"]
+
+
+def test_progress_disabled_is_silent(caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    with progress(10, "quiet", enabled=False) as advance:
+        for _ in range(10):
+            advance(1, loss=1.0)
+    assert caplog.records == []
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == ""
+
+
+# --------------------------------------------------------------------------- seeding, devices, data root
+
+
+def test_seed_everything_is_reproducible():
+    def draw():
+        return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), torch.randn(2).tolist()
+
+    seed_everything(1234)
+    first = draw()
+    seed_everything(1234)
+    assert draw() == first
+    seed_everything(1235)
+    assert draw() != first
+
+
+def test_seed_everything_accepts_large_seed():
+    seed_everything(2**40 + 7)
+    a = np.random.rand()
+    seed_everything(2**40 + 7)
+    assert np.random.rand() == a
+
+
+def test_resolve_device_cpu_and_auto():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+def test_resolve_device_nonsense_is_config_error():
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device("toaster")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_resolve_device_cuda_without_cuda_is_clear(name):
+    with pytest.raises(ConfigError) as ei:
+        resolve_device(name)
+    msg = str(ei.value)
+    assert "'device'" in msg
+    assert "CUDA" in msg
+    assert "device=cpu" in msg
+
+
+def test_data_root_prefers_config_then_env(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, f"data_dir={tmp_path / 'd1'}")
+    assert data_root(cfg) == tmp_path / "d1"
+    assert (tmp_path / "d1").is_dir()
+    monkeypatch.setenv("THRIFTY_DATA", str(tmp_path / "d2"))
+    assert data_root(_cfg(tmp_path)) == tmp_path / "d2"
