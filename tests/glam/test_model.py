@@ -19,7 +19,6 @@ from thrifty.methods.glam.baselines import (
 from thrifty.methods.glam.losses import lm_and_z_loss, lm_loss, z_loss
 from thrifty.methods.glam.model import GlamLM, MoESettings, relative_position_bucket
 
-
 DEFAULT_MOE = MoESettings(num_experts=4, group_size=64)
 
 

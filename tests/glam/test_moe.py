@@ -129,13 +129,13 @@ def combine_from_routing(r, num_experts: int, capacity: int) -> np.ndarray:
     return out
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+def gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
 def ffn(layer: MoELayer, e: int, v: torch.Tensor) -> torch.Tensor:
     ex = layer.experts
-    return (gelu_tanh(v @ ex.wi_0[e]) * (v @ ex.wi_1[e])) @ ex.wo[e]
+    return (gelu_erf(v @ ex.wi_0[e]) * (v @ ex.wi_1[e])) @ ex.wo[e]
 
 
 def manual_moe(layer: MoELayer, xg: torch.Tensor, expert, gate, kept) -> torch.Tensor:

@@ -5,7 +5,7 @@ exactly as the single-process layer does, fills the ``[E, G·C, d]`` expert buff
 of expert ``e`` to the rank that owns ``e`` with one ``all_to_all_single``; the owner runs its
 ``E / world`` experts on the rows from every rank and a second all-to-all returns the outputs, which
 are combined locally. The result equals the single-process layer applied to the same groups (tested
-with 2 gloo processes). Gradients flow back through the collectives (``torch.distributed.nn``).
+with 2 gloo processes). Gradients flow back through the collectives (the all-to-all's adjoint is an all-to-all).
 
 Training notes (used by :func:`wrap_for_expert_parallel`):
 
@@ -27,11 +27,26 @@ from torch import nn
 from thrifty.methods.glam.moe import Experts, MoELayer
 
 
-def _all_to_all(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable equal-split all-to-all along dim 0."""
-    from torch.distributed.nn.functional import all_to_all_single
+class _AllToAll(torch.autograd.Function):
+    """Equal-split all-to-all along dim 0; its gradient is the all-to-all of the output gradient."""
 
-    return all_to_all_single(torch.empty_like(x), x.contiguous())
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad)
+        return out
+
+
+def _all_to_all(x: torch.Tensor) -> torch.Tensor:
+    return _AllToAll.apply(x)
 
 
 class ShardedExperts(nn.Module):

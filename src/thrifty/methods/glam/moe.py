@@ -228,12 +228,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[E, n, d] -> [E, n, d]``: expert ``e`` processes row block ``e``."""
-        h = F.gelu(torch.bmm(x, self.wi_0), approximate="tanh") * torch.bmm(x, self.wi_1)
+        h = F.gelu(torch.bmm(x, self.wi_0)) * torch.bmm(x, self.wi_1)
         return torch.bmm(h, self.wo)
 
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """``[n, d] -> [n, d]`` through expert ``e`` only (dropless dispatch)."""
-        h = F.gelu(x @ self.wi_0[e], approximate="tanh") * (x @ self.wi_1[e])
+        h = F.gelu(x @ self.wi_0[e]) * (x @ self.wi_1[e])
         return h @ self.wo[e]
 
 

@@ -55,6 +55,7 @@ from thrifty.methods.glam.model import GlamLM
 
 log = logging.getLogger(__name__)
 RECIPE = "glam"
+Config = GlamConfig  # the registry's contract: a recipe module exposes Config and train
 PAPER = {"title": "GLaM: Efficient Scaling of Language Models with Mixture-of-Experts", "arxiv": "2112.06905"}
 
 

@@ -1,0 +1,107 @@
+"""Scale-out on real engines with 2 gloo processes: expert-parallel all-to-all equals the local layer,
+and ``torchrun`` DDP (and DDP + expert parallelism) training equals single-process training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thrifty.methods.glam.expert_parallel import shard_layer
+from thrifty.methods.glam.moe import MoELayer
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.mark.parametrize(("dispatch", "mode"), [("index", "capacity"), ("einsum", "capacity"), ("index", "top1")])
+def test_expert_parallel_all_to_all_equals_single_process_layer(dispatch, mode):
+    script = Path(__file__).with_name("ep_check.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(script),
+        dispatch,
+        mode,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("EP-MATCH") == 2
+
+
+def test_shard_layer_rejects_bad_settings():
+    with pytest.raises(ValueError, match="divisible"):
+        shard_layer(MoELayer(dim=8, ffn_dim=8, num_experts=3), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="dropless"):
+        shard_layer(MoELayer(dim=8, ffn_dim=8, num_experts=4, mode="dropless"), rank=0, world_size=2)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if x.strip() and "lm_loss" in x]
+
+
+COMMON = [
+    "--preset",
+    "smoke",
+    "arms=[moe,dense-active]",
+    "seeds=[0]",
+    "max_steps=10",
+    "moe.group_size=64",
+    "progress=false",
+    "num_threads=1",
+]
+
+
+def _run(args: list[str], *, nproc: int, env: dict) -> None:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "thrifty", "-q", "run", "glam", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--standalone",
+            "-m",
+            "thrifty",
+            "-q",
+            "run",
+            "glam",
+            *args,
+        ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_torchrun_ddp_training_equals_single_process(tmp_path, data_dir, expert_parallel):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*COMMON, f"data_dir={data_dir}", f"out_dir={tmp_path}"]
+    _run([*args, "run_name=single"], nproc=1, env=env)
+    _run([*args, "run_name=ddp", f"expert_parallel={str(expert_parallel).lower()}"], nproc=2, env=env)
+    single = _records(tmp_path / "glam" / "single")
+    ddp = _records(tmp_path / "glam" / "ddp")
+    assert [(r["unit"], r["step"]) for r in ddp] == [(r["unit"], r["step"]) for r in single]
+    for a, b in zip(ddp, single):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), (a["unit"], a["step"], key)
+    res_ddp = json.loads((tmp_path / "glam" / "ddp" / "results.json").read_text())
+    assert res_ddp["cost"]["world_size"] == 2
+    for arm in ("moe", "dense-active"):
+        unit = Path("units") / arm / "seed0" / "result.json"
+        t_ddp = json.loads((tmp_path / "glam" / "ddp" / unit).read_text())["test"]
+        t_single = json.loads((tmp_path / "glam" / "single" / unit).read_text())["test"]
+        for source, value in t_single.items():
+            assert t_ddp[source] == pytest.approx(value, rel=5e-4), (arm, source)
+    if expert_parallel:  # the gathered final model is the full, unsharded one
+        from safetensors.torch import load_file
+
+        state = load_file(str(tmp_path / "glam" / "ddp" / "units" / "moe" / "seed0" / "model.safetensors"))
+        assert state["blocks.0.ffn.experts.wi_0"].shape[0] == 4
