@@ -5,6 +5,7 @@ Benchmarks print ratios measured side by side in one process; they are never ass
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -83,10 +84,8 @@ def current_rss_mb() -> float:
 
 def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) so a phase can be measured alone."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def isolated(module: str, *args: str) -> dict:

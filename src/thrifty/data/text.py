@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from thrifty.core.run import progress
+
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
@@ -112,9 +114,15 @@ def load_fortunes(root: Path = FORTUNES_DIR) -> list[Document]:
     docs = []
     for f in sorted(root.iterdir()):
         if f.is_file() and "." not in f.name and not f.is_symlink():
-            raw = f.read_text(encoding="utf-8", errors="replace")
-            quotes = [q.strip() for q in raw.split("\n%\n")]
-            text = "\n\n".join(q for q in quotes if q and q != "%")
+            quotes, current = [], []
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.strip() == "%":  # a separator line (files also contain empty entries: %\n%)
+                    quotes.append("\n".join(current).strip())
+                    current = []
+                else:
+                    current.append(line)
+            quotes.append("\n".join(current).strip())
+            text = "\n\n".join(q for q in quotes if q)
             if text:
                 docs.append(Document("fortunes", f.name, text))
     if not docs:
@@ -310,9 +318,20 @@ def train_tokenizer(corpus: Corpus, *, vocab_size: int, cache_dir: Path) -> Any:
 
 
 def tokenize_split(
-    corpus: Corpus, tokenizer: Any, *, source: str, split: str, cache_dir: Path, batch_docs: int = 64
+    corpus: Corpus,
+    tokenizer: Any,
+    *,
+    source: str,
+    split: str,
+    cache_dir: Path,
+    batch_docs: int = 64,
+    show_progress: bool = False,
 ) -> np.ndarray:
-    """Token stream of one source/split (documents joined by EOS), memory-mapped from a cached file."""
+    """Token stream of one source/split (documents joined by EOS), memory-mapped from a cached file.
+
+    The first call streams the documents through the tokenizer in batches into a temporary file that
+    is renamed into place, so an interrupted run never leaves a truncated cache behind.
+    """
     vocab = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     tag = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:12]
@@ -321,11 +340,12 @@ def tokenize_split(
         eos = tokenizer.token_to_id(EOS)
         docs = corpus.splits[source][split]
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb") as fh, progress(len(docs), f"tokenising {source}/{split}", enabled=show_progress) as adv:
             for i in range(0, len(docs), batch_docs):
-                encs = tokenizer.encode_batch([d.text for d in docs[i : i + batch_docs]])
-                for e in encs:
+                chunk = docs[i : i + batch_docs]
+                for e in tokenizer.encode_batch([d.text for d in chunk]):
                     np.asarray([*e.ids, eos], dtype=dtype).tofile(fh)
+                adv(len(chunk))
         tmp.replace(path)
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)

@@ -18,7 +18,6 @@ whether filled or not). A test cross-checks the analytic count against ``torch.u
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from thrifty.methods.glam.config import GlamConfig
@@ -188,7 +187,3 @@ def accounting_table(cfg: GlamConfig, specs: list[ArmSpec]) -> dict[str, Any]:
         "fwd FLOPs/token (executed)",
     ] + (["activated FLOPs vs moe"] if ref is not None else [])
     return {"title": "Parameter and FLOP accounting", "columns": cols, "rows": rows}
-
-
-def relative_gap(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12) if math.isfinite(a) and math.isfinite(b) else math.inf

@@ -50,14 +50,16 @@ class DataConfig:
         weights: sampling weight of each source.
         mixture_file: YAML mixture of real corpora (``.txt``/``.jsonl[.gz]``); replaces ``sources``.
         holdout: fraction of whole documents held out for validation, and again for test.
-        eval_windows: windows per source evaluated on validation/test.
+        eval_windows: windows per source in each validation evaluation (during training).
+        test_windows: windows per source in the single test evaluation (0 = every window).
     """
 
     sources: list[str] = dataclasses.field(default_factory=lambda: ["shakespeare", "kjv", "fortunes"])
     weights: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.4, 0.2])
     mixture_file: str = ""
     holdout: float = 0.1
-    eval_windows: int = 48
+    eval_windows: int = 32
+    test_windows: int = 96
 
 
 @dataclasses.dataclass

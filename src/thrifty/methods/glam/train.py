@@ -89,7 +89,10 @@ def prepare_data(cfg: GlamConfig) -> LMData:
     cache = data_root(cfg) / "text"
     tok = text.train_tokenizer(corpus, vocab_size=cfg.model.vocab_size, cache_dir=cache)
     streams = {
-        split: {s: text.tokenize_split(corpus, tok, source=s, split=split, cache_dir=cache) for s in corpus.sources}
+        split: {
+            s: text.tokenize_split(corpus, tok, source=s, split=split, cache_dir=cache, show_progress=cfg.progress)
+            for s in corpus.sources
+        }
         for split in text.SPLITS
     }
     return LMData(
@@ -139,6 +142,7 @@ def evaluate(
     cfg: GlamConfig,
     info: distributed.DistInfo,
     *,
+    max_windows: int,
     shard: bool = True,
 ) -> dict[str, float]:
     """Mean next-token loss (nats) per source and mixture-weighted overall, on held-out windows.
@@ -151,7 +155,7 @@ def evaluate(
     model.eval()
     out: dict[str, float] = {}
     for source, stream in streams.items():
-        windows = text.eval_windows(stream, seq_len=cfg.model.seq_len, max_windows=cfg.data.eval_windows)
+        windows = text.eval_windows(stream, seq_len=cfg.model.seq_len, max_windows=max_windows or 1 << 62)
         mine = windows[info.rank :: info.world_size] if shard else windows
         total = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(mine), cfg.eval_batch_size):
@@ -290,7 +294,9 @@ def train_unit(
                 advance(len(window), loss=rec["lm_loss"])
                 window, sums = [], torch.zeros(5, dtype=torch.float64)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val = evaluate(model, data.val, data.weights, cfg, info, shard=not ep)
+                val = evaluate(
+                    model, data.val, data.weights, cfg, info, max_windows=cfg.data.eval_windows, shard=not ep
+                )
                 metrics.log(
                     {
                         "unit": unit,
@@ -315,7 +321,8 @@ def train_unit(
             if step % cfg.checkpoint_every == 0 and info.enabled:
                 distributed.barrier()
 
-    test = evaluate(model, data.test, data.weights, cfg, info, shard=not ep)  # the only time test is touched
+    # the only time the test split is touched
+    test = evaluate(model, data.test, data.weights, cfg, info, max_windows=cfg.data.test_windows, shard=not ep)
     final_state = expert_parallel.gather_full_state(model) if ep else None
     curve = [r for r in metrics.read(unit) if r.get("split") == "val"]
     train_recs = [r for r in metrics.read(unit) if "moe" in r]

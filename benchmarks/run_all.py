@@ -1,0 +1,18 @@
+"""Run every benchmark in turn (``make bench``); each prints its own side-by-side table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["moe_layer.py", "lm_step.py"]
+
+if __name__ == "__main__":
+    failed = []
+    for name in BENCHMARKS:
+        print(f"\n=== {name} ===", flush=True)
+        if subprocess.run([sys.executable, str(HERE / name)]).returncode:
+            failed.append(name)
+    sys.exit(1 if failed else 0)
