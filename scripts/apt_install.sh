@@ -21,5 +21,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
   || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; } \
-  || { echo "warning: could not install ${missing[*]}" >&2; exit 0; }
+  || { echo "error: could not install the Debian packages ${missing[*]}" >&2; exit 1; }
 echo "installed Debian packages: ${missing[*]}"

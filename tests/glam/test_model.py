@@ -15,6 +15,7 @@ from thrifty.methods.glam.baselines import (
     build_model,
     count_params,
     flops_per_token,
+    param_counts,
 )
 from thrifty.methods.glam.losses import lm_and_z_loss, lm_loss, z_loss
 from thrifty.methods.glam.model import GlamLM, MoESettings, relative_position_bucket
@@ -152,6 +153,13 @@ def test_dense_active_matches_moe_activated_flops_within_one_percent(preset):
     fm = flops_per_token(arms["moe"], cfg.model.seq_len)["forward_activated"]
     fd = flops_per_token(arms["dense-active"], cfg.model.seq_len)["forward_activated"]
     assert abs(fd - fm) / fm < 0.01
+
+
+@pytest.mark.parametrize("preset", ["smoke", "quick", "ablations"])
+def test_analytic_param_counts_equal_counting_the_module(preset):
+    cfg = load_config("glam", preset, [])[1]
+    for spec in build_arms(cfg):
+        assert param_counts(spec) == count_params(build_model(spec)), spec.name
 
 
 def test_dense_params_matches_moe_total_params():

@@ -40,7 +40,7 @@ def test_smoke_run_writes_results_claims_and_figures(smoke_run):
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk["claims"] == results["claims"]
     ids = {c["id"] for c in results["claims"]}
-    assert {"moe_beats_dense_active", "dense_params_not_worse", "drops_rare", "load_near_uniform"} <= ids
+    assert {"moe_beats_dense_active", "dense_params_lower_loss", "drops_rare", "load_near_uniform"} <= ids
     for c in results["claims"]:
         lo, hi = c["ci95"]
         assert lo <= c["measured"] <= hi
@@ -108,19 +108,20 @@ def test_same_seed_gives_identical_losses(tmp_path, data_dir):
     assert a["claims"][0]["measured"] == b["claims"][0]["measured"] if a["claims"] else True
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
-    args = ("arms=[moe]", "seeds=[0]", "max_steps=20", "checkpoint_every=5", "log_every=5", "eval_every=10")
+@pytest.mark.parametrize("cut_at", [3, 13])  # before the first checkpoint (step 5), and after two
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, data_dir, monkeypatch, cut_at):
+    args = ("arms=[moe]", "seeds=[0]", "max_steps=20", "checkpoint_every=5", "log_every=1", "eval_every=2")
     train(smoke(tmp_path / "ref", data_dir, *args))
     ref = train_records(tmp_path / "ref" / "glam" / "smoke", "moe/seed0")
 
     original = text.MixtureSchedule.batch
 
-    def interrupt_at_13(self, step):
-        if step == 13:
+    def interrupt(self, step):
+        if step == cut_at:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(text.MixtureSchedule, "batch", interrupt_at_13)
+    monkeypatch.setattr(text.MixtureSchedule, "batch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(smoke(tmp_path / "cut", data_dir, *args))
     monkeypatch.setattr(text.MixtureSchedule, "batch", original)
@@ -243,3 +244,18 @@ def test_real_format_mixture_trains(tmp_path, data_dir):
         )
     )
     assert res["data"]["sources"] == ["web", "books"]
+    # the corpus changes under an existing run: resuming would mix tokenizers and splits, so it is refused
+    (tmp_path / "b0.txt").write_text("an edited document " * 50)
+    with pytest.raises(ConfigError, match="corpus .* changed"):
+        train(
+            smoke(
+                tmp_path / "runs",
+                tmp_path / "data",
+                f"data.mixture_file={mix}",
+                "arms=[moe]",
+                "seeds=[0]",
+                "max_steps=4",
+                "model.vocab_size=300",
+                "data.holdout=0.2",
+            )
+        )

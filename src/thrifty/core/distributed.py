@@ -50,7 +50,8 @@ def init(device: torch.device) -> DistInfo:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # CUDA tensors go through NCCL; small CPU-side reductions (metrics, eval sums) through gloo
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
@@ -72,15 +73,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a small picklable object from ``src`` to every rank (our own values only, never files)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def shard_rows(n: int, info: DistInfo) -> slice:

@@ -190,18 +190,6 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-class Stopwatch:
-    """Wall-clock timer: ``with Stopwatch() as sw: ...; sw.seconds``."""
-
-    def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start
-
-
 @contextlib.contextmanager
 def progress(total: int, description: str, *, enabled: bool = True, start: int = 0) -> Iterator[Callable[..., None]]:
     """Progress bar with ETA; yields ``advance(n=1, **fields)``.

@@ -27,22 +27,24 @@ from torch import nn
 from thrifty.methods.glam.moe import Experts, MoELayer
 
 
+def _exchange(x: torch.Tensor) -> torch.Tensor:
+    """Equal-split ``all_to_all_single`` along dim 0 (contiguous first: the collective ignores strides)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x)
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
-    """Equal-split all-to-all along dim 0; its gradient is the all-to-all of the output gradient."""
+    """All-to-all whose adjoint is itself: the gradient is exchanged back the same way."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x)
-        return out
+        return _exchange(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad)
-        return out
+        return _exchange(grad)
 
 
 def _all_to_all(x: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,9 @@ from safetensors.torch import save_file, save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from thrifty.core import distributed
-from thrifty.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from thrifty.core.claims import Claim, mean_ci95, paired_claim, value_claim
-from thrifty.core.config import to_dict
+from thrifty.core.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
+from thrifty.core.claims import Claim, paired_claim, value_claim
+from thrifty.core.config import ConfigError, to_dict
 from thrifty.core.run import (
     MetricsLog,
     configure_torch,
@@ -47,8 +47,8 @@ from thrifty.methods.glam.baselines import (
     accounting_table,
     build_arms,
     build_model,
-    count_params,
     flops_per_token,
+    param_counts,
 )
 from thrifty.methods.glam.config import GlamConfig
 from thrifty.methods.glam.model import GlamLM
@@ -215,11 +215,15 @@ def train_unit(
     ckpt_dir = unit_dir / "checkpoints" / (f"rank{info.rank}" if ep else "")
     step, train_seconds = 0, 0.0
     ckpt = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if ep:  # every rank resumes from the newest step all ranks have saved (a kill can split them)
+        agreed = distributed.all_reduce_min_int(int(ckpt.name.split("-")[1]) if ckpt else 0)
+        ckpt = checkpoint_at(ckpt_dir, agreed) if agreed else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
         step, train_seconds = state["step"], float(state["extra"].get("train_seconds", 0.0))
-        metrics.truncate(unit, step)
         log.info("%s: resuming from %s (step %d)", unit, ckpt, step)
+    if cfg.resume:  # drop what a killed attempt logged after the point we continue from
+        metrics.truncate(unit, step)
     if ep:
         ddp = expert_parallel.ddp_for_expert_parallel(model, world_size=info.world_size)
     else:
@@ -273,15 +277,18 @@ def train_unit(
                 dtype=torch.float64,
             )
             window.append(out.moe_stats)
+            where = {
+                "unit": unit,
+                "arm": spec.name,
+                "seed": seed,
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "train_flops": step * tokens_per_step * flops["train_activated"],
+            }
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 avg = distributed.all_reduce_mean(sums / len(window))
                 rec = {
-                    "unit": unit,
-                    "arm": spec.name,
-                    "seed": seed,
-                    "step": step,
-                    "tokens": step * tokens_per_step,
-                    "train_flops": step * tokens_per_step * flops["train_activated"],
+                    **where,
                     "lr": lr,
                     "loss": avg[0].item(),
                     "lm_loss": avg[1].item(),
@@ -297,18 +304,7 @@ def train_unit(
                 val = evaluate(
                     model, data.val, data.weights, cfg, info, max_windows=cfg.data.eval_windows, shard=not ep
                 )
-                metrics.log(
-                    {
-                        "unit": unit,
-                        "arm": spec.name,
-                        "seed": seed,
-                        "step": step,
-                        "split": "val",
-                        "tokens": step * tokens_per_step,
-                        "train_flops": step * tokens_per_step * flops["train_activated"],
-                        **val,
-                    }
-                )
+                metrics.log({**where, "split": "val", **val})
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps and (info.is_main or ep):
                 save_checkpoint(
                     ckpt_dir,
@@ -337,7 +333,7 @@ def train_unit(
         "curve": [[r["step"], r["tokens"], r["train_flops"], r["overall"]] for r in curve],
         "train_seconds": train_seconds,
         "tokens_per_s": step * tokens_per_step / max(train_seconds, 1e-9),
-        "params": count_params(model),
+        "params": param_counts(spec),
         "flops_per_token": flops,
         "moe_tail": _tail_moe(tail),
     }
@@ -391,9 +387,9 @@ def make_claims(cfg: GlamConfig, results: dict[str, dict[int, dict[str, Any]]]) 
     if "moe" in results and "dense-params" in results:
         claims.append(
             paired_claim(
-                id="dense_params_not_worse",
-                statement="A dense model with the same *total* parameters reaches a test loss no worse than the MoE "
-                "(MoE trades quality per parameter for compute)",
+                id="dense_params_lower_loss",
+                statement="A dense model with the same *total* parameters reaches a lower test loss than the MoE "
+                "(it spends ~2-3x the FLOPs per token; MoE trades quality per parameter for compute)",
                 a=test_loss("moe"),
                 b=test_loss("dense-params"),
                 direction="greater",
@@ -471,9 +467,12 @@ def train(cfg: GlamConfig) -> dict[str, Any]:
     distributed.barrier()
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
 
+    check_world_size(cfg, info)
     data = prepare_data(cfg) if info.is_main else None
     distributed.barrier()
     data = data or prepare_data(cfg)  # other ranks read the caches rank 0 just wrote
+    if info.is_main:
+        check_same_corpus(run_dir, data)
     if data.vocab_size != cfg.model.vocab_size:
         log.warning(
             "tokenizer has %d tokens (asked %d); using %d",
@@ -527,9 +526,39 @@ def train(cfg: GlamConfig) -> dict[str, Any]:
             "config": to_dict(cfg),
         }
         write_json(run_dir / "results.json", summary)
-        write_json(run_dir / "splits.json", data.manifest)
     distributed.barrier()
+    if info.enabled:
+        distributed.shutdown()
     return summary
+
+
+def check_world_size(cfg: GlamConfig, info: distributed.DistInfo) -> None:
+    """Reject, before any training, settings that cannot be split over this many ranks."""
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(
+            f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the world size ({info.world_size})"
+        )
+    if cfg.expert_parallel and info.enabled:
+        for spec in build_arms(cfg):
+            moe = spec.kwargs.get("moe")
+            if moe is not None and (moe.mode == "dropless" or moe.num_experts % info.world_size):
+                raise ConfigError(
+                    f"arm {spec.name!r}: expert_parallel needs capacity/top1 routing and a number "
+                    f"of experts divisible by the world size ({info.world_size})"
+                )
+
+
+def check_same_corpus(run_dir: Path, data: LMData) -> None:
+    """Refuse to resume a run whose corpus (hence tokenizer and splits) has changed since it started."""
+    path = run_dir / "splits.json"
+    if path.exists():
+        old = json.loads(path.read_text()).get("digest")
+        if old and old != data.digest:
+            raise ConfigError(
+                f"the corpus of {run_dir} changed since the run started (manifest {old} -> "
+                f"{data.digest}); resuming would mix tokenizers and splits. Use a new run_name."
+            )
+    write_json(path, {"digest": data.digest, **data.manifest})
 
 
 def results_table(results: dict[str, dict[int, dict[str, Any]]], data: LMData) -> dict[str, Any]:
@@ -540,7 +569,7 @@ def results_table(results: dict[str, dict[int, dict[str, Any]]], data: LMData) -
         row: list[Any] = [arm, len(per_seed)]
         for s in sources:
             vals = [r["test"][s] for r in per_seed.values()]
-            m, (lo, hi) = mean_ci95(vals)
+            m = float(np.mean(vals))
             sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
             row.append(f"{m:.3f} ± {sd:.3f} (ppl {math.exp(m):.1f})")
         row.append(round(float(np.mean([r["tokens_per_s"] for r in per_seed.values()]))))
