@@ -124,6 +124,33 @@ def test_token_streams_are_cached_and_joined_by_eos(tmp_path: Path):
     assert np.array_equal(np.asarray(stream), np.asarray(again))
 
 
+def _eager_schedule(windows: list[int], p: np.ndarray, *, seed: int, steps: int, batch: int):
+    """Reference: draw every row's source at once, then each source's epoch permutations, all materialised."""
+    rng = np.random.default_rng([seed, 0x6C61])
+    choice = rng.choice(len(windows), size=(steps, batch), p=p)
+    index = np.zeros((steps, batch), dtype=np.int64)
+    for k, n in enumerate(windows):
+        where = choice == k
+        need = int(where.sum())
+        perm = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))] or [np.zeros(0, int)])
+        index[where] = perm[:need]
+    return choice, index
+
+
+@pytest.mark.parametrize("block", [7, 4096])
+def test_lazy_mixture_schedule_equals_the_materialised_one(monkeypatch, block):
+    monkeypatch.setattr(text.MixtureSchedule, "BLOCK", block)
+    streams = {"a": np.arange(3 * 8 + 1), "b": np.arange(11 * 8 + 1), "c": np.arange(5 * 8 + 1)}
+    weights = {"a": 0.2, "b": 0.5, "c": 0.3}
+    sched = text.MixtureSchedule(streams, weights, seq_len=8, batch_size=6, seed=11, max_steps=40)
+    choice, index = _eager_schedule([3, 11, 5], np.array([0.2, 0.5, 0.3]), seed=11, steps=40, batch=6)
+    for step in [*range(40), 3, 0, 39, 8]:  # also out of order, as a resumed run asks
+        src, idx = sched.rows(step)
+        assert np.array_equal(src, choice[step]) and np.array_equal(idx, index[step]), step
+    with pytest.raises(IndexError):
+        sched.rows(40)
+
+
 def test_mixture_schedule_is_deterministic_weighted_and_epoch_based():
     streams = {"a": np.arange(10 * 8 + 1) % 50, "b": np.arange(40 * 8 + 1) % 50}
     weights = {"a": 0.25, "b": 0.75}
@@ -133,12 +160,14 @@ def test_mixture_schedule_is_deterministic_weighted_and_epoch_based():
     assert np.array_equal(s1.batch(17), s2.batch(17))
     assert not np.array_equal(s1.batch(17), s3.batch(17))
     assert s1.batch(0).shape == (16, 9)
-    frac_a = float((s1.choice == 0).mean())
-    n = s1.choice.size
-    assert abs(frac_a - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n)
+    rows = [s1.rows(t) for t in range(200)]
+    src = np.stack([r[0] for r in rows])
+    idx = np.stack([r[1] for r in rows])
+    frac_a = float((src == 0).mean())
+    assert abs(frac_a - 0.25) < 4 * np.sqrt(0.25 * 0.75 / src.size)
     # within an epoch every window of a source is visited once before any repeats
-    a_idx = s1.index[s1.choice == 0]
-    assert sorted(a_idx[:10].tolist()) == list(range(10))
+    assert sorted(idx[src == 0][:10].tolist()) == list(range(10))
+    assert s1.epochs["a"] == pytest.approx((src == 0).sum() / 10)
     with pytest.raises(CorpusError, match="no training window"):
         text.MixtureSchedule({"a": np.arange(5)}, {"a": 1.0}, seq_len=8, batch_size=2, seed=0, max_steps=1)
 

@@ -246,7 +246,7 @@ def test_real_format_mixture_trains(tmp_path, data_dir):
     assert res["data"]["sources"] == ["web", "books"]
     # the corpus changes under an existing run: resuming would mix tokenizers and splits, so it is refused
     (tmp_path / "b0.txt").write_text("an edited document " * 50)
-    with pytest.raises(ConfigError, match="corpus .* changed"):
+    with pytest.raises(ConfigError, match=r"corpus .* changed"):
         train(
             smoke(
                 tmp_path / "runs",

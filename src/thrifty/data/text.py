@@ -370,7 +370,14 @@ class MixtureSchedule:
     drawn with the mixture weights, and each source's windows are visited in seeded per-epoch
     permutations. So every arm trained with the same seed sees the same tokens in the same order, and
     a resumed run continues exactly where it stopped (the data cursor is the step).
+
+    Nothing of size ``max_steps × batch_size`` is kept: the source draws are regenerated per block of
+    :attr:`BLOCK` steps from saved RNG states, and each source's permutation per epoch from its saved
+    state, so memory stays bounded at paper scale while the batches are those of one long RNG stream
+    (all source draws first, then each source's epoch permutations in order).
     """
+
+    BLOCK = 4096
 
     def __init__(
         self,
@@ -382,30 +389,74 @@ class MixtureSchedule:
         seed: int,
         max_steps: int,
     ) -> None:
-        self.streams, self.seq_len, self.batch_size = streams, seq_len, batch_size
+        self.streams, self.seq_len, self.batch_size, self.max_steps = streams, seq_len, batch_size, max_steps
         self.names = list(streams)
-        counts = {n: num_windows(s, seq_len) for n, s in streams.items()}
-        empty = [n for n, c in counts.items() if c == 0]
+        self.windows = np.array([num_windows(streams[n], seq_len) for n in self.names], dtype=np.int64)
+        empty = [n for n, c in zip(self.names, self.windows) if c == 0]
         if empty:
             raise CorpusError(f"sources {empty} have no training window of {seq_len + 1} tokens")
-        rng = np.random.default_rng([seed, 0x6C61])
         w = np.array([weights[n] for n in self.names], dtype=np.float64)
-        self.choice = rng.choice(len(self.names), size=(max_steps, batch_size), p=w / w.sum())
-        self.index = np.zeros((max_steps, batch_size), dtype=np.int64)
-        for k, name in enumerate(self.names):
-            where = self.choice == k
-            need = int(where.sum())
-            epochs = -(-need // counts[name]) if need else 0
-            perm = np.concatenate([rng.permutation(counts[name]) for _ in range(epochs)] or [np.zeros(0, int)])
-            self.index[where] = perm[:need]
-        self.epochs = {n: float((self.choice == k).sum() / counts[n]) for k, n in enumerate(self.names)}
+        self._p = w / w.sum()
+        rng = np.random.default_rng([seed, 0x6C61])
+        # pass 1: the source of every row, block by block; keep each block's RNG state and draw counts
+        self._block_state: list[dict] = []
+        self._drawn_before: list[np.ndarray] = []
+        drawn = np.zeros(len(self.names), dtype=np.int64)
+        for b0 in range(0, max_steps, self.BLOCK):
+            self._block_state.append(rng.bit_generator.state)
+            self._drawn_before.append(drawn.copy())
+            c = rng.choice(len(self.names), size=(min(self.BLOCK, max_steps - b0), batch_size), p=self._p)
+            drawn += np.bincount(c.ravel(), minlength=len(self.names))
+        # pass 2: each source's per-epoch window permutations, in source order after all draws
+        self._perm_state: dict[tuple[int, int], dict] = {}
+        for k in range(len(self.names)):
+            for e in range(-(-int(drawn[k]) // int(self.windows[k]))):
+                self._perm_state[(k, e)] = rng.bit_generator.state
+                rng.permutation(int(self.windows[k]))
+        self.epochs = {n: float(drawn[k] / self.windows[k]) for k, n in enumerate(self.names)}
+        self._block_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sources ``[steps, B]`` of block ``b`` and each row's draw ordinal within its source."""
+        if self._block_cache is None or self._block_cache[0] != b:
+            g = np.random.default_rng()
+            g.bit_generator.state = self._block_state[b]
+            steps = min(self.BLOCK, self.max_steps - b * self.BLOCK)
+            choice = g.choice(len(self.names), size=(steps, self.batch_size), p=self._p)
+            ordinal = np.empty(choice.size, dtype=np.int64)
+            flat = choice.ravel()
+            for k in range(len(self.names)):
+                where = flat == k
+                ordinal[where] = self._drawn_before[b][k] + np.arange(int(where.sum()))
+            self._block_cache = (b, choice, ordinal.reshape(choice.shape))
+        return self._block_cache[1], self._block_cache[2]
+
+    def _permutation(self, k: int, epoch: int) -> np.ndarray:
+        cached = self._perm_cache.get(k)
+        if cached is None or cached[0] != epoch:
+            g = np.random.default_rng()
+            g.bit_generator.state = self._perm_state[(k, epoch)]
+            cached = (epoch, g.permutation(int(self.windows[k])))
+            self._perm_cache[k] = cached
+        return cached[1]
+
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source index and window index of every row of ``step`` (``[batch_size]`` each)."""
+        if not 0 <= step < self.max_steps:
+            raise IndexError(f"step {step} outside the schedule of {self.max_steps} steps")
+        choice, ordinal = self._block(step // self.BLOCK)
+        src, ordv = choice[step % self.BLOCK], ordinal[step % self.BLOCK]
+        idx = np.array(
+            [self._permutation(int(k), int(o // self.windows[k]))[o % self.windows[k]] for k, o in zip(src, ordv)],
+            dtype=np.int64,
+        )
+        return src, idx
 
     def batch(self, step: int) -> np.ndarray:
         """``[batch_size, seq_len + 1]`` int64 tokens of ``step``."""
-        rows = [
-            window(self.streams[self.names[c]], i, self.seq_len) for c, i in zip(self.choice[step], self.index[step])
-        ]
-        return np.stack(rows)
+        src, idx = self.rows(step)
+        return np.stack([window(self.streams[self.names[c]], i, self.seq_len) for c, i in zip(src, idx)])
 
 
 def eval_windows(stream: np.ndarray, *, seq_len: int, max_windows: int) -> np.ndarray:
