@@ -264,9 +264,9 @@ def tune_allocator() -> bool:
     """Keep freed large blocks in glibc's heap instead of returning them to the OS at once.
 
     PyTorch on CPU allocates and frees many multi-MB activations per step; with glibc's defaults each
-    of them is an ``mmap``/``munmap`` pair whose pages are faulted in and zeroed again, which cost this
-    project 25-40% of a training step (measured; see benchmarks/README.md). Raising the mmap and trim
-    thresholds makes the allocator reuse those blocks. Returns False where glibc is not available.
+    of them is an ``mmap``/``munmap`` pair whose pages are faulted in and zeroed again. Raising the mmap
+    and trim thresholds makes the allocator reuse those blocks: 1.17x tokens/s on the quick GLaM step
+    (``benchmarks/lm_step.py``). Returns False where glibc is not available.
     """
     if not sys.platform.startswith("linux"):
         return False
