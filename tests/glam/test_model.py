@@ -187,3 +187,39 @@ def test_analytic_flops_match_flop_counter(arm):
     counted = counter.get_total_flops() / (B * T)
     analytic = flops_per_token(spec, T, batch_tokens=B * T)["forward_executed"]
     assert abs(counted - analytic) / analytic < 0.02, (counted, analytic)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    x = torch.randint(0, 97, (4, 16))
+    grads = []
+    for ckpt in (False, True):
+        m = tiny(activation_checkpointing=ckpt)
+        out = m(x, labels=x)
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_autocast_keeps_router_and_losses_in_fp32():
+    m = tiny()
+    x = torch.randint(0, 97, (2, 16))
+    seen = {}
+    layer = m.blocks[0].ffn
+    original = layer.route
+
+    def spy(xg, nonpad):
+        r, logits = original(xg, nonpad)
+        seen["logits"], seen["gates"] = logits.dtype, r.raw_gates.dtype
+        return r, logits
+
+    layer.route = spy
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = m(x, labels=torch.randint(0, 97, (2, 16)))
+    assert out.logits.dtype == torch.bfloat16  # the matmuls ran in bf16
+    assert seen == {"logits": torch.float32, "gates": torch.float32}
+    assert out.lm_loss.dtype == torch.float32 and out.aux_loss.dtype == torch.float32
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert abs(out.lm_loss.item() - math.log(97)) < 0.1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -259,3 +260,20 @@ def test_real_format_mixture_trains(tmp_path, data_dir):
                 "data.holdout=0.2",
             )
         )
+
+
+def test_bf16_and_activation_checkpointing_train(tmp_path, data_dir):
+    res = train(
+        smoke(
+            tmp_path,
+            data_dir,
+            "arms=[moe]",
+            "seeds=[0,1]",
+            "max_steps=6",
+            "precision=bf16",
+            "model.activation_checkpointing=true",
+        )
+    )
+    recs = [r for r in train_records(tmp_path / "glam" / "smoke", "moe/seed0") if "lm_loss" in r]
+    assert all(math.isfinite(r["lm_loss"]) for r in recs)
+    assert res["config"]["precision"] == "bf16"

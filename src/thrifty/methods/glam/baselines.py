@@ -47,6 +47,7 @@ def _common(cfg: GlamConfig) -> dict[str, Any]:
         num_buckets=m.num_buckets,
         max_distance=m.max_distance,
         init_std=m.init_std,
+        activation_checkpointing=m.activation_checkpointing,
         aux_weight=cfg.loss.aux_weight,
         z_weight=cfg.loss.z_weight,
         router_z_weight=cfg.loss.router_z_weight,

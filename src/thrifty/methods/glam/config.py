@@ -30,6 +30,7 @@ class ModelConfig:
     num_buckets: int = 32
     max_distance: int = 128
     init_std: float = 0.02
+    activation_checkpointing: bool = False
 
 
 @dataclasses.dataclass
@@ -91,6 +92,7 @@ class GlamConfig(BaseConfig):
         eval_every / log_every / checkpoint_every: in steps; checkpoints fall on log steps.
         eval_batch_size: sequences per evaluation forward.
         expert_parallel: shard experts over DDP ranks with all-to-all dispatch.
+        precision: ``fp32`` or ``bf16`` (autocast; router, softmax and losses stay fp32).
     """
 
     arms: list[str] = dataclasses.field(default_factory=lambda: list(ARMS))
@@ -109,6 +111,7 @@ class GlamConfig(BaseConfig):
     keep_checkpoints: int = 2
     eval_batch_size: int = 32
     expert_parallel: bool = False
+    precision: str = "fp32"
 
     def validate(self) -> None:
         super().validate()
@@ -137,6 +140,8 @@ class GlamConfig(BaseConfig):
             raise ValueError("config key 'moe.second_policy' must be all|sampling|random")
         if self.moe.aux_norm not in ("nonpad", "legacy"):
             raise ValueError("config key 'moe.aux_norm' must be nonpad|legacy")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError("config key 'precision' must be fp32|bf16")
         if self.optim.name not in ("adamw", "adafactor"):
             raise ValueError("config key 'optim.name' must be adamw|adafactor")
         if self.optim.schedule not in ("cosine", "rsqrt", "constant"):

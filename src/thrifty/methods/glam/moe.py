@@ -373,7 +373,8 @@ class MoELayer(nn.Module):
 
     def route(self, xg: torch.Tensor, nonpad: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """Gate grouped tokens ``[G, S, d]``; returns the routing and the fp32 router logits."""
-        logits = F.linear(xg.float(), self.router.weight.float())
+        with torch.autocast(device_type=xg.device.type, enabled=False):  # the router stays fp32 under bf16
+            logits = F.linear(xg.float(), self.router.weight.float())
         if self.logit_cap > 0:
             logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         S = xg.shape[1]

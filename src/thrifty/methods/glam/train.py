@@ -131,6 +131,11 @@ def lr_at(step: int, cfg: GlamConfig) -> float:
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress_frac, 1.0)))
 
 
+def autocast(device: torch.device, cfg: GlamConfig) -> torch.autocast:
+    """bf16 autocast when ``precision=bf16`` (a no-op context for fp32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
 # --- evaluation -----------------------------------------------------------------------------------------
 
 
@@ -160,7 +165,8 @@ def evaluate(
         total = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(mine), cfg.eval_batch_size):
             batch = torch.from_numpy(mine[i : i + cfg.eval_batch_size]).to(info.device)
-            res = model(batch[:, :-1], labels=batch[:, 1:])
+            with autocast(info.device, cfg):
+                res = model(batch[:, :-1], labels=batch[:, 1:])
             n = batch[:, 1:].numel()
             total += torch.tensor([res.lm_loss.item() * n, n], dtype=torch.float64)
         if shard:
@@ -252,7 +258,8 @@ def train_unit(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = ddp(batch[:, :-1], labels=batch[:, 1:])
+            with autocast(info.device, cfg):
+                out = ddp(batch[:, :-1], labels=batch[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             grad_norm = clip(model if ep else model.parameters(), cfg.optim.grad_clip)
