@@ -46,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sc.add_argument("recipe")
+    sc.add_argument("recipe", help="recipe name (see `thrifty list`)")
     sc.add_argument("--preset", default="quick", help="preset name (default: quick)")
-    sc.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    sc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_steps=100")
 
     run = sub.add_parser(
         "run",
@@ -56,13 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("recipe")
+    run.add_argument("recipe", help="recipe name (see `thrifty list`)")
     run.add_argument(
         "--preset",
         default="quick",
-        help=f"budget preset: {', '.join(PRESETS)} (default: quick, <= 5 min on 2 CPU cores)",
+        help=f"budget preset: {', '.join(PRESETS)} or a recipe's own (default: quick, <= 5 min on 2 CPU cores)",
     )
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seeds=[0,1]")
 
     rep = sub.add_parser(
         "reproduce",

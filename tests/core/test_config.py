@@ -115,9 +115,11 @@ def test_glam_smoke_preset_layering():
 
 def test_glam_quick_preset_loads_and_matches_defaults_where_it_repeats_them():
     cfg = load_config(GlamConfig, preset_path("glam", "quick"))
-    assert cfg.max_steps == 60
-    assert cfg.model.dim == 128
-    assert cfg.moe.num_experts == 8
+    # the method card's quick miniature: L4 (2 MoE) d128 4 heads ff512 E8 top-2 cf2, seq 128, BPE 4096, 3 seeds
+    m = cfg.model
+    assert (m.num_layers, m.dim, m.num_heads, m.ffn_dim, m.seq_len, m.vocab_size) == (4, 128, 4, 512, 128, 4096)
+    assert (cfg.moe.num_experts, cfg.moe.capacity_factor, cfg.moe.mode) == (8, 2.0, "capacity")
+    assert (cfg.loss.aux_weight, cfg.loss.z_weight) == (0.01, 1e-4)
     assert cfg.seeds == [0, 1, 2]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,36 @@ def test_torchrun_ddp_training_equals_single_process(tmp_path, data_dir, expert_
 
         state = load_file(str(tmp_path / "glam" / "ddp" / "units" / "moe" / "seed0" / "model.safetensors"))
         assert state["blocks.0.ffn.experts.wi_0"].shape[0] == 4
+
+
+def test_expert_parallel_ranks_resume_from_the_step_they_all_have(tmp_path, data_dir):
+    """A kill between two ranks' checkpoint writes leaves them at different steps; both must resume
+    from the newest step they share, and the curve must continue unchanged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [
+        "--preset",
+        "smoke",
+        "arms=[moe]",
+        "seeds=[0]",
+        "max_steps=15",
+        "checkpoint_every=5",
+        "keep_checkpoints=3",
+        "moe.group_size=64",
+        "expert_parallel=true",
+        "progress=false",
+        "num_threads=1",
+        f"data_dir={data_dir}",
+        f"out_dir={tmp_path}",
+        "run_name=ep",
+    ]
+    _run(args, nproc=2, env=env)
+    run_dir = tmp_path / "glam" / "ep"
+    before = _records(run_dir)
+    unit_dir = run_dir / "units" / "moe" / "seed0"
+    (unit_dir / "result.json").unlink()
+    rank1 = unit_dir / "checkpoints" / "rank1"
+    shutil.rmtree(rank1 / "step-00000010")  # rank 1 "died" before writing step 10
+    (rank1 / "latest").write_text("step-00000005\n")
+    _run(args, nproc=2, env=env)
+    after = _records(run_dir)
+    assert [(r["step"], r["loss"]) for r in after] == [(r["step"], r["loss"]) for r in before]

@@ -75,6 +75,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce_min_int(value: int) -> int:
+    """Minimum of an integer over ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def shard_rows(n: int, info: DistInfo) -> slice:
     """Rows of a global batch of ``n`` that belong to this rank (contiguous, equal sizes).
 
