@@ -232,34 +232,20 @@ def test_real_format_mixture_trains(tmp_path, data_dir):
         f"sources:\n  - {{name: web, weight: 0.7, paths: ['{tmp_path}/a.jsonl']}}\n"
         f"  - {{name: books, weight: 0.3, paths: ['{tmp_path}/b*.txt']}}\n"
     )
-    res = train(
-        smoke(
-            tmp_path / "runs",
-            tmp_path / "data",
-            f"data.mixture_file={mix}",
-            "arms=[moe]",
-            "seeds=[0]",
-            "max_steps=4",
-            "model.vocab_size=300",
-            "data.holdout=0.2",
-        )
+    args = (
+        f"data.mixture_file={mix}",
+        "arms=[moe]",
+        "seeds=[0]",
+        "max_steps=4",
+        "model.vocab_size=300",
+        "data.holdout=0.2",
     )
+    res = train(smoke(tmp_path / "runs", tmp_path / "data", *args))
     assert res["data"]["sources"] == ["web", "books"]
     # the corpus changes under an existing run: resuming would mix tokenizers and splits, so it is refused
     (tmp_path / "b0.txt").write_text("an edited document " * 50)
     with pytest.raises(ConfigError, match=r"corpus .* changed"):
-        train(
-            smoke(
-                tmp_path / "runs",
-                tmp_path / "data",
-                f"data.mixture_file={mix}",
-                "arms=[moe]",
-                "seeds=[0]",
-                "max_steps=4",
-                "model.vocab_size=300",
-                "data.holdout=0.2",
-            )
-        )
+        train(smoke(tmp_path / "runs", tmp_path / "data", *args))
 
 
 def test_bf16_and_activation_checkpointing_train(tmp_path, data_dir):

@@ -441,37 +441,41 @@ def make_claims(cfg: GlamConfig, results: dict[str, dict[int, dict[str, Any]]]) 
         )
     if "ablation-aux0" in results and "moe" in results:
         shared = sorted(set(results["ablation-aux0"]) & set(results["moe"]))
-        if len(shared) >= 2:
 
-            def tail_mean(arm: str, key: str) -> dict[int, float]:
-                return {s: float(np.mean([la[key] for la in results[arm][s]["moe_tail"]])) for s in shared}
+        def tail_mean(arm: str, key: str) -> dict[int, float]:
+            return {s: float(np.mean([la[key] for la in results[arm][s]["moe_tail"]])) for s in shared}
 
+        aux_effects = [  # (id, diagnostic, direction, what it does, paper, unit)
+            (
+                "aux_raises_load_entropy",
+                "load_entropy",
+                "greater",
+                "raises the normalised expert-load entropy",
+                "GShard: without it routing collapses onto few experts",
+                "entropy / log E",
+            ),
+            (
+                "aux_lowers_top1_overflow",
+                "over_capacity_1",
+                "less",
+                "lowers over_capacity_1, the share of top-1 assignments beyond expert capacity",
+                "card: aux 0.01 gives lower over_capacity_1 than aux 0",
+                "fraction of top-1 slots",
+            ),
+        ]
+        for cid, key, direction, what, paper, unit in aux_effects:
             claims.append(
                 paired_claim(
-                    id="aux_raises_load_entropy",
-                    statement="The load-balancing loss (0.01 vs 0) raises the normalised expert-load entropy "
-                    "(mean over MoE layers, last quarter of training)",
-                    a=tail_mean("moe", "load_entropy"),
-                    b=tail_mean("ablation-aux0", "load_entropy"),
-                    direction="greater",
-                    paper_value="GShard: without it routing collapses onto few experts",
+                    id=cid,
+                    statement=f"The load-balancing loss (0.01 vs 0) {what} (mean over MoE layers, last quarter "
+                    "of training)",
+                    a=tail_mean("moe", key),
+                    b=tail_mean("ablation-aux0", key),
+                    direction=direction,  # type: ignore[arg-type]
+                    paper_value=paper,
                     preset=cfg.preset,
                     baseline="aux weight 0",
-                    unit="entropy / log E",
-                )
-            )
-            claims.append(
-                paired_claim(
-                    id="aux_lowers_top1_overflow",
-                    statement="The load-balancing loss (0.01 vs 0) lowers over_capacity_1, the share of top-1 "
-                    "assignments beyond expert capacity (mean over MoE layers, last quarter of training)",
-                    a=tail_mean("moe", "over_capacity_1"),
-                    b=tail_mean("ablation-aux0", "over_capacity_1"),
-                    direction="less",
-                    paper_value="card: aux 0.01 gives lower over_capacity_1 than aux 0",
-                    preset=cfg.preset,
-                    baseline="aux weight 0",
-                    unit="fraction of top-1 slots",
+                    unit=unit,
                 )
             )
     # a claim needs an interval: with a single seed there is none, so the tables carry those runs
