@@ -327,8 +327,9 @@ def train_unit(
     # the only time the test split is touched
     test = evaluate(model, data.test, data.weights, cfg, info, max_windows=cfg.data.test_windows, shard=not ep)
     final_state = expert_parallel.gather_full_state(model) if ep else None
-    curve = [r for r in metrics.read(unit) if r.get("split") == "val"]
-    train_recs = [r for r in metrics.read(unit) if "moe" in r]
+    logged = metrics.read(unit)
+    curve = [r for r in logged if r.get("split") == "val"]
+    train_recs = [r for r in logged if "moe" in r]
     tail = train_recs[-max(1, len(train_recs) // 4) :]
     result = {
         "arm": spec.name,
