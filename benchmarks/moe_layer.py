@@ -14,26 +14,15 @@ import sys
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import current_rss_mb, interleaved, isolated, peak_rss_mb, reset_peak_rss, table
 from thrifty.core.run import tune_allocator
+from thrifty.methods.glam.model import GatedGeluFFN
 from thrifty.methods.glam.moe import MoELayer
 
 E, K, D, FFN = 8, 2, 256, 1024
-
-
-class DenseFFN(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.wi_0 = nn.Linear(dim, hidden, bias=False)
-        self.wi_1 = nn.Linear(dim, hidden, bias=False)
-        self.wo = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(F.gelu(self.wi_0(x)) * self.wi_1(x))
 
 
 def mixtral(impl: str) -> nn.Module:
@@ -65,7 +54,9 @@ def candidates() -> dict[str, Callable[[], nn.Module]]:
         "mixtral eager": lambda: mixtral("eager"),
         "mixtral batched_mm": lambda: mixtral("batched_mm"),
         "mixtral grouped_mm": lambda: mixtral("grouped_mm"),
-        "dense FFN (2*ffn, equal active FLOPs)": lambda: DenseFFN(D, K * FFN),
+        "dense FFN (2*ffn, equal active FLOPs)": lambda: GatedGeluFFN(
+            dim=D, ffn_dim=K * FFN, init_std=0.02, out_std=0.02
+        ),
     }
 
 

@@ -162,11 +162,6 @@ def save_checkpoint(
     return final
 
 
-def checkpoint_steps(ckpt_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints in ``ckpt_dir``, oldest first."""
-    return sorted(int(p.name.split("-")[1]) for p in Path(ckpt_dir).glob("step-*") if (p / "state.json").exists())
-
-
 def checkpoint_at(ckpt_dir: Path, step: int) -> Path:
     """The complete checkpoint of ``step``; :class:`CheckpointError` when it is not there."""
     path = Path(ckpt_dir) / f"step-{step:08d}"

@@ -7,7 +7,7 @@ of expert ``e`` to the rank that owns ``e`` with one ``all_to_all_single``; the 
 are combined locally. The result equals the single-process layer applied to the same groups (tested
 with 2 gloo processes). Gradients flow back through the collectives (the all-to-all's adjoint is an all-to-all).
 
-Training notes (used by :func:`wrap_for_expert_parallel`):
+Training notes (:func:`shard_model`, :func:`ddp_for_expert_parallel`, :func:`clip_grad_norm_`):
 
 * expert weights are excluded from DDP's all-reduce (each rank owns different experts);
 * an expert receives tokens from every rank, so its gradient is the *sum* of the ranks' gradients;
@@ -47,10 +47,6 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(grad)
 
 
-def _all_to_all(x: torch.Tensor) -> torch.Tensor:
-    return _AllToAll.apply(x)
-
-
 class ShardedExperts(nn.Module):
     """Stands in for :class:`Experts` (same call signature, ``[E, n, d] -> [E, n, d]``) while holding
     only this rank's ``E / world`` experts."""
@@ -68,10 +64,10 @@ class ShardedExperts(nn.Module):
         E, n, d = x.shape
         W, e_loc = self.world_size, self.local.num_experts
         send = x.reshape(W, e_loc, n, d)  # chunk w holds the rows for rank w's experts
-        recv = _all_to_all(send)  # [W (source rank), e_loc, n, d]
+        recv = _AllToAll.apply(send)  # [W (source rank), e_loc, n, d]
         y = self.local(recv.permute(1, 0, 2, 3).reshape(e_loc, W * n, d))
         back = y.reshape(e_loc, W, n, d).permute(1, 0, 2, 3)  # [W (destination), e_loc, n, d]
-        return _all_to_all(back).reshape(E, n, d)
+        return _AllToAll.apply(back).reshape(E, n, d)
 
 
 def shard_layer(layer: MoELayer, *, rank: int, world_size: int) -> MoELayer:

@@ -284,15 +284,18 @@ def train_unit(
                 dtype=torch.float64,
             )
             window.append(out.moe_stats)
-            where = {
-                "unit": unit,
-                "arm": spec.name,
-                "seed": seed,
-                "step": step,
-                "tokens": step * tokens_per_step,
-                "train_flops": step * tokens_per_step * flops["train_activated"],
-            }
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            eval_now = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if log_now or eval_now:
+                where = {
+                    "unit": unit,
+                    "arm": spec.name,
+                    "seed": seed,
+                    "step": step,
+                    "tokens": step * tokens_per_step,
+                    "train_flops": step * tokens_per_step * flops["train_activated"],
+                }
+            if log_now:
                 avg = distributed.all_reduce_mean(sums / len(window))
                 rec = {
                     **where,
@@ -307,7 +310,7 @@ def train_unit(
                 metrics.log(rec)
                 advance(len(window), loss=rec["lm_loss"])
                 window, sums = [], torch.zeros(5, dtype=torch.float64)
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if eval_now:
                 val = evaluate(
                     model, data.val, data.weights, cfg, info, max_windows=cfg.data.eval_windows, shard=not ep
                 )
