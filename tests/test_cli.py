@@ -10,7 +10,7 @@ import yaml
 
 from thrifty.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
-SUBCOMMANDS = ["list", "show-config", "run", "reproduce", "report"]
+SUBCOMMANDS = ["list", "show-config", "run", "reproduce", "report", "score"]
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +68,7 @@ def test_unknown_recipe_exits_2_and_lists_known(capsys, cmd):
 
 
 def test_planned_recipe_exits_2(capsys):
-    assert main(["show-config", "squid"]) == EXIT_USAGE
+    assert main(["show-config", "bigssl"]) == EXIT_USAGE
     assert "not implemented" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""``thrifty`` command line: list | show-config | run | reproduce | report.
+"""``thrifty`` command line: list | show-config | run | reproduce | report | score.
 
 Exit codes: 0 success; 1 a run failed; 2 bad usage, unknown recipe or invalid config; 130 interrupted.
 """
@@ -82,6 +82,23 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     rp.add_argument(
         "--out", type=Path, default=None, help="output directory (default: the single run dir, or ./report)"
+    )
+
+    sp = sub.add_parser(
+        "score",
+        help="score new images with a trained model (CSV of scores + heat-maps)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="recipes with a scoring API: squid\n"
+        "  thrifty score squid --checkpoint runs/squid/quick/units/squid/seed0 xray1.png xray2.jpeg --out scored/",
+    )
+    sp.add_argument("recipe", help="recipe name (see `thrifty list`)")
+    sp.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (png, jpeg, bmp, tiff)")
+    sp.add_argument(
+        "--checkpoint", required=True, type=Path, help="a trained unit directory (<run>/units/<arm>/seed<k>)"
+    )
+    sp.add_argument("--out", type=Path, default=Path("scored"), help="output directory (default: ./scored)")
+    sp.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (listed in the CSV) instead of failing"
     )
     return p
 
@@ -211,6 +228,31 @@ def cmd_report(run_dirs: list[Path], out: Path | None) -> int:
     return EXIT_OK
 
 
+def _data_errors() -> tuple[type[Exception], ...]:
+    """Data and scoring errors: a clear message, exit 1. Imported only once an exception is being matched
+    (an ``except`` tuple is evaluated lazily), so ``thrifty list`` does not pay for importing torch."""
+    from thrifty.data.digit_anatomy import DigitAnatomyError
+    from thrifty.data.images import ImageDataError
+    from thrifty.methods.squid.score import ScoringError
+
+    return (DigitAnatomyError, ImageDataError, ScoringError)
+
+
+def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip_bad: bool) -> int:
+    import importlib
+
+    from thrifty.core.registry import RecipeNotReady, get
+
+    rec = get(recipe)
+    try:
+        module = importlib.import_module(f"thrifty.methods.{rec.name}.score")
+    except ModuleNotFoundError:
+        raise RecipeNotReady(f"recipe {recipe!r} has no scoring API (recipes with one: squid)") from None
+    csv_path = module.score_files(checkpoint, images, out, skip_bad=skip_bad)
+    print(f"scores: {csv_path}  heat-maps: {csv_path.parent / 'heatmaps'}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may follow options (`run glam --preset smoke k=v`), which argparse's positional
@@ -243,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_reproduce(args.recipes, args.budget, args.out_dir)
         if args.command == "report":
             return cmd_report(args.run_dirs, args.out)
+        if args.command == "score":
+            return cmd_score(args.recipe, args.checkpoint, args.images, args.out, args.skip_bad)
     except (UnknownRecipe, RecipeNotReady, ConfigError) as err:
         print(f"thrifty: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (CorpusError, CheckpointError, ReportError) as err:
+    except (CorpusError, CheckpointError, ReportError, *_data_errors()) as err:
         print(f"thrifty: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

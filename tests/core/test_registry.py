@@ -64,13 +64,13 @@ def test_unknown_recipe_without_close_match_has_no_hint():
 
 
 def test_planned_recipe_raises_not_ready_on_load():
-    r = get("squid")
+    r = get("genesis")
     assert r.ready is False
     with pytest.raises(RecipeNotReady) as ei:
         r.load()
     msg = str(ei.value)
-    assert "squid" in msg
-    assert "glam" in msg  # points at what is ready
+    assert "genesis" in msg
+    assert "glam" in msg and "squid" in msg  # points at what is ready
 
 
 def test_load_config_of_planned_or_unknown_recipe():

@@ -94,3 +94,34 @@ def shard_rows(n: int, info: DistInfo) -> slice:
         raise ValueError(f"global batch_size {n} is not divisible by world size {info.world_size}")
     per = n // info.world_size
     return slice(info.rank * per, (info.rank + 1) * per)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """All-reduce-mean every gradient of ``module`` in one flat bucket (identity without a process group).
+
+    For modules that cannot sit under DDP, e.g. a GAN discriminator called twice per backward.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0 in rank order (identity without a process group).
+
+    Every rank must pass a tensor of the same shape.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)

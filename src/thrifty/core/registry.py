@@ -59,7 +59,13 @@ RECIPES: tuple[Recipe, ...] = (
     ),
     Recipe("bigssl", "BigSSL: Conformer SSL pre-training + noisy-student ASR", "2109.13226", "speech", None),
     Recipe("genesis", "Models Genesis / Semantic Genesis / TransVW", "2007.06959, 2102.10680", "3D CT", None),
-    Recipe("squid", "SQUID: memory-queue in-painting anomaly detection", "2111.13495", "X-ray", None),
+    Recipe(
+        "squid",
+        "SQUID: memory-queue in-painting anomaly detection",
+        "2111.13495",
+        "X-ray",
+        "thrifty.methods.squid.train",
+    ),
     Recipe(
         "mt_transunet",
         "MT-TransUNet: joint lesion segmentation + classification",

@@ -1,0 +1,178 @@
+"""Configuration of the SQUID recipe (defaults = the ``quick`` miniature of the method card)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from thrifty.core.config import BaseConfig
+from thrifty.data.digit_anatomy import ANOMALY_TYPES
+
+BASELINES = ("ae", "memae", "knn")
+ARMS = ("squid", *BASELINES)
+ABLATIONS = ("no_queue", "no_transformer", "no_shortcut")
+STAGES = ("data", "train", "eval")
+SOURCES = ("digit_anatomy", "folder", "zhanglab", "chexpert")
+
+
+@dataclasses.dataclass
+class NetConfig:
+    """The generator backbone shared by SQUID, the AE and MemAE (see :class:`~thrifty.methods.squid.model.NetSettings`).
+
+    ``image_size`` = num_patches × cell; digit setting of the paper: 96², r = 32, D = 1024, S = 200.
+    """
+
+    base_filters: int = 8
+    level: int = 3
+    num_patches: int = 3
+    initial_combine: int = 1
+    ops: list[str] = dataclasses.field(default_factory=lambda: ["concat", "concat", "none"])
+    num_slots: int = 100
+    shrink_topk: int = 5
+    decoder_memory: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    decoder_slots: int = 100
+    shortcut_ratio: float = 0.95
+    num_heads: int = 8
+    dropout: float = 0.0
+    memae_slots: int = 100
+    memae_shrink: float = 0.0025
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where images come from.
+
+    Attributes:
+        source: ``digit_anatomy`` (built from real MNIST, ships offline), ``folder`` (root/normal, root/abnormal
+            for test and root_train/normal for training), ``zhanglab`` (pediatric pneumonia layout) or
+            ``chexpert`` (CSV + images).
+        root: dataset root for the real sources; ``train_root``: training folder for ``folder``.
+        csv_train, csv_test: CheXpert CSVs (``train.csv``/``valid.csv`` style).
+        cell: DigitAnatomy cell side (image = 3·cell).
+        image_size: side the real sources are resized to.
+        per_class: DigitAnatomy train/val/test digits per class (disjoint pools).
+        val_sizes / test_sizes: (normal, abnormal) counts of the fixed DigitAnatomy sets.
+        anomaly_types: DigitAnatomy anomaly types, balanced in val and test.
+        holdout: real sources: normals and abnormals per label carved from training for validation.
+        data_seed: seed of the fixed sets (independent of the training seeds).
+        skip_bad: real sources: skip unreadable images (counted in results) instead of failing.
+    """
+
+    source: str = "digit_anatomy"
+    root: str = ""
+    train_root: str = ""
+    csv_train: str = ""
+    csv_test: str = ""
+    cell: int = 16
+    image_size: int = 128
+    per_class: list[int] = dataclasses.field(default_factory=lambda: [300, 100, 100])
+    val_sizes: list[int] = dataclasses.field(default_factory=lambda: [200, 200])
+    test_sizes: list[int] = dataclasses.field(default_factory=lambda: [500, 500])
+    anomaly_types: list[str] = dataclasses.field(default_factory=lambda: ["missing", "swap", "flip", "zero"])
+    scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.6, 1.3])
+    holdout: int = 200
+    data_seed: int = 0
+    skip_bad: bool = False
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Loss weights of the digit configuration (ZhangLab/CheXpert use recon_w = 10)."""
+
+    recon_w: float = 1.0
+    t_w: float = 0.01
+    dist_w: float = 0.001
+    g_w: float = 0.005
+    d_w: float = 0.005
+    memae_entropy_w: float = 0.0002
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Adam(β 0.5, 0.999, wd 1e-5) with cosine decay for the generator; MultiStepLR for the discriminator.
+
+    Epoch-based schedules of the release are converted with ``steps_per_epoch`` (1,600 images / batch 16 = 100).
+    """
+
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    eps: float = 1e-7
+    weight_decay: float = 1e-5
+    t_max_epochs: float = 300.0
+    eta_min: float = 1e-6
+    d_lr: float = 1e-4
+    d_milestones_epochs: list[float] = dataclasses.field(default_factory=lambda: [150.0, 250.0])
+    d_gamma: float = 0.2
+    steps_per_epoch: float = 100.0
+
+
+@dataclasses.dataclass
+class KnnConfig:
+    """PatchCore-like detector on the AE encoder's mid-level features."""
+
+    bank_images: int = 256
+    coreset_fraction: float = 0.1
+    levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+
+
+@dataclasses.dataclass
+class SquidConfig(BaseConfig):
+    """Everything ``thrifty run squid`` reads.
+
+    Attributes:
+        stages: ``data`` (build/reuse the dataset, write PNGs + CSV), ``train``, ``eval`` (claims, tables, figures).
+        arms: ``squid`` and baselines ``ae``, ``memae``, ``knn`` (kNN uses the same seed's AE encoder).
+        ablations: SQUID variants: ``no_queue``, ``no_transformer``, ``no_shortcut``.
+        batch_size: images per step (split over DDP ranks).
+        max_steps: generator steps per unit.
+        eval_every: validation AUROC every this many steps; the best validation step is kept (selection on
+            validation only).
+        eval_batch_size: images per scoring forward.
+        figure_images: test images per class in the reconstruction figure.
+    """
+
+    stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
+    arms: list[str] = dataclasses.field(default_factory=lambda: list(ARMS))
+    ablations: list[str] = dataclasses.field(default_factory=list)
+    net: NetConfig = dataclasses.field(default_factory=NetConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
+    batch_size: int = 16
+    max_steps: int = 300
+    eval_every: int = 50
+    log_every: int = 10
+    eval_batch_size: int = 100
+    figure_images: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        for key, allowed, values in (
+            ("stages", STAGES, self.stages),
+            ("arms", ARMS, self.arms),
+            ("ablations", ABLATIONS, self.ablations),
+            ("data.anomaly_types", ANOMALY_TYPES, self.data.anomaly_types),
+        ):
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+        if "knn" in self.arms and "ae" not in self.arms:
+            raise ValueError("config key 'arms': knn scores the AE encoder's features, so it needs 'ae' too")
+        if self.data.source not in SOURCES:
+            raise ValueError(f"config key 'data.source' must be one of {list(SOURCES)}")
+        if self.data.source != "digit_anatomy" and not self.data.root:
+            raise ValueError(f"config key 'data.root' is required for data.source={self.data.source}")
+        for key in ("max_steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1")
+        if not 0.0 < self.net.shortcut_ratio <= 1.0:
+            raise ValueError("config key 'net.shortcut_ratio' must be in (0, 1]")
+        if self.net.shrink_topk < 2:
+            raise ValueError("config key 'net.shrink_topk' must be >= 2 (k-1 weights survive the shrinkage)")
+        if len(self.data.val_sizes) != 2 or len(self.data.test_sizes) != 2:
+            raise ValueError("config keys 'data.val_sizes'/'data.test_sizes' are [normal, abnormal] counts")
+
+    @property
+    def image_size(self) -> int:
+        return 3 * self.data.cell if self.data.source == "digit_anatomy" else self.data.image_size

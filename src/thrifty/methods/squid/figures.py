@@ -1,0 +1,132 @@
+"""SQUID figures: ROC curves, validation AUROC vs steps, per-type AUROC with intervals, and input /
+in-painted reconstruction / difference panels for normal and abnormal test images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from safetensors.torch import load_model
+
+from thrifty.core.claims import mean_ci95
+from thrifty.core.figures import curves_with_band, grouped_bars
+from thrifty.core.metrics import roc_curve
+
+
+def roc_figure(results: dict[str, dict[int, dict]], labels: np.ndarray, path: Path) -> Path:
+    """ROC of every arm on the test set, first seed (dashed: other seeds)."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.0), dpi=110)
+    for arm, per in results.items():
+        color = None
+        for i, (seed, r) in enumerate(sorted(per.items())):
+            fpr, tpr, _ = roc_curve(np.asarray(r["test_scores"]), labels)
+            kw = {"lw": 1.8, "label": f"{arm} (AUROC {r['test']['auroc']:.1f}, seed {seed})"} if i == 0 else {}
+            (line,) = ax.plot(fpr, tpr, color=color, ls="-" if i == 0 else ":", alpha=1.0 if i == 0 else 0.5, **kw)
+            color = line.get_color()
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("Test ROC (solid: first seed; dotted: the others)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def reconstruction_figure(
+    models: dict[str, torch.nn.Module], images: torch.Tensor, captions: list[str], path: Path
+) -> Path:
+    """Rows: input, then per model its reconstruction and |input − reconstruction|; columns: images."""
+    rows = [("input", images)]
+    with torch.no_grad():
+        for name, model in models.items():
+            model.eval()
+            recon = model(images)["recon"]
+            rows += [(f"{name} recon", recon), (f"{name} |diff|", (images - recon).abs())]
+    n = images.shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.35 * len(rows)), dpi=110, squeeze=False)
+    for r, (name, imgs) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(imgs[c, 0].numpy(), cmap="magma" if "diff" in name else "gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if r == 0:
+                ax.set_title(captions[c], fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def make_all(run_dir: Path, results: dict[str, dict[int, dict]], data: Any, cfg: Any) -> list[Path]:
+    from thrifty.methods.squid.model import PatchUNet
+    from thrifty.methods.squid.train import arm_settings, unit_dir_for
+
+    fig_dir = run_dir / "figures"
+    test = data.test.get("figure", "figures")
+    out = [roc_figure(results, test.labels, fig_dir / "roc.png")]
+    curves = {
+        arm: [([c[0] for c in r["curve"]], [c[1] for c in r["curve"]]) for r in per.values()]
+        for arm, per in results.items()
+        if any(r["curve"] for r in per.values())
+    }
+    if curves:
+        out.append(
+            curves_with_band(
+                curves,
+                xlabel="generator step",
+                ylabel="validation AUROC (%)",
+                title="Validation AUROC during training (mean, min–max over seeds)",
+                path=fig_dir / "val_auroc.png",
+            )
+        )
+    groups: dict[str, dict[str, tuple[float, float, float]]] = {}
+    kinds = sorted({k for per in results.values() for r in per.values() for k in r["test"]["per_type"]})
+    for kind in ["overall", *kinds]:
+        for arm, per in results.items():
+            vals = [
+                r["test"]["auroc"] if kind == "overall" else r["test"]["per_type"][kind]["auroc"] for r in per.values()
+            ]
+            m, (lo, hi) = mean_ci95(vals)
+            groups.setdefault(kind, {})[arm] = (m, lo, hi)
+    out.append(
+        grouped_bars(
+            groups,
+            ylabel="test AUROC (%)",
+            title="AUROC per anomaly type (95% interval)",
+            path=fig_dir / "auroc_per_type.png",
+        )
+    )
+
+    models = {}
+    for arm in ("squid", "ae"):
+        if arm in results:
+            seed = sorted(results[arm])[0]
+            model = PatchUNet(arm_settings(arm, cfg))
+            load_model(model, str(unit_dir_for(run_dir, arm, seed) / "model.safetensors"))
+            models[arm] = model
+    if models:
+        kinds_arr = np.array(test.kinds)
+        pick = list(np.flatnonzero(kinds_arr == "normal")[: cfg.figure_images])
+        for kind in kinds:
+            pick += list(np.flatnonzero(kinds_arr == kind)[:1])
+        idx = np.array(pick[: 2 * cfg.figure_images + len(kinds)])
+        out.append(
+            reconstruction_figure(
+                models, test.images[idx], [test.kinds[i] for i in idx], fig_dir / "reconstructions.png"
+            )
+        )
+    return out

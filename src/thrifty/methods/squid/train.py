@@ -1,0 +1,646 @@
+"""SQUID recipe: train SQUID and its baselines on DigitAnatomy (or a real X-ray set), select on validation,
+test once, judge the claims.
+
+Paper: *SQUID: Deep Feature In-Painting for Unsupervised Anomaly Detection* (Xiang et al., CVPR 2023,
+arXiv 2111.13495).
+
+Reads top to bottom: data (DigitAnatomy's fixed PNG sets, or a real layout) → for every arm and seed a unit
+(train, validation AUROC every ``eval_every`` steps, keep the best validation step, calibrate μ/σ and the
+threshold on validation, then one test evaluation) → claims, tables, figures, ``results.json``.
+
+Deviations from the release, on purpose (see the recipe README):
+- validation and test are disjoint pools; the model, μ/σ and the threshold come from validation only;
+- μ/σ standardising the discriminator score come from held-out (validation) normals, not training images;
+- one generator forward per step feeds both the discriminator and the generator update (the release runs a
+  second forward for the discriminator, with a different random shortcut mask);
+- queues are all-gathered across DDP ranks; memories are read with batched einsum.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from thrifty.core import distributed
+from thrifty.core.claims import Claim, mean_ci95, paired_claim, value_claim
+from thrifty.core.config import ConfigError, to_dict
+from thrifty.core.metrics import accuracy_f1, average_precision, roc_auc, threshold_max_accuracy
+from thrifty.core.run import (
+    MetricsLog,
+    configure_torch,
+    data_root,
+    peak_rss_mb,
+    prepare_run_dir,
+    progress,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
+from thrifty.methods.squid import figures
+from thrifty.methods.squid.config import ABLATIONS, SquidConfig
+from thrifty.methods.squid.data import AccessLog, AnomalyData, ImageSet, prepare_data
+from thrifty.methods.squid.knn import PatchKNN
+from thrifty.methods.squid.losses import (
+    discriminator_loss,
+    generator_loss,
+    reconstruction_error,
+    standardised_score,
+)
+from thrifty.methods.squid.memory import update_queues
+from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet, unpatchify
+
+log = logging.getLogger(__name__)
+RECIPE = "squid"
+Config = SquidConfig
+PAPER = {
+    "title": "SQUID: Deep Feature In-Painting for Unsupervised Anomaly Detection",
+    "arxiv": "2111.13495",
+}
+PAPER_CLAIM = "beats 13 state-of-the-art methods by >= 5 AUC points on ZhangLab and CheXpert"
+
+
+# --- arms -------------------------------------------------------------------------------------------------
+
+
+def arm_settings(arm: str, cfg: SquidConfig) -> NetSettings:
+    """The backbone switches of ``squid``, ``squid-<ablation>``, ``ae`` and ``memae``."""
+    n = cfg.net
+    base = NetSettings(
+        image_size=cfg.image_size,
+        num_patches=n.num_patches,
+        base_filters=n.base_filters,
+        level=n.level,
+        initial_combine=n.initial_combine,
+        ops=list(n.ops),
+        num_slots=n.num_slots,
+        shrink=n.shrink_topk,
+        decoder_memory=list(n.decoder_memory),
+        decoder_slots=n.decoder_slots,
+        shortcut_ratio=n.shortcut_ratio,
+        num_heads=n.num_heads,
+        dropout=n.dropout,
+        memae_slots=n.memae_slots,
+        memae_shrink=n.memae_shrink,
+    )
+    plain = {"inpaint": False, "decoder_memory": [], "teacher": False}
+    variants = {
+        "squid": {},
+        "squid-no_queue": {"queue": False},
+        "squid-no_transformer": {"transformer": False},
+        "squid-no_shortcut": {"shortcut_ratio": 1.0},
+        "ae": plain,
+        "memae": {**plain, "bottleneck_memory": True},
+    }
+    if arm not in variants:
+        raise ValueError(f"unknown arm {arm!r}")
+    return NetSettings(**{**base.__dict__, **variants[arm]})
+
+
+def is_gan(arm: str) -> bool:
+    return arm.startswith("squid")
+
+
+def arm_list(cfg: SquidConfig) -> list[str]:
+    """Trained arms in dependency order (kNN needs the AE of the same seed)."""
+    arms = [a for a in ("squid", "ae", "memae") if a in cfg.arms]
+    arms += [f"squid-{a}" for a in cfg.ablations]
+    if "knn" in cfg.arms:
+        arms.append("knn")
+    return arms
+
+
+# --- scoring ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def raw_scores(
+    model: PatchUNet, disc: Discriminator | None, images: torch.Tensor, batch_size: int, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Eval-mode pass over (N, 1, H, W) images: discriminator logits on the reconstruction (SQUID) and the
+    per-image reconstruction error (all generators)."""
+    model.eval()
+    if disc is not None:
+        disc.eval()
+    logits, errors = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device)
+        recon = model(x)["recon"]
+        errors.append(reconstruction_error(recon, x).cpu())
+        if disc is not None:
+            logits.append(disc(recon).cpu())
+    out = {"recon_error": torch.cat(errors).numpy()}
+    if disc is not None:
+        out["d_logit"] = torch.cat(logits).numpy()
+    return out
+
+
+def anomaly_score(raw: dict[str, np.ndarray], calib: dict[str, float] | None) -> np.ndarray:
+    """SQUID: the standardised discriminator score (or −logit before calibration); others: recon error."""
+    if "d_logit" not in raw:
+        return raw["recon_error"]
+    if calib is None:
+        return -raw["d_logit"]
+    return standardised_score(torch.from_numpy(raw["d_logit"]), calib["mu"], calib["sigma"]).numpy()
+
+
+def detection_metrics(scores: np.ndarray, data: ImageSet, threshold: float) -> dict[str, Any]:
+    """AUROC, AUPRC, accuracy and F1 at ``threshold``, and AUROC/AUPRC per anomaly type (vs all normals)."""
+    acc, f1 = accuracy_f1(scores, data.labels, threshold)
+    res: dict[str, Any] = {
+        "auroc": 100 * roc_auc(scores, data.labels),
+        "auprc": 100 * average_precision(scores, data.labels),
+        "accuracy": 100 * acc,
+        "f1": 100 * f1,
+        "threshold": threshold,
+        "per_type": {},
+    }
+    kinds = np.array(data.kinds)
+    normal = kinds == "normal"
+    for kind in sorted(set(data.kinds) - {"normal"}):
+        sel = normal | (kinds == kind)
+        res["per_type"][kind] = {
+            "auroc": 100 * roc_auc(scores[sel], data.labels[sel]),
+            "auprc": 100 * average_precision(scores[sel], data.labels[sel]),
+            "n": int((kinds == kind).sum()),
+        }
+    return res
+
+
+# --- optimisation -----------------------------------------------------------------------------------------
+
+
+def generator_lr(step: int, cfg: SquidConfig) -> float:
+    """CosineAnnealingLR(T_max epochs, η_min) evaluated at ``step`` (epochs = step / steps_per_epoch)."""
+    o = cfg.optim
+    epoch = step / o.steps_per_epoch
+    return o.eta_min + (o.lr - o.eta_min) * (1 + math.cos(math.pi * epoch / o.t_max_epochs)) / 2
+
+
+def discriminator_lr(step: int, cfg: SquidConfig) -> float:
+    """MultiStepLR: ×γ at each milestone epoch passed."""
+    o = cfg.optim
+    epoch = step / o.steps_per_epoch
+    return o.d_lr * o.d_gamma ** sum(epoch >= m for m in o.d_milestones_epochs)
+
+
+def make_adam(params, lr: float, cfg: SquidConfig, *, weight_decay: float) -> torch.optim.Adam:
+    o = cfg.optim
+    return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=weight_decay)
+
+
+# --- one unit: an arm with a seed -------------------------------------------------------------------------
+
+
+def unit_dir_for(run_dir: Path, arm: str, seed: int) -> Path:
+    return run_dir / "units" / arm / f"seed{seed}"
+
+
+def train_generator(
+    arm: str,
+    seed: int,
+    cfg: SquidConfig,
+    data: AnomalyData,
+    run_dir: Path,
+    metrics: MetricsLog,
+    info: distributed.DistInfo,
+) -> dict[str, Any]:
+    """Train SQUID (or a variant), the AE or MemAE; select on validation; test once. Returns the result record."""
+    unit = f"{arm}/seed{seed}"
+    unit_dir = unit_dir_for(run_dir, arm, seed)
+    done_file = unit_dir / "result.json"
+    if cfg.resume and done_file.exists():
+        log.info("%s: finished earlier, reusing %s", unit, done_file)
+        return json.loads(done_file.read_text())
+    metrics.truncate(unit, 0)
+
+    seed_everything(seed)
+    settings = arm_settings(arm, cfg)
+    model = PatchUNet(settings).to(info.device)
+    disc = Discriminator(image_size=data.image_size).to(info.device) if is_gan(arm) else None
+    opt = make_adam(model.parameters(), cfg.optim.lr, cfg, weight_decay=cfg.optim.weight_decay)
+    opt_d = make_adam(disc.parameters(), cfg.optim.d_lr, cfg, weight_decay=0.0) if disc is not None else None
+    # DDP for the generator (one forward, one backward per step); buffers are not broadcast, so the memory
+    # queues stay identical only because every rank enqueues the same all-gathered block.
+    gen = DDP(model, broadcast_buffers=False) if info.enabled else model
+    stream = data.train_stream(seed)
+    rows = distributed.shard_rows(cfg.batch_size, info)
+    w = cfg.loss
+
+    best = {"auroc": -1.0, "step": 0, "model": None, "disc": None}
+    curve: list[list[float]] = []
+    sums: dict[str, float] = {}
+    t_train, n_logged = 0.0, 0
+    with progress(cfg.max_steps, unit, enabled=cfg.progress and info.is_main) as advance:
+        for step in range(1, cfg.max_steps + 1):
+            t0 = time.perf_counter()
+            model.train()
+            x = stream.batch(step, cfg.batch_size)[rows].to(info.device)
+            for g in opt.param_groups:
+                g["lr"] = generator_lr(step - 1, cfg)
+            out = gen(x)
+            terms: dict[str, torch.Tensor] = {}
+            if disc is not None:
+                disc.train()
+                for g in opt_d.param_groups:
+                    g["lr"] = discriminator_lr(step - 1, cfg)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss = discriminator_loss(disc(x), disc(out["recon"].detach()), w)
+                d_loss.backward()
+                distributed.average_gradients(disc)
+                opt_d.step()
+                terms["d_loss"] = d_loss.detach()
+                fake_logits = disc(out["recon"])
+            else:
+                fake_logits = None
+            g_terms = generator_loss(out, x, fake_logits, w)
+            opt.zero_grad(set_to_none=True)
+            g_terms["loss"].backward()
+            opt.step()
+            update_queues(model)  # after the optimiser step, never inside a forward
+            t_train += time.perf_counter() - t0
+            for k, v in {**g_terms, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n_logged += 1
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                avg = {k: v / n_logged for k, v in sums.items()}
+                metrics.log({"unit": unit, "arm": arm, "seed": seed, "step": step, **avg})
+                advance(n_logged, loss=avg["loss"])
+                sums, n_logged = {}, 0
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                val = data.val.get("selection", unit)
+                raw = raw_scores(model, disc, val.images, cfg.eval_batch_size, info.device)
+                auroc = 100 * roc_auc(anomaly_score(raw, None), val.labels)
+                curve.append([step, auroc])
+                metrics.log({"unit": unit, "arm": arm, "seed": seed, "step": step, "split": "val", "auroc": auroc})
+                if auroc > best["auroc"]:
+                    best = {
+                        "auroc": auroc,
+                        "step": step,
+                        "model": copy.deepcopy(model.state_dict()),
+                        "disc": copy.deepcopy(disc.state_dict()) if disc is not None else None,
+                    }
+    model.load_state_dict(best["model"])
+    if disc is not None:
+        disc.load_state_dict(best["disc"])
+
+    # calibration (μ/σ on validation normals) and threshold, both on validation only
+    val = data.val.get("calibration", unit)
+    raw_val = raw_scores(model, disc, val.images, cfg.eval_batch_size, info.device)
+    calib = None
+    if disc is not None:
+        normal_logits = raw_val["d_logit"][val.labels == 0]
+        calib = {"mu": float(normal_logits.mean()), "sigma": float(normal_logits.std(ddof=1) + 1e-8)}
+    val = data.val.get("threshold", unit)
+    threshold = threshold_max_accuracy(anomaly_score(raw_val, calib), val.labels)
+
+    # the only time the test split is touched
+    test = data.test.get("final_test", unit)
+    t0 = time.perf_counter()
+    raw_test = raw_scores(model, disc, test.images, cfg.eval_batch_size, info.device)
+    infer_s = time.perf_counter() - t0
+    scores = anomaly_score(raw_test, calib)
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "best_step": best["step"],
+        "val_auroc": best["auroc"],
+        "curve": curve,
+        "calibration": calib,
+        "test": detection_metrics(scores, test, threshold),
+        "test_scores": scores.tolist(),
+        "train_seconds": t_train,
+        "train_images_per_s": cfg.max_steps * cfg.batch_size / max(t_train, 1e-9),
+        "infer_images_per_s": len(test) / max(infer_s, 1e-9),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if disc is not None:  # diagnostic: how SQUID would do scored by reconstruction error instead
+        result["test_recon_error_auroc"] = 100 * roc_auc(raw_test["recon_error"], test.labels)
+    if info.is_main:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(unit_dir / "model.safetensors"))
+        if disc is not None:
+            save_model(disc, str(unit_dir / "discriminator.safetensors"))
+        write_json(
+            unit_dir / "scoring.json",
+            {
+                "recipe": RECIPE,
+                "arm": arm,
+                "seed": seed,
+                "settings": settings.__dict__,
+                "image_size": data.image_size,
+                "calibration": calib,
+                "threshold": threshold,
+                "score": "1 - sigmoid((D(recon) - mu) / sigma)" if disc is not None else "recon MSE",
+            },
+        )
+        write_json(done_file, result)
+    return result
+
+
+def encoder_maps(model: PatchUNet, images: torch.Tensor, levels: list[int], batch_size: int) -> list[torch.Tensor]:
+    """The AE encoder's feature maps at ``levels`` (0 = input conv, ``level`` = bottleneck), as full images."""
+    model.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in levels]
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            z, skips = model.encode(images[i : i + batch_size])
+            maps = [*skips, z]
+            for j, lv in enumerate(levels):
+                m = maps[lv]
+                out[j].append(unpatchify(m, model.s.num_patches) if lv >= model.s.initial_combine else m)
+    return [torch.cat(o) for o in out]
+
+
+def train_knn(seed: int, cfg: SquidConfig, data: AnomalyData, run_dir: Path, info: distributed.DistInfo) -> dict:
+    """PatchCore-like kNN on the same seed's AE encoder: bank from training normals, threshold on validation."""
+    unit = f"knn/seed{seed}"
+    unit_dir = unit_dir_for(run_dir, "knn", seed)
+    done_file = unit_dir / "result.json"
+    if cfg.resume and done_file.exists():
+        return json.loads(done_file.read_text())
+    ae = PatchUNet(arm_settings("ae", cfg))
+    load_model(ae, str(unit_dir_for(run_dir, "ae", seed) / "model.safetensors"))
+    stream = data.train_stream(seed + 10_000)  # fresh normal images, not the AE's training batches
+    bank_images = torch.cat(
+        [stream.batch(i, cfg.batch_size) for i in range(math.ceil(cfg.knn.bank_images / cfg.batch_size))]
+    )[: cfg.knn.bank_images]
+    t0 = time.perf_counter()
+    levels = cfg.knn.levels
+    knn = PatchKNN.fit(
+        encoder_maps(ae, bank_images, levels, cfg.eval_batch_size), coreset_fraction=cfg.knn.coreset_fraction, seed=seed
+    )
+    fit_s = time.perf_counter() - t0
+    val = data.val.get("threshold", unit)
+    val_scores = knn.score(encoder_maps(ae, val.images, levels, cfg.eval_batch_size)).numpy()
+    threshold = threshold_max_accuracy(val_scores, val.labels)
+    test = data.test.get("final_test", unit)
+    t0 = time.perf_counter()
+    scores = knn.score(encoder_maps(ae, test.images, levels, cfg.eval_batch_size)).numpy()
+    infer_s = time.perf_counter() - t0
+    result = {
+        "arm": "knn",
+        "seed": seed,
+        "val_auroc": 100 * roc_auc(val_scores, val.labels),
+        "curve": [],
+        "test": detection_metrics(scores, test, threshold),
+        "test_scores": scores.tolist(),
+        "train_seconds": fit_s,
+        "train_images_per_s": len(bank_images) / max(fit_s, 1e-9),
+        "infer_images_per_s": len(test) / max(infer_s, 1e-9),
+        "bank_size": int(knn.bank.shape[0]),
+    }
+    if info.is_main:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        write_json(done_file, result)
+    return result
+
+
+# --- claims and tables ------------------------------------------------------------------------------------
+
+
+def _auroc(results: dict[str, dict[int, dict]], arm: str, kind: str | None = None) -> dict[int, float]:
+    per = results.get(arm, {})
+    if kind is None:
+        return {s: r["test"]["auroc"] for s, r in per.items()}
+    return {s: r["test"]["per_type"][kind]["auroc"] for s, r in per.items() if kind in r["test"]["per_type"]}
+
+
+def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[Claim]:
+    """SQUID beats each baseline; the paper's ≥5-point margin; ablations lower AUROC; where the gains are."""
+    claims: list[Claim] = []
+    if "squid" not in results:
+        return claims
+    squid = _auroc(results, "squid")
+    names = {"ae": "convolutional AE", "memae": "MemAE-style memory AE", "knn": "PatchCore-like feature kNN"}
+    for arm in ("ae", "memae", "knn"):
+        if arm in results:
+            claims.append(
+                paired_claim(
+                    id=f"squid_beats_{arm}",
+                    statement=f"SQUID's test AUROC is above the {names[arm]}'s (paired over seeds)",
+                    a=squid,
+                    b=_auroc(results, arm),
+                    direction="greater",
+                    paper_value="SQUID above AE, MemAE and 11 other methods on ZhangLab and CheXpert",
+                    preset=cfg.preset,
+                    baseline=arm,
+                    unit="AUROC points",
+                )
+            )
+    base = [a for a in ("ae", "memae", "knn") if a in results]
+    if base:
+        seeds = sorted(set(squid).intersection(*(_auroc(results, a) for a in base)))
+        best = {s: max(_auroc(results, a)[s] for a in base) for s in seeds}
+        claims.append(
+            value_claim(
+                id="squid_5_points_over_best_baseline",
+                statement="SQUID's test AUROC exceeds the best baseline's (per seed) by at least 5 points",
+                values=[squid[s] - best[s] for s in seeds],
+                seeds=seeds,
+                direction="greater",
+                threshold=5.0,
+                paper_value=f">= 5 AUC points over the state of the art ({PAPER_CLAIM})",
+                preset=cfg.preset,
+                baseline="best of " + ", ".join(base),
+                unit="AUROC points",
+            )
+        )
+    for ab in cfg.ablations:
+        arm = f"squid-{ab}"
+        if arm in results:
+            claims.append(
+                paired_claim(
+                    id=f"{ab}_lowers_auroc",
+                    statement=f"removing the {ab.removeprefix('no_')} lowers SQUID's test AUROC",
+                    a=_auroc(results, arm),
+                    b=squid,
+                    direction="less",
+                    paper_value="each component helps (paper's ablation; exact numbers unverified)",
+                    preset=cfg.preset,
+                    baseline="squid",
+                    unit="AUROC points",
+                )
+            )
+    if "ae" in results:
+        kinds = set(cfg.data.anomaly_types)
+        hard, easy = [k for k in ("swap", "missing") if k in kinds], [k for k in ("flip", "zero") if k in kinds]
+        if hard and easy and cfg.data.source == "digit_anatomy":
+
+            def gain(kind_list: list[str]) -> dict[int, float]:
+                ae = [_auroc(results, "ae", k) for k in kind_list]
+                sq = [_auroc(results, "squid", k) for k in kind_list]
+                return {s: float(np.mean([b[s] - a[s] for a, b in zip(ae, sq)])) for s in squid}
+
+            claims.append(
+                paired_claim(
+                    id="gains_largest_on_swap_and_missing",
+                    statement="SQUID's AUROC gain over the AE is larger on swapped/missing digits than on "
+                    "flipped/zero digits",
+                    a=gain(hard),
+                    b=gain(easy),
+                    direction="greater",
+                    paper_value="card expectation (position-aware memory sees layout anomalies)",
+                    preset=cfg.preset,
+                    baseline="gain on flip/zero",
+                    unit="AUROC points",
+                )
+            )
+    return [c for c in claims if len(c.seeds) >= 2]
+
+
+def _fmt_ci(values: list[float]) -> str:
+    m, (lo, hi) = mean_ci95(values)
+    if not math.isfinite(lo):
+        return f"{m:.1f}"
+    return f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def auroc_table(results: dict[str, dict[int, dict]], kinds: list[str]) -> dict[str, Any]:
+    rows = []
+    for arm, per in results.items():
+        rs = list(per.values())
+        row = [arm, len(rs), _fmt_ci([r["test"]["auroc"] for r in rs])]
+        for k in kinds:
+            vals = [r["test"]["per_type"][k]["auroc"] for r in rs if k in r["test"]["per_type"]]
+            row.append(_fmt_ci(vals) if vals else "")
+        rows.append(row)
+    return {
+        "title": "Test AUROC (%), mean [95% t-interval] over seeds, overall and per anomaly type (vs all normals)",
+        "columns": ["arm", "seeds", "overall", *kinds],
+        "rows": rows,
+    }
+
+
+def detection_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    rows = []
+    for arm, per in results.items():
+        rs = list(per.values())
+        row = [arm, *[_fmt_ci([r["test"][k] for r in rs]) for k in ("auprc", "accuracy", "f1")]]
+        row.append(_fmt_ci([r["val_auroc"] for r in rs]))
+        diag = [r["test_recon_error_auroc"] for r in rs if "test_recon_error_auroc" in r]
+        row.append(_fmt_ci(diag) if diag else "")
+        rows.append(row)
+    return {
+        "title": "Test AUPRC, accuracy and F1 (%) at the validation-chosen threshold; best validation AUROC; "
+        "SQUID scored by reconstruction error instead of the discriminator (diagnostic)",
+        "columns": ["arm", "AUPRC", "accuracy", "F1", "val AUROC (selected)", "recon-error AUROC"],
+        "rows": rows,
+    }
+
+
+def cost_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    rows = []
+    for arm, per in results.items():
+        rs = list(per.values())
+        rows.append(
+            [
+                arm,
+                round(float(np.mean([r["train_seconds"] for r in rs])), 1),
+                round(float(np.mean([r["train_images_per_s"] for r in rs])), 1),
+                round(float(np.mean([r["infer_images_per_s"] for r in rs])), 1),
+                rs[0].get("params", rs[0].get("bank_size", "")),
+            ]
+        )
+    return {
+        "title": "Cost per unit (mean over seeds): training seconds, training and inference images/s",
+        "columns": ["arm", "train s", "train img/s", "infer img/s", "params (bank size for knn)"],
+        "rows": rows,
+    }
+
+
+# --- the recipe -----------------------------------------------------------------------------------------
+
+
+def train(cfg: SquidConfig) -> dict[str, Any]:
+    """Run the SQUID recipe; returns the ``results.json`` content."""
+    t_start = time.perf_counter()
+    configure_torch(cfg)
+    info = distributed.init(resolve_device(cfg.device))
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the world size")
+    run_dir = prepare_run_dir(RECIPE, cfg, write=info.is_main)
+    distributed.barrier()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    access = AccessLog(run_dir / "access_log.jsonl" if info.is_main else None)
+    cache = data_root(cfg)
+    data = prepare_data(cfg, cache, access) if info.is_main else None
+    distributed.barrier()
+    data = data or prepare_data(cfg, cache, access)
+
+    summary: dict[str, Any] = {
+        "recipe": RECIPE,
+        "paper": PAPER,
+        "preset": cfg.preset,
+        "run_dir": str(run_dir),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "data": data.info,
+        "claims": [],
+        "tables": [],
+        "figures": [],
+    }
+    results: dict[str, dict[int, dict]] = {}
+    if "train" in cfg.stages:
+        for arm in arm_list(cfg):
+            for seed in cfg.seeds:
+                if arm == "knn":
+                    res = train_knn(seed, cfg, data, run_dir, info)
+                else:
+                    res = train_generator(arm, seed, cfg, data, run_dir, metrics, info)
+                results.setdefault(arm, {})[seed] = res
+    if "eval" in cfg.stages and info.is_main:
+        if not results:
+            results = load_results(run_dir, cfg)
+        claims = make_claims(cfg, results)
+        kinds = sorted({k for per in results.values() for r in per.values() for k in r["test"]["per_type"]})
+        figs = figures.make_all(run_dir, results, data, cfg) if results else []
+        summary.update(
+            claims=[c.to_dict() for c in claims],
+            tables=[auroc_table(results, kinds), detection_table(results), cost_table(results)] if results else [],
+            figures=[str(p.relative_to(run_dir)) for p in figs],
+        )
+    summary["cost"] = {
+        "wall_time_s": time.perf_counter() - t_start,
+        "peak_rss_mb": peak_rss_mb(),
+        "world_size": info.world_size,
+    }
+    summary["environment"] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": str(info.device),
+    }
+    summary["config"] = to_dict(cfg)
+    if info.is_main:
+        write_json(run_dir / "results.json", summary)
+    distributed.barrier()
+    if info.enabled:
+        distributed.shutdown()
+    return summary
+
+
+def load_results(run_dir: Path, cfg: SquidConfig) -> dict[str, dict[int, dict]]:
+    """Finished units of an earlier ``train`` stage (for ``stages=[eval]``)."""
+    results: dict[str, dict[int, dict]] = {}
+    for arm in arm_list(cfg):
+        for seed in cfg.seeds:
+            path = unit_dir_for(run_dir, arm, seed) / "result.json"
+            if path.exists():
+                results.setdefault(arm, {})[seed] = json.loads(path.read_text())
+    if not results:
+        raise ConfigError(f"stages=[eval] found no finished units under {run_dir}/units; run the train stage first")
+    return results
+
+
+__all__ = ["ABLATIONS", "Config", "train"]
