@@ -29,9 +29,9 @@ def _no_config_dir_env(monkeypatch):
     monkeypatch.delenv("THRIFTY_CONFIG_DIR", raising=False)
 
 
-def test_names_lists_every_recipe_and_only_glam_is_ready():
+def test_names_lists_every_recipe_and_which_are_ready():
     assert names() == ALL
-    assert names(ready_only=True) == ["glam"]
+    assert names(ready_only=True) == ["glam", "squid"]
 
 
 def test_get_glam():
