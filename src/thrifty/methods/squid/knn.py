@@ -53,8 +53,12 @@ class PatchKNN:
         keep = greedy_coreset(feats, max(1, round(coreset_fraction * feats.shape[0])), seed=seed)
         return cls(feats[keep])
 
-    def score(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        feats = locally_aware(maps)  # (B, L, C)
-        b, n, c = feats.shape
-        nearest = torch.cdist(feats.reshape(-1, c), self.bank).min(dim=1).values.view(b, n)
-        return nearest.max(dim=1).values
+    def score(self, maps: list[torch.Tensor], *, chunk: int = 16) -> torch.Tensor:
+        """(B,) scores; images are scored ``chunk`` at a time so the distance matrix stays small."""
+        out = []
+        for i in range(0, maps[0].shape[0], chunk):
+            feats = locally_aware([m[i : i + chunk] for m in maps])  # (b, L, C)
+            b, n, c = feats.shape
+            nearest = torch.cdist(feats.reshape(-1, c), self.bank).min(dim=1).values.view(b, n)
+            out.append(nearest.max(dim=1).values)
+        return torch.cat(out)
