@@ -244,9 +244,12 @@ def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip
     from thrifty.core.registry import RecipeNotReady, get
 
     rec = get(recipe)
+    name = f"thrifty.methods.{rec.name}.score"
     try:
-        module = importlib.import_module(f"thrifty.methods.{rec.name}.score")
-    except ModuleNotFoundError:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name not in (name, f"thrifty.methods.{rec.name}"):
+            raise  # a missing dependency, not a missing scoring API
         raise RecipeNotReady(f"recipe {recipe!r} has no scoring API (recipes with one: squid)") from None
     csv_path = module.score_files(checkpoint, images, out, skip_bad=skip_bad)
     print(f"scores: {csv_path}  heat-maps: {csv_path.parent / 'heatmaps'}")

@@ -117,3 +117,15 @@ def test_unreadable_png_is_named(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(da.DigitAnatomyError, match=d.test.names[0]):
         da.read_eval_set(d.root / "test")
+
+
+def test_contaminated_stream_mixes_in_anomalies_at_the_asked_rate(pools):
+    clean = da.NormalStream(pools.images["train"], cell=8, seed=1)
+    dirty = da.NormalStream(pools.images["train"], cell=8, seed=1, contamination=0.5, contamination_types=["missing"])
+    a, b = clean.batch(0, 64), dirty.batch(0, 64)
+    changed = (a - b).abs().flatten(1).amax(1) > 0
+    assert 16 < int(changed.sum()) < 48  # about half, never all or none
+    blank_cells = (b.view(64, 3, 8, 3, 8).amax(dim=(2, 4)) == 0).flatten(1).any(1)
+    assert torch.equal(blank_cells, changed)  # every changed image has a blank cell ("missing")
+    with pytest.raises(da.DigitAnatomyError, match="contamination"):
+        da.NormalStream(pools.images["train"], cell=8, seed=1, contamination=1.0)

@@ -151,14 +151,43 @@ def test_every_parameter_gets_a_gradient(arm_kw):
     _one_step_grads(arm_kw)
 
 
-def test_teacher_sees_detached_encoder():
+def test_teacher_sees_detached_un_inpainted_encoder():
     torch.manual_seed(0)
     model = PatchUNet(small())
     x = torch.rand(2, 1, 24, 24)
     out = model(x)
-    enc = [p for n, p in model.named_parameters() if n.startswith(("in_conv", "down"))]
-    grads = torch.autograd.grad(F.mse_loss(out["teacher_recon"], x), enc, allow_unused=True)
+    student = [
+        p for n, p in model.named_parameters() if n.startswith(("in_conv", "down", "inpaint", "decoder_memory", "up."))
+    ]
+    grads = torch.autograd.grad(F.mse_loss(out["teacher_recon"], x), student, allow_unused=True)
     assert all(g is None for g in grads)
+    teacher = [p for n, p in model.named_parameters() if n.startswith("teacher")]
+    grads = torch.autograd.grad(F.mse_loss(out["teacher_recon"], x), teacher, allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("combine", [0, 1, 2, 3])
+def test_every_initial_combine_level_builds_and_reconstructs(combine):
+    mem = [j for j in (1, 2) if j >= combine]
+    model = PatchUNet(small(initial_combine=combine, decoder_memory=mem))
+    model.eval()
+    out = model(torch.rand(2, 1, 24, 24))
+    assert out["recon"].shape == (2, 1, 24, 24)
+    assert out["recon"].min() >= 0 and out["recon"].max() <= 1
+
+
+def test_inpainting_reads_exactly_the_neighbours_memories():
+    torch.manual_seed(0)
+    s = small()
+    block = InpaintBlock(s, channels=32, spatial=1)
+    block.eval()
+    x = torch.randn(9, 32, 1, 1)  # one image, 9 patches
+    base = block(x).detach()
+    with torch.no_grad():
+        block.memory.memory[8] += torch.randn_like(block.memory.memory[8])  # the bottom-right position
+    moved = (block(x).detach() - base).flatten(1).abs().amax(1)
+    changed = {p for p in range(9) if moved[p] > 1e-6}
+    assert changed == {4, 5, 7, 8}  # itself and the patches that have it as a grid neighbour
 
 
 def _train(seed: int, steps: int) -> tuple[list[float], dict]:

@@ -54,6 +54,10 @@ def test_smoke_run_writes_results_tables_claims_and_figures(smoke_run):
             assert 0 <= t["auroc"] <= 100 and 0 <= t["auprc"] <= 100
             assert len(res["test_scores"]) == 40
             assert set(t["per_type"]) == {"missing", "swap", "flip", "zero"}
+            if arm != "knn":
+                assert 0 <= res["test_localisation_auroc"] <= 100
+    squid0 = json.loads((run_dir / "units" / "squid" / "seed0" / "result.json").read_text())
+    assert squid0["d_bce_end"] >= 0 and 0 <= squid0["test_recon_error_auroc"] <= 100
 
 
 def test_dataset_pngs_and_csv_are_written(smoke_run):
@@ -149,6 +153,47 @@ def test_score_api_and_cli(smoke_run, tmp_path, capsys):
         assert "skipped" in f.read()
     assert main(["score", "squid", "--checkpoint", str(tmp_path), str(files[0])]) == EXIT_FAILED
     assert main(["score", "glam", "--checkpoint", str(unit), str(files[0])]) == EXIT_USAGE
+
+
+def test_scorer_reproduces_the_units_test_scores(smoke_run):
+    run_dir, results = smoke_run
+    from thrifty.data.digit_anatomy import read_eval_set
+
+    test = read_eval_set(Path(results["data"]["root"]) / "test")
+    for arm in ("squid", "ae"):
+        unit = run_dir / "units" / arm / "seed1"
+        stored = json.loads((unit / "result.json").read_text())["test_scores"]
+        got = Scorer.load(unit).score(test.tensor())["score"]
+        np.testing.assert_allclose(got, stored, rtol=1e-5, atol=1e-7)
+
+
+def test_test_images_cannot_change_selection_calibration_or_threshold(smoke_run, tmp_path, data_dir):
+    """Replace every test PNG by noise: everything decided on validation stays identical, the test scores move."""
+    import shutil
+
+    run_dir, results = smoke_run
+    src = Path(results["data"]["root"])
+    cache = tmp_path / "cache"
+    shutil.copytree(src, cache / src.name)
+    rng = np.random.default_rng(0)
+    for png in (cache / src.name / "test").glob("*.png"):
+        Image.fromarray(rng.integers(0, 256, size=(24, 24), dtype=np.uint8), mode="L").save(png)
+    train(smoke(tmp_path / "runs", cache, "arms=[squid,ae]", "stages=[data,train]"))
+    for arm in ("squid", "ae"):
+        for seed in (0, 1):
+            a = json.loads((run_dir / "units" / arm / f"seed{seed}" / "result.json").read_text())
+            b = json.loads((tmp_path / f"runs/squid/smoke/units/{arm}/seed{seed}/result.json").read_text())
+            assert (a["best_step"], a["val_auroc"], a["curve"]) == (b["best_step"], b["val_auroc"], b["curve"])
+            assert a["calibration"] == b["calibration"]
+            assert a["test"]["threshold"] == b["test"]["threshold"]
+            assert a["test_scores"] != b["test_scores"]
+
+
+def test_eval_stage_alone_rebuilds_claims_from_finished_units(smoke_run, data_dir):
+    run_dir, results = smoke_run
+    again = train(smoke(run_dir.parent.parent, data_dir, "stages=[eval]"))
+    assert [c["measured"] for c in again["claims"]] == [c["measured"] for c in results["claims"]]
+    assert again["tables"][0]["rows"] == results["tables"][0]["rows"]
 
 
 def test_arm_settings_and_schedules():

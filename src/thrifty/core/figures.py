@@ -12,6 +12,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def save_figure(fig: plt.Figure, path: Path, *, tight: bool = True) -> Path:
+    """Lay out, write (creating the directory) and close a figure; returns ``path``."""
+    if tight:
+        fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches=None if tight else "tight")
+    plt.close(fig)
+    return path
+
+
 def curves_with_band(
     series: dict[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
     *,
@@ -45,11 +55,7 @@ def curves_with_band(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def heatmaps(
@@ -79,9 +85,7 @@ def heatmaps(
         fig.colorbar(im, ax=axes[0].tolist(), label=cbar_label, shrink=0.9)
     fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=False)
 
 
 def grouped_bars(
@@ -112,8 +116,4 @@ def grouped_bars(
     ax.grid(axis="y", alpha=0.3)
     if len(bars) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

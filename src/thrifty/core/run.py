@@ -31,7 +31,8 @@ from thrifty.core.config import BaseConfig, ConfigError, diff, to_dict, to_yaml
 log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without changing any result.
-RESUMABLE_KEYS = {"resume", "progress", "num_threads", "preset", "run_name", "out_dir", "data_dir"}
+# ``stages`` only chooses which parts of a recipe run now (e.g. ``stages=[eval]`` after training).
+RESUMABLE_KEYS = {"resume", "progress", "num_threads", "preset", "run_name", "out_dir", "data_dir", "stages"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,6 +183,30 @@ class MetricsLog:
             return
         kept = [r for r in self.read() if not (r.get("unit") == unit and r.get("step", -1) > after_step)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware a result was measured with (``results.json``'s ``environment``)."""
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_name() or platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
 
 
 def peak_rss_mb() -> float:

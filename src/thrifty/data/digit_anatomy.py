@@ -217,15 +217,35 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class NormalStream:
-    """Normal training images generated on the fly from the training pool, reproducible per (seed, step)."""
+    """Normal training images generated on the fly from the training pool, reproducible per (seed, step).
 
-    def __init__(self, pool: dict[int, np.ndarray], *, cell: int, seed: int, scale_range=(0.6, 1.3)) -> None:
+    ``contamination`` > 0 replaces that fraction of training images (in expectation) by anomalies of
+    ``contamination_types``, to study robustness to unclean "normal" training data.
+    """
+
+    def __init__(
+        self,
+        pool: dict[int, np.ndarray],
+        *,
+        cell: int,
+        seed: int,
+        scale_range=(0.6, 1.3),
+        contamination: float = 0.0,
+        contamination_types: Sequence[str] = SIMPLE_TYPES,
+    ) -> None:
+        if not 0.0 <= contamination < 1.0:
+            raise DigitAnatomyError(f"contamination must be in [0, 1), got {contamination}")
         self.pool, self.cell, self.seed, self.scale_range = pool, cell, seed, tuple(scale_range)
+        self.contamination, self.contamination_types = contamination, list(contamination_types)
 
     def batch(self, step: int, batch_size: int, *, rank: int = 0) -> torch.Tensor:
         """(batch_size, 1, 3·cell, 3·cell) float in [0, 1], quantised to 8 bits like the PNG sets."""
         rng = np.random.default_rng([self.seed, step, rank])
         layouts = [sample_normal_layout(rng, self.pool, self.scale_range) for _ in range(batch_size)]
+        if self.contamination > 0:
+            for i in np.flatnonzero(rng.random(batch_size) < self.contamination):
+                kind = self.contamination_types[int(rng.integers(len(self.contamination_types)))]
+                layouts[i] = make_anomaly(rng, layouts[i], kind, self.pool, self.scale_range)[0]
         return torch.from_numpy(to_uint8(render(layouts, self.pool, self.cell))).float().unsqueeze(1) / 255.0
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from thrifty.core.run import (
     MetricsLog,
     configure_torch,
     data_root,
+    environment,
     peak_rss_mb,
     prepare_run_dir,
     progress,
@@ -547,13 +547,7 @@ def train(cfg: GlamConfig) -> dict[str, Any]:
                 "world_size": info.world_size,
             },
             "data": {"manifest_sha256": data.digest, "sources": list(data.weights), "weights": data.weights},
-            "environment": {
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "threads": torch.get_num_threads(),
-                "device": str(info.device),
-            },
+            "environment": environment(info.device),
             "config": to_dict(cfg),
         }
         write_json(run_dir / "results.json", summary)

@@ -14,6 +14,30 @@ STAGES = ("data", "train", "eval")
 SOURCES = ("digit_anatomy", "folder", "zhanglab", "chexpert")
 
 
+def check_backbone(
+    *, image_size: int, num_patches: int, level: int, ops: list[str], initial_combine: int, decoder_memory: list[int]
+) -> None:
+    """Raise ValueError when the patch U-Net cannot be built with these settings (shared by the config and
+    :class:`~thrifty.methods.squid.model.NetSettings`, so a bad combination fails before any data is loaded)."""
+    if image_size % num_patches:
+        raise ValueError(f"image size {image_size} is not divisible by net.num_patches={num_patches}")
+    cell = image_size // num_patches
+    if cell % 2**level:
+        raise ValueError(
+            f"patch side {cell} (image {image_size} / {num_patches}) is not divisible by 2**level={2**level}"
+        )
+    if len(ops) != level or any(op not in ("concat", "none") for op in ops):
+        raise ValueError(f"net.ops must list 'concat'/'none' for each of the {level} levels, got {ops}")
+    if not 0 <= initial_combine <= level:
+        raise ValueError(f"net.initial_combine must be in [0, level={level}], got {initial_combine}")
+    for j in decoder_memory:
+        if not initial_combine <= j < level:
+            raise ValueError(
+                f"net.decoder_memory level {j} must be a patch-wise level in [initial_combine={initial_combine}, "
+                f"level={level})"
+            )
+
+
 @dataclasses.dataclass
 class NetConfig:
     """The generator backbone shared by SQUID, the AE and MemAE (see :class:`~thrifty.methods.squid.model.NetSettings`).
@@ -45,7 +69,8 @@ class DataConfig:
         source: ``digit_anatomy`` (built from real MNIST, ships offline), ``folder`` (root/normal, root/abnormal
             for test and root_train/normal for training), ``zhanglab`` (pediatric pneumonia layout) or
             ``chexpert`` (CSV + images).
-        root: dataset root for the real sources; ``train_root``: training folder for ``folder``.
+        root: dataset root for the real sources; ``train_root``: training folder for ``folder``;
+            ``val_root``: a folder (normal/, abnormal/) used as the validation set instead of a holdout.
         csv_train, csv_test: CheXpert CSVs (``train.csv``/``valid.csv`` style).
         cell: DigitAnatomy cell side (image = 3·cell).
         image_size: side the real sources are resized to.
@@ -55,11 +80,13 @@ class DataConfig:
         holdout: real sources: normals and abnormals per label carved from training for validation.
         data_seed: seed of the fixed sets (independent of the training seeds).
         skip_bad: real sources: skip unreadable images (counted in results) instead of failing.
+        contamination: DigitAnatomy: fraction of training images replaced by anomalies (robustness study).
     """
 
     source: str = "digit_anatomy"
     root: str = ""
     train_root: str = ""
+    val_root: str = ""
     csv_train: str = ""
     csv_test: str = ""
     cell: int = 16
@@ -72,6 +99,7 @@ class DataConfig:
     holdout: int = 200
     data_seed: int = 0
     skip_bad: bool = False
+    contamination: float = 0.0
 
 
 @dataclasses.dataclass
@@ -170,6 +198,19 @@ class SquidConfig(BaseConfig):
             raise ValueError("config key 'net.shortcut_ratio' must be in (0, 1]")
         if self.net.shrink_topk < 2:
             raise ValueError("config key 'net.shrink_topk' must be >= 2 (k-1 weights survive the shrinkage)")
+        if not 0.0 <= self.data.contamination < 1.0:
+            raise ValueError("config key 'data.contamination' must be in [0, 1)")
+        if self.data.contamination and self.data.source != "digit_anatomy":
+            raise ValueError("config key 'data.contamination' applies to data.source=digit_anatomy only")
+        n = self.net
+        check_backbone(
+            image_size=self.image_size,
+            num_patches=n.num_patches,
+            level=n.level,
+            ops=list(n.ops),
+            initial_combine=n.initial_combine,
+            decoder_memory=list(n.decoder_memory),
+        )
         if len(self.data.val_sizes) != 2 or len(self.data.test_sizes) != 2:
             raise ValueError("config keys 'data.val_sizes'/'data.test_sizes' are [normal, abnormal] counts")
 

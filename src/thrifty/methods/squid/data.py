@@ -44,14 +44,18 @@ class ImageSet:
 
 
 class AccessLog:
-    """Append-only record of which split was read, for what, by which unit."""
+    """Append-only record of which split was read, for what, by which unit. Indices continue across the
+    sessions of one run directory (a rerun that resumes appends after the earlier reads)."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.entries: list[dict[str, Any]] = []
+        self._offset = 0
+        if path is not None and path.exists():
+            self._offset = sum(1 for line in path.read_text().splitlines() if line.strip())
 
     def record(self, split: str, purpose: str, unit: str) -> None:
-        entry = {"index": len(self.entries), "split": split, "purpose": purpose, "unit": unit}
+        entry = {"index": self._offset + len(self.entries), "split": split, "purpose": purpose, "unit": unit}
         self.entries.append(entry)
         if self.path is not None:
             with open(self.path, "a") as f:
@@ -117,7 +121,12 @@ def _records_set(records: list[imgio.ImageRecord], cfg: SquidConfig, bad: list) 
 
 
 def _real_records(cfg: SquidConfig) -> tuple[list, list, list]:
-    """(train normals, validation records, test records) of a real source."""
+    """(train normals, validation records, test records) of a real source.
+
+    Raises:
+        ImageDataError: validation lacks normal or abnormal images, or an image is in both training/validation
+            and test.
+    """
     d = cfg.data
     if d.source == "folder":
         test = imgio.scan_image_folder(d.root)
@@ -127,11 +136,26 @@ def _real_records(cfg: SquidConfig) -> tuple[list, list, list]:
         train_all = imgio.scan_zhanglab(d.root, "train")
     else:  # chexpert
         if not (d.csv_train and d.csv_test):
-            raise ValueError("data.source=chexpert needs data.csv_train and data.csv_test")
+            raise imgio.ImageDataError("data.source=chexpert needs data.csv_train and data.csv_test")
         test = imgio.scan_chexpert(d.csv_test, image_root=d.root)
         train_all = imgio.scan_chexpert(d.csv_train, image_root=d.root)
-    rest, val = imgio.split_holdout(train_all, n_per_label=d.holdout, seed=d.data_seed)
+    if d.val_root:
+        rest, val = train_all, imgio.scan_image_folder(d.val_root)
+    else:
+        rest, val = imgio.split_holdout(train_all, n_per_label=d.holdout, seed=d.data_seed)
     train = [r for r in rest if r.label == 0]  # unsupervised: abnormal training images are never used
+    labels = {r.label for r in val}
+    if labels != {0, 1}:
+        missing = "abnormal" if 1 not in labels else "normal"
+        raise imgio.ImageDataError(
+            f"the validation set has no {missing} images (model selection and the threshold need both); "
+            "put abnormal images in the training folder to hold some out, or pass data.val_root=<folder with "
+            "normal/ and abnormal/>"
+        )
+    test_paths = {r.path.resolve() for r in test}
+    shared = [r.path for r in (*train, *val) if r.path.resolve() in test_paths]
+    if shared:
+        raise imgio.ImageDataError(f"{len(shared)} test images also appear in training/validation, e.g. {shared[0]}")
     return train, val, test
 
 
@@ -152,7 +176,14 @@ def prepare_data(cfg: SquidConfig, cache: Path, access: AccessLog) -> AnomalyDat
         pool = da.pools.images["train"]
 
         def make_stream(seed: int) -> NormalStream:
-            return NormalStream(pool, cell=d.cell, seed=seed, scale_range=tuple(d.scale_range))
+            return NormalStream(
+                pool,
+                cell=d.cell,
+                seed=seed,
+                scale_range=tuple(d.scale_range),
+                contamination=d.contamination,
+                contamination_types=d.anomaly_types,
+            )
 
         info = {
             "source": "digit_anatomy",
@@ -160,6 +191,7 @@ def prepare_data(cfg: SquidConfig, cache: Path, access: AccessLog) -> AnomalyDat
             "val": {"normal": int((da.val.labels == 0).sum()), "abnormal": int(da.val.labels.sum())},
             "test": {"normal": int((da.test.labels == 0).sum()), "abnormal": int(da.test.labels.sum())},
             "train_digits_per_class": int(d.per_class[0]),
+            "train_contamination": d.contamination,
         }
         return AnomalyData(
             "digit_anatomy",

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_model
 
 from thrifty.core.claims import mean_ci95
-from thrifty.core.figures import curves_with_band, grouped_bars
+from thrifty.core.figures import curves_with_band, grouped_bars, save_figure
 from thrifty.core.metrics import roc_curve
 
 
@@ -35,11 +35,7 @@ def roc_figure(results: dict[str, dict[int, dict]], labels: np.ndarray, path: Pa
     ax.set_title("Test ROC (solid: first seed; dotted: the others)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def reconstruction_figure(
@@ -64,11 +60,7 @@ def reconstruction_figure(
                 ax.set_ylabel(name, fontsize=7)
             if r == 0:
                 ax.set_title(captions[c], fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def make_all(run_dir: Path, results: dict[str, dict[int, dict]], data: Any, cfg: Any) -> list[Path]:

@@ -49,10 +49,11 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, w: 
 
 
 def standardised_score(logits: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
-    """``1 − σ((d − μ)/σ)``: in (0, 1), higher = less real-looking = more anomalous."""
+    """``1 − σ((d − μ)/σ)`` = σ(−(d − μ)/σ), computed in float64 so it does not round to 1 for very fake-looking
+    reconstructions: in (0, 1), higher = less real-looking = more anomalous."""
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
-    return 1.0 - torch.sigmoid((logits - mu) / sigma)
+    return torch.sigmoid(-(logits.double() - mu) / sigma)
 
 
 def reconstruction_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ Shrinkage (read weights ``w`` over S slots, one row per query):
 - :func:`topk_shrink` ("Gumbel shrinking" in the paper; it samples no noise): ``w = softmax(a)``, threshold θ =
   the k-th largest weight, ``relu(w − θ)·w / (|w − θ| + ε)``, L1-renormalise. Entries equal to θ become 0, so
   k − 1 weights survive. Straight-through: the forward value is the shrunk weights, the gradient is softmax's.
-- :func:`hard_shrink`: MemAE's ``relu(a − λ)·a / (|a − λ| + ε)`` then L1-normalise (float threshold λ).
+- :func:`hard_shrink` with a float threshold λ: ``relu(a − λ)·a / (|a − λ| + ε)`` on the attention logits ``a``,
+  then L1-normalise — the card's and the release's form (MemAE's paper applies it to softmax weights instead).
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ def topk_shrink(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def read_weights(logits: torch.Tensor, shrink: int | float) -> torch.Tensor:
-    """Read weights from attention logits: int ``shrink`` = top-k (k = shrink), float = hard shrink threshold,
-    0 = plain softmax."""
+    """Read weights from attention logits: int ``shrink`` = top-k (k = shrink), float = hard-shrink threshold on
+    the logits then L1-normalise (the release's float branch), 0 = plain softmax."""
     if isinstance(shrink, bool):
         raise TypeError("shrink must be an int (top-k) or a float (threshold), not bool")
     if isinstance(shrink, int) and shrink > 0:
         return topk_shrink(logits, shrink)
     if isinstance(shrink, float) and shrink > 0:
-        return F.normalize(hard_shrink(logits.softmax(dim=-1), shrink), p=1, dim=-1)
+        return F.normalize(hard_shrink(logits, shrink), p=1, dim=-1)
     return logits.softmax(dim=-1)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thrifty.methods.squid.config import check_backbone
 from thrifty.methods.squid.memory import LearnedMemory, MemoryQueue
 
 
@@ -87,19 +88,14 @@ class NetSettings:
         return self.image_size // self.num_patches
 
     def validate(self) -> None:
-        if self.image_size % self.num_patches:
-            raise ValueError(f"image_size {self.image_size} is not divisible by num_patches {self.num_patches}")
-        if self.cell % 2**self.level:
-            raise ValueError(f"patch side {self.cell} is not divisible by 2**level = {2**self.level}")
-        if len(self.ops) != self.level or any(op not in ("concat", "none") for op in self.ops):
-            raise ValueError(f"ops must list 'concat'/'none' for each of the {self.level} levels, got {self.ops}")
-        if not 0 <= self.initial_combine <= self.level:
-            raise ValueError(f"initial_combine must be in [0, level], got {self.initial_combine}")
-        for j in self.decoder_memory:
-            if not self.initial_combine <= j < self.level:
-                raise ValueError(
-                    f"decoder_memory level {j} must be a patch-wise level in [{self.initial_combine}, {self.level})"
-                )
+        check_backbone(
+            image_size=self.image_size,
+            num_patches=self.num_patches,
+            level=self.level,
+            ops=list(self.ops),
+            initial_combine=self.initial_combine,
+            decoder_memory=list(self.decoder_memory),
+        )
 
 
 def patchify(x: torch.Tensor, n: int) -> torch.Tensor:

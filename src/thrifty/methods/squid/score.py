@@ -68,7 +68,7 @@ class Scorer:
     def score(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, np.ndarray]:
         """images (N, 1, H, W) in [0, 1] with H = W = image_size → score (N,), anomalous (N,) bool,
         heatmap (N, H, W), recon (N, H, W)."""
-        if images.ndim != 4 or images.shape[1] != 1 or images.shape[-1] != self.image_size:
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, self.image_size, self.image_size):
             raise ScoringError(
                 f"expected images of shape (N, 1, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
             )
@@ -94,10 +94,9 @@ class Scorer:
 
 
 def _save_heatmap(path: Path, image: np.ndarray, recon: np.ndarray, heat: np.ndarray, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from thrifty.core.figures import save_figure  # selects the headless backend
 
     fig, axes = plt.subplots(1, 3, figsize=(6.6, 2.4), dpi=110)
     for ax, img, name, cmap in zip(
@@ -107,9 +106,7 @@ def _save_heatmap(path: Path, image: np.ndarray, recon: np.ndarray, heat: np.nda
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def score_files(unit_dir: str | Path, paths: list[str | Path], out_dir: str | Path, *, skip_bad: bool = False) -> Path:

@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from thrifty.core.run import (
     MetricsLog,
     configure_torch,
     data_root,
+    environment,
     peak_rss_mb,
     prepare_run_dir,
     progress,
@@ -58,7 +58,7 @@ from thrifty.methods.squid.losses import (
     standardised_score,
 )
 from thrifty.methods.squid.memory import update_queues
-from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet, unpatchify
+from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet, patchify, unpatchify
 
 log = logging.getLogger(__name__)
 RECIPE = "squid"
@@ -127,19 +127,21 @@ def arm_list(cfg: SquidConfig) -> list[str]:
 def raw_scores(
     model: PatchUNet, disc: Discriminator | None, images: torch.Tensor, batch_size: int, device: torch.device
 ) -> dict[str, np.ndarray]:
-    """Eval-mode pass over (N, 1, H, W) images: discriminator logits on the reconstruction (SQUID) and the
-    per-image reconstruction error (all generators)."""
+    """Eval-mode pass over (N, 1, H, W) images: discriminator logits on the reconstruction (SQUID), the
+    per-image reconstruction error and the per-patch error (N, P) for localisation (all generators)."""
     model.eval()
     if disc is not None:
         disc.eval()
-    logits, errors = [], []
+    logits, errors, cells = [], [], []
+    n = model.s.num_patches
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(device)
         recon = model(x)["recon"]
         errors.append(reconstruction_error(recon, x).cpu())
+        cells.append(patchify((recon - x).pow(2), n).flatten(1).mean(1).view(len(x), n * n).cpu())
         if disc is not None:
             logits.append(disc(recon).cpu())
-    out = {"recon_error": torch.cat(errors).numpy()}
+    out = {"recon_error": torch.cat(errors).numpy(), "cell_error": torch.cat(cells).numpy()}
     if disc is not None:
         out["d_logit"] = torch.cat(logits).numpy()
     return out
@@ -326,6 +328,13 @@ def train_generator(
         "infer_images_per_s": len(test) / max(infer_s, 1e-9),
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if test.cell_masks is not None and test.labels.sum() and raw_test["cell_error"].shape[1] == 9:
+        # beyond the anchors: localisation AUROC of the per-cell reconstruction error against the anomaly's
+        # cell mask, over the cells of the abnormal test images
+        abn = test.labels == 1
+        result["test_localisation_auroc"] = 100 * roc_auc(
+            raw_test["cell_error"][abn].ravel(), test.cell_masks[abn].ravel().astype(int)
+        )
     if disc is not None:
         # diagnostics: how SQUID does scored by its reconstruction error instead of the discriminator, and how
         # saturated the discriminator is at the end (real+fake BCE; 2·ln 2 ≈ 1.39 at chance, → 0 when it wins)
@@ -350,6 +359,7 @@ def train_generator(
             },
         )
         write_json(done_file, result)
+    distributed.barrier()  # other ranks may load this unit's files next (the kNN arm reads the AE)
     return result
 
 
@@ -553,12 +563,24 @@ def detection_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
         row.append(_fmt_ci(diag) if diag else "")
         bce = [r["d_bce_end"] for r in rs if "d_bce_end" in r]
         row.append(f"{np.mean(bce):.3g}" if bce else "")
+        loc = [r["test_localisation_auroc"] for r in rs if "test_localisation_auroc" in r]
+        row.append(_fmt_ci(loc) if loc else "")
         rows.append(row)
     return {
         "title": "Test AUPRC, accuracy and F1 (%) at the validation-chosen threshold; best validation AUROC; "
         "SQUID scored by reconstruction error instead of the discriminator, and the discriminator's real+fake BCE "
-        "at the end of training (1.39 = chance, near 0 = saturated) (diagnostics)",
-        "columns": ["arm", "AUPRC", "accuracy", "F1", "val AUROC (selected)", "recon-error AUROC", "D BCE end"],
+        "at the end of training (1.39 = chance, near 0 = saturated) (diagnostics); cell localisation AUROC of the "
+        "per-cell reconstruction error on abnormal images",
+        "columns": [
+            "arm",
+            "AUPRC",
+            "accuracy",
+            "F1",
+            "val AUROC (selected)",
+            "recon-error AUROC",
+            "D BCE end",
+            "localisation AUROC",
+        ],
         "rows": rows,
     }
 
@@ -638,13 +660,7 @@ def train(cfg: SquidConfig) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "world_size": info.world_size,
     }
-    summary["environment"] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": str(info.device),
-    }
+    summary["environment"] = environment(info.device)
     summary["config"] = to_dict(cfg)
     if info.is_main:
         write_json(run_dir / "results.json", summary)
