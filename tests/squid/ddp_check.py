@@ -43,6 +43,16 @@ def run(gather: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         opt.step()
         last_pending = queues[0]._pending.clone()  # this rank's features of the last step, (B, P, D)
         update_queues(model)
+
+    def bn_stats_equal() -> bool:
+        bn = torch.cat([b.flatten() for n, b in model.named_buffers() if "running_" in n])
+        bns = [torch.empty_like(bn) for _ in range(info.world_size)]
+        dist.all_gather(bns, bn)
+        return all(torch.equal(b, bns[0]) for b in bns)
+
+    assert not bn_stats_equal(), "ranks saw different data, so their BatchNorm statistics should differ"
+    distributed.sync_batchnorm_stats(model)
+    assert bn_stats_equal(), "BatchNorm statistics differ after sync"
     q = queues[0]
     mem = q.memory.clone()
     gathered = [torch.empty_like(mem) for _ in range(info.world_size)]

@@ -101,3 +101,37 @@ def test_bad_image_in_a_real_source_names_the_file_or_is_skipped(tmp_path):
         prepare_data(_cfg(tmp_path, *args), tmp_path, AccessLog())
     data = prepare_data(_cfg(tmp_path, *args, "data.skip_bad=true"), tmp_path, AccessLog())
     assert data.info["skipped_bad_images"] == 1 and len(data.test) == 4
+
+
+def test_chexpert_csvs(tmp_path):
+    from thrifty.data.images import CHEXPERT_FINDINGS
+
+    root = tmp_path / "chexpert"
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_FINDINGS]
+
+    def write_csv(name: str, rows: list[tuple[str, str, str]]) -> Path:
+        lines = [",".join(header)]
+        for rel, view, finding in rows:
+            _png(root / rel, 40 if finding == "No Finding" else 210)
+            values = ["1.0" if f == finding else "" for f in CHEXPERT_FINDINGS]
+            lines.append(",".join([rel, "Female", "50", "Frontal", view, *values]))
+        path = root / name
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    train_rows = [(f"train/p{i}/view1_frontal.jpg", "PA", "No Finding") for i in range(5)]
+    train_rows += [(f"train/q{i}/view1_frontal.jpg", "PA", "Edema") for i in range(3)]
+    train_rows += [("train/ap/view1_frontal.jpg", "AP", "No Finding")]  # AP view: dropped
+    test_rows = [("valid/a/view1_frontal.jpg", "PA", "No Finding"), ("valid/b/view1_frontal.jpg", "PA", "Cardiomegaly")]
+    csv_train, csv_test = write_csv("train.csv", train_rows), write_csv("valid.csv", test_rows)
+    cfg = _cfg(
+        tmp_path,
+        "data.source=chexpert",
+        f"data.root={root}",
+        f"data.csv_train={csv_train}",
+        f"data.csv_test={csv_test}",
+    )
+    cfg.data.holdout = 1
+    data = prepare_data(cfg, tmp_path, AccessLog())
+    assert data.info["train_normal"] == 4 and data.info["val"] == {"normal": 1, "abnormal": 1}
+    assert data.test.get("final_test", "t").kinds == ["normal", "Cardiomegaly"]

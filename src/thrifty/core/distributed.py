@@ -125,3 +125,18 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def sync_batchnorm_stats(module: torch.nn.Module) -> None:
+    """Average BatchNorm running means and variances over ranks (identity without a process group).
+
+    DDP with ``broadcast_buffers=False`` lets each rank's running statistics drift apart; call this before
+    evaluating so every rank evaluates the same model.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf /= dist.get_world_size()

@@ -282,6 +282,10 @@ def train_generator(
                 advance(n_logged, loss=avg["loss"])
                 sums, n_logged = {}, 0
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                # ranks evaluate the same model: BatchNorm statistics averaged (the queues are identical)
+                distributed.sync_batchnorm_stats(model)
+                if disc is not None:
+                    distributed.sync_batchnorm_stats(disc)
                 val = data.val.get("selection", unit)
                 raw = raw_scores(model, disc, val.images, cfg.eval_batch_size, info.device)
                 auroc = 100 * roc_auc(anomaly_score(raw, None), val.labels)
