@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from thrifty.core.config import BaseConfig
 from thrifty.data.digit_anatomy import ANOMALY_TYPES
@@ -14,11 +15,12 @@ STAGES = ("data", "train", "eval")
 SOURCES = ("digit_anatomy", "folder", "zhanglab", "chexpert")
 
 
-def check_backbone(
-    *, image_size: int, num_patches: int, level: int, ops: list[str], initial_combine: int, decoder_memory: list[int]
-) -> None:
-    """Raise ValueError when the patch U-Net cannot be built with these settings (shared by the config and
-    :class:`~thrifty.methods.squid.model.NetSettings`, so a bad combination fails before any data is loaded)."""
+def check_backbone(net: Any, image_size: int) -> None:
+    """Raise ValueError when the patch U-Net cannot be built for ``image_size`` with ``net``'s ``num_patches``,
+    ``level``, ``ops``, ``initial_combine`` and ``decoder_memory`` (a :class:`NetConfig` or a
+    :class:`~thrifty.methods.squid.model.NetSettings`), so a bad combination fails before any data is loaded."""
+    num_patches, level, ops = net.num_patches, net.level, list(net.ops)
+    initial_combine, decoder_memory = net.initial_combine, list(net.decoder_memory)
     if image_size % num_patches:
         raise ValueError(f"image size {image_size} is not divisible by net.num_patches={num_patches}")
     cell = image_size // num_patches
@@ -202,15 +204,7 @@ class SquidConfig(BaseConfig):
             raise ValueError("config key 'data.contamination' must be in [0, 1)")
         if self.data.contamination and self.data.source != "digit_anatomy":
             raise ValueError("config key 'data.contamination' applies to data.source=digit_anatomy only")
-        n = self.net
-        check_backbone(
-            image_size=self.image_size,
-            num_patches=n.num_patches,
-            level=n.level,
-            ops=list(n.ops),
-            initial_combine=n.initial_combine,
-            decoder_memory=list(n.decoder_memory),
-        )
+        check_backbone(self.net, self.image_size)
         if len(self.data.val_sizes) != 2 or len(self.data.test_sizes) != 2:
             raise ValueError("config keys 'data.val_sizes'/'data.test_sizes' are [normal, abnormal] counts")
 

@@ -88,14 +88,7 @@ class NetSettings:
         return self.image_size // self.num_patches
 
     def validate(self) -> None:
-        check_backbone(
-            image_size=self.image_size,
-            num_patches=self.num_patches,
-            level=self.level,
-            ops=list(self.ops),
-            initial_combine=self.initial_combine,
-            decoder_memory=list(self.decoder_memory),
-        )
+        check_backbone(self, self.image_size)
 
 
 def patchify(x: torch.Tensor, n: int) -> torch.Tensor:
