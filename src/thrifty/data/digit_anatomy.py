@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -404,8 +405,6 @@ def build_digit_anatomy(
     done = root / "manifest.json"
     if not done.is_file():
         tmp = root.with_name(root.name + ".tmp")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         for split, (n_norm, n_abn), offset in (("val", val_sizes, 1), ("test", test_sizes, 2)):
             es = build_eval_set(

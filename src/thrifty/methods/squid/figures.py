@@ -12,11 +12,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from safetensors.torch import load_model
 
 from thrifty.core.claims import mean_ci95
 from thrifty.core.figures import curves_with_band, grouped_bars, save_figure
 from thrifty.core.metrics import roc_curve
+from thrifty.methods.squid.score import Scorer
 
 
 def roc_figure(results: dict[str, dict[int, dict]], labels: np.ndarray, path: Path) -> Path:
@@ -64,8 +64,7 @@ def reconstruction_figure(
 
 
 def make_all(run_dir: Path, results: dict[str, dict[int, dict]], data: Any, cfg: Any) -> list[Path]:
-    from thrifty.methods.squid.model import PatchUNet
-    from thrifty.methods.squid.train import arm_settings, unit_dir_for
+    from thrifty.methods.squid.train import unit_dir_for
 
     fig_dir = run_dir / "figures"
     test = data.test.get("figure", "figures")
@@ -107,9 +106,7 @@ def make_all(run_dir: Path, results: dict[str, dict[int, dict]], data: Any, cfg:
     for arm in ("squid", "ae"):
         if arm in results:
             seed = sorted(results[arm])[0]
-            model = PatchUNet(arm_settings(arm, cfg))
-            load_model(model, str(unit_dir_for(run_dir, arm, seed) / "model.safetensors"))
-            models[arm] = model
+            models[arm] = Scorer.load(unit_dir_for(run_dir, arm, seed)).model  # the unit's own settings
     if models:
         kinds_arr = np.array(test.kinds)
         pick = list(np.flatnonzero(kinds_arr == "normal")[: cfg.figure_images])

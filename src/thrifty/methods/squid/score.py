@@ -1,4 +1,6 @@
-"""Score new images with a trained SQUID (or AE / MemAE) unit: a CSV of anomaly scores and heat-maps.
+"""Anomaly scoring for SQUID and its baselines: the functions training, selection and testing use
+(:func:`raw_scores`, :func:`anomaly_score`), and scoring new images with a trained unit (a CSV of anomaly
+scores and heat-maps).
 
 A unit directory (``<run>/units/<arm>/seed<k>/``) holds ``model.safetensors`` (+ ``discriminator.safetensors``
 for SQUID) and ``scoring.json`` (network settings, image size, μ/σ and the validation threshold). Loading uses
@@ -27,11 +29,55 @@ from safetensors.torch import load_model
 
 from thrifty.data import images as imgio
 from thrifty.methods.squid.losses import reconstruction_error, standardised_score
-from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet
+from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet, patchify
 
 
 class ScoringError(RuntimeError):
     pass
+
+
+@torch.no_grad()
+def raw_scores(
+    model: PatchUNet,
+    disc: Discriminator | None,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    *,
+    keep_recon: bool = False,
+) -> dict[str, Any]:
+    """Eval-mode pass over (N, 1, H, W) images: discriminator logits on the reconstruction (SQUID), the
+    per-image reconstruction error and the per-patch error (N, P) for localisation (all generators); with
+    ``keep_recon`` also the reconstructions (N, 1, H, W) under ``"recon"``."""
+    model.eval()
+    if disc is not None:
+        disc.eval()
+    logits, errors, cells, recons = [], [], [], []
+    n = model.s.num_patches
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device)
+        recon = model(x)["recon"]
+        if keep_recon:
+            recons.append(recon.cpu())
+        errors.append(reconstruction_error(recon, x).cpu())
+        cells.append(patchify((recon - x).pow(2), n).flatten(1).mean(1).view(len(x), n * n).cpu())
+        if disc is not None:
+            logits.append(disc(recon).cpu())
+    out = {"recon_error": torch.cat(errors).numpy(), "cell_error": torch.cat(cells).numpy()}
+    if disc is not None:
+        out["d_logit"] = torch.cat(logits).numpy()
+    if keep_recon:
+        out["recon"] = torch.cat(recons)
+    return out
+
+
+def anomaly_score(raw: dict[str, np.ndarray], calib: dict[str, float] | None) -> np.ndarray:
+    """SQUID: the standardised discriminator score (or −logit before calibration); others: recon error."""
+    if "d_logit" not in raw:
+        return raw["recon_error"]
+    if calib is None:
+        return -raw["d_logit"]
+    return standardised_score(torch.from_numpy(raw["d_logit"]), calib["mu"], calib["sigma"]).numpy()
 
 
 @dataclasses.dataclass
@@ -72,19 +118,10 @@ class Scorer:
             raise ScoringError(
                 f"expected images of shape (N, 1, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
             )
-        scores, recons = [], []
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
-            recon = self.model(x)["recon"]
-            recons.append(recon)
-            if self.disc is not None:
-                cal = self.meta["calibration"]
-                scores.append(standardised_score(self.disc(recon), cal["mu"], cal["sigma"]))
-            else:
-                scores.append(reconstruction_error(recon, x))
-        recon = torch.cat(recons)
+        raw = raw_scores(self.model, self.disc, images, batch_size, images.device, keep_recon=True)
+        recon = raw["recon"]
         heat = F.avg_pool2d((images - recon).abs(), 3, stride=1, padding=1)[:, 0]
-        score = torch.cat(scores).numpy()
+        score = anomaly_score(raw, self.meta["calibration"])
         return {
             "score": score,
             "anomalous": score >= self.meta["threshold"],

@@ -48,17 +48,13 @@ from thrifty.core.run import (
     write_json,
 )
 from thrifty.methods.squid import figures
-from thrifty.methods.squid.config import ABLATIONS, SquidConfig
+from thrifty.methods.squid.config import SquidConfig
 from thrifty.methods.squid.data import AccessLog, AnomalyData, ImageSet, prepare_data
 from thrifty.methods.squid.knn import PatchKNN
-from thrifty.methods.squid.losses import (
-    discriminator_loss,
-    generator_loss,
-    reconstruction_error,
-    standardised_score,
-)
+from thrifty.methods.squid.losses import discriminator_loss, generator_loss
 from thrifty.methods.squid.memory import update_queues
-from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet, patchify, unpatchify
+from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet, unpatchify
+from thrifty.methods.squid.score import anomaly_score, raw_scores
 
 log = logging.getLogger(__name__)
 RECIPE = "squid"
@@ -120,40 +116,7 @@ def arm_list(cfg: SquidConfig) -> list[str]:
     return arms
 
 
-# --- scoring ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def raw_scores(
-    model: PatchUNet, disc: Discriminator | None, images: torch.Tensor, batch_size: int, device: torch.device
-) -> dict[str, np.ndarray]:
-    """Eval-mode pass over (N, 1, H, W) images: discriminator logits on the reconstruction (SQUID), the
-    per-image reconstruction error and the per-patch error (N, P) for localisation (all generators)."""
-    model.eval()
-    if disc is not None:
-        disc.eval()
-    logits, errors, cells = [], [], []
-    n = model.s.num_patches
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device)
-        recon = model(x)["recon"]
-        errors.append(reconstruction_error(recon, x).cpu())
-        cells.append(patchify((recon - x).pow(2), n).flatten(1).mean(1).view(len(x), n * n).cpu())
-        if disc is not None:
-            logits.append(disc(recon).cpu())
-    out = {"recon_error": torch.cat(errors).numpy(), "cell_error": torch.cat(cells).numpy()}
-    if disc is not None:
-        out["d_logit"] = torch.cat(logits).numpy()
-    return out
-
-
-def anomaly_score(raw: dict[str, np.ndarray], calib: dict[str, float] | None) -> np.ndarray:
-    """SQUID: the standardised discriminator score (or −logit before calibration); others: recon error."""
-    if "d_logit" not in raw:
-        return raw["recon_error"]
-    if calib is None:
-        return -raw["d_logit"]
-    return standardised_score(torch.from_numpy(raw["d_logit"]), calib["mu"], calib["sigma"]).numpy()
+# --- metrics ----------------------------------------------------------------------------------------------
 
 
 def detection_metrics(scores: np.ndarray, data: ImageSet, threshold: float) -> dict[str, Any]:
@@ -685,6 +648,3 @@ def load_results(run_dir: Path, cfg: SquidConfig) -> dict[str, dict[int, dict]]:
     if not results:
         raise ConfigError(f"stages=[eval] found no finished units under {run_dir}/units; run the train stage first")
     return results
-
-
-__all__ = ["ABLATIONS", "Config", "train"]
