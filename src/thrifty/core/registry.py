@@ -55,7 +55,7 @@ RECIPES: tuple[Recipe, ...] = (
         "AutoDistill: distillation + multi-objective BO architecture search",
         "2201.08539",
         "text, serving",
-        None,
+        "thrifty.methods.autodistill.train",
     ),
     Recipe("bigssl", "BigSSL: Conformer SSL pre-training + noisy-student ASR", "2109.13226", "speech", None),
     Recipe("genesis", "Models Genesis / Semantic Genesis / TransVW", "2007.06959, 2102.10680", "3D CT", None),

@@ -1,0 +1,65 @@
+"""End to end at the smoke budget: every stage, claims, figures, exports, stage selection and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty.core.config import ConfigError
+from thrifty.core.registry import load_config
+from thrifty.methods.autodistill.space import Arch
+from thrifty.methods.autodistill.train import train
+from thrifty.methods.autodistill.trial import evaluate_arch, prepare_context
+
+
+def _cfg(data_dir: Path, out: Path, *extra: str):
+    return load_config("autodistill", "smoke", [f"data_dir={data_dir}", f"out_dir={out}", "progress=false", *extra])[1]
+
+
+def test_smoke_trial_is_deterministic(data_dir: Path, tmp_path: Path) -> None:
+    ctx = prepare_context(_cfg(data_dir, tmp_path))
+    arch = Arch(num_layers=2, hidden_size=384, intra_bottleneck_size=32, num_heads=2, intermediate_size=64, num_ffn=1)
+    a, sa = evaluate_arch(ctx, arch)
+    b, sb = evaluate_arch(ctx, arch)
+    assert a["val_acc"] == b["val_acc"] and a["distill"]["stages"] == b["distill"]["stages"]
+    assert all(torch.equal(x, y) for x, y in zip(sa.state_dict().values(), sb.state_dict().values()))
+    assert a["latency"]["1"]["runs"] == ctx.cfg.latency.repeats and a["latency"]["1"]["threads"] == 2
+
+
+def test_search_stage_alone_then_the_rest_resumes(data_dir: Path, tmp_path: Path) -> None:
+    first = train(_cfg(data_dir, tmp_path, "stages=[teacher_head,search]"))
+    assert first["claims"] == [] and len(first["search"]["trials"]) == 2
+    run = Path(first["run_dir"])
+    assert (run / "study.journal").is_file() and not (run / "export").exists()
+
+    res = train(_cfg(data_dir, tmp_path))
+    assert [t["number"] for t in res["search"]["trials"]] == [0, 1]  # the study was resumed, not re-run
+    assert res["search"]["trials"] == first["search"]["trials"]
+    ids = {c["id"] for c in res["claims"]}
+    assert {"flash_rank_fidelity", "bo_hypervolume_vs_random"} <= ids
+    assert {"searched_student_dominates_mobilebert_like", "searched_student_dominates_distilbert_like"} <= ids
+    for fig in ("pareto.png", "hypervolume.png", "rank_fidelity.png", "downstream.png"):
+        assert (run / "figures" / fig).stat().st_size > 1000
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["teacher"]["teacher_params"] > 20_000_000
+    students = saved["students"]
+    assert {"mobilebert_like", "distilbert_like"} <= set(students) and any(n.startswith("front-") for n in students)
+    for name in students:
+        export = run / "export" / name
+        assert {"config.json", "model.safetensors", "model.onnx", "README.md", "tokenizer.json"} <= {
+            p.name for p in export.iterdir()
+        }
+    assert set(saved["teacher_downstream"]) == {"source", "same_work"}
+    assert len(saved["sampler_comparison"]["runs"]) == 2 * 2  # gp and random × 2 seeds
+
+
+def test_bad_settings_are_clear_errors(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"search\.sampler"):
+        _cfg(data_dir, tmp_path, "search.sampler=cmaes")
+    with pytest.raises(ConfigError, match="stages"):
+        _cfg(data_dir, tmp_path, "stages=[explore]")
+    with pytest.raises(ConfigError, match="no completed search trials"):
+        train(_cfg(data_dir, tmp_path, "stages=[evaluate]", "run_name=empty"))
