@@ -33,7 +33,7 @@ def test_search_stage_alone_then_the_rest_resumes(data_dir: Path, tmp_path: Path
     first = train(_cfg(data_dir, tmp_path, "stages=[teacher_head,search]"))
     assert first["claims"] == [] and len(first["search"]["trials"]) == 2
     run = Path(first["run_dir"])
-    assert (run / "study.journal").is_file() and not (run / "export").exists()
+    assert (run / "units" / "study.journal").is_file() and not (run / "export").exists()
 
     res = train(_cfg(data_dir, tmp_path))
     assert [t["number"] for t in res["search"]["trials"]] == [0, 1]  # the study was resumed, not re-run
@@ -63,3 +63,13 @@ def test_bad_settings_are_clear_errors(data_dir: Path, tmp_path: Path) -> None:
         _cfg(data_dir, tmp_path, "stages=[explore]")
     with pytest.raises(ConfigError, match="no completed search trials"):
         train(_cfg(data_dir, tmp_path, "stages=[evaluate]", "run_name=empty"))
+
+
+def test_resume_false_starts_the_search_over(data_dir: Path, tmp_path: Path) -> None:
+    first = train(_cfg(data_dir, tmp_path, "stages=[teacher_head,search]", "run_name=fresh"))
+    again = train(_cfg(data_dir, tmp_path, "stages=[teacher_head,search]", "run_name=fresh", "resume=false"))
+    # the journal was cleared, so the trials ran again: same seeds, same architectures, same accuracy
+    assert [t["number"] for t in again["search"]["trials"]] == [0, 1]
+    assert [(t["key"], t["val_acc"]) for t in again["search"]["trials"]] == [
+        (t["key"], t["val_acc"]) for t in first["search"]["trials"]
+    ]

@@ -98,7 +98,7 @@ def prepare_run_dir(recipe: str, cfg: BaseConfig, *, write: bool = True) -> Path
                     "pass run_name=<new name> for a new run, or resume=false to start this one over"
                 )
         else:
-            for name in ("checkpoints", "units", "figures", "metrics.jsonl", "results.json"):
+            for name in ("checkpoints", "units", "export", "figures", "metrics.jsonl", "results.json"):
                 target = path / name
                 if target.is_dir():
                     shutil.rmtree(target)

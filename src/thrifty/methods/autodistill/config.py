@@ -144,8 +144,8 @@ class SearchConfig:
         storage: empty = a journal file in the run directory; a path = a journal file there; an RDB URL
             (``sqlite:///...``, ``postgresql://...``) for a cluster.
         workers: local worker processes sharing the study; latency is timed only while no worker trains.
-        compare_samplers / compare_trials: samplers compared on the tabular benchmark of evaluated
-            architectures, at equal trials, one run per seed in ``seeds``.
+        compare_samplers / compare_trials / compare_startup: samplers compared on the tabular benchmark of
+            evaluated architectures, at equal trials (the first ``compare_startup`` random), one run per seed.
     """
 
     sampler: str = "gp"
@@ -155,6 +155,7 @@ class SearchConfig:
     workers: int = 1
     compare_samplers: list[str] = dataclasses.field(default_factory=lambda: ["gp", "tpe", "random", "nsga2"])
     compare_trials: int = 6
+    compare_startup: int = 2
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ def pareto(
 ) -> Path:
     """Every trial (flash accuracy vs latency), the front as a staircase, baselines as stars, and the longer
     distillation of the evaluated students as hollow markers joined to their flash point."""
-    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.2, 4.6), dpi=110)
     pts = np.array([(t["val_acc"], t["latency_ms"]) for t in trials]) if trials else np.zeros((0, 2))
     if len(pts):
         front = pareto_mask(pts)
@@ -33,10 +33,10 @@ def pareto(
         ax.plot([rec["latency_ms"]] * 2, [rec["flash_val_acc"], rec["val_acc"]], c="k", lw=0.6, alpha=0.5)
     ax.scatter([], [], s=40, facecolors="none", edgecolors="k", label="longer distillation")
     ax.set_xlabel("latency, median ms (this CPU)")
-    ax.set_ylabel("masked-token accuracy (flash-validation)")
+    ax.set_ylabel("masked-token accuracy (validation)")
     ax.set_title("AutoDistill search: accuracy vs measured latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 

@@ -81,11 +81,12 @@ def make_sampler(name: str, *, seed: int, startup_trials: int) -> Any:
 
 
 def make_storage(spec: str, run_dir: Path) -> Any:
-    """An RDB URL is passed through; otherwise a journal file (``spec`` or ``<run_dir>/study.journal``)."""
+    """An RDB URL is passed through; otherwise a journal file (``spec`` or ``<run_dir>/units/study.journal``,
+    which ``resume=false`` clears with the run's other units)."""
     optuna = _optuna()
     if "://" in spec:
         return spec
-    path = Path(spec).expanduser() if spec else run_dir / "study.journal"
+    path = Path(spec).expanduser() if spec else run_dir / "units" / "study.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 

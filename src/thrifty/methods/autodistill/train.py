@@ -143,7 +143,7 @@ def run_search(cfg: AutodistillConfig, ctx: Context, run_dir: Path) -> list[dict
         optimise(study, make_objective(ctx, study), cfg.search.num_trials)
     else:
         spawn = mp.get_context("spawn")
-        lock = str(run_dir / "machine.lock")
+        lock = str(run_dir / "units" / "machine.lock")
         procs = [
             spawn.Process(target=_search_worker, args=(cfg, str(run_dir), lock)) for _ in range(cfg.search.workers)
         ]
@@ -197,7 +197,7 @@ def pick_spread(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 def flash_baselines(ctx: Context, run_dir: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for name, arch in baseline_archs(ctx).items():
-        path = run_dir / "baselines" / f"{name}.json"
+        path = run_dir / "units" / "baselines" / f"{name}.json"
         rec = _read_json(path, ctx.cfg.resume)
         if rec is None:
             rec = evaluate_arch(ctx, arch, desc=f"baseline {name}")[0]
@@ -212,8 +212,8 @@ def baseline_archs(ctx: Context) -> dict[str, Arch]:
 
 def long_distill(ctx: Context, run_dir: Path, arch: Arch, flash: dict[str, Any], *, keep: bool) -> dict[str, Any]:
     """``long_factor`` × longer distillation of ``arch`` (record cached; weights kept when ``keep``)."""
-    path = run_dir / "long" / f"{arch.key}.json"
-    weights = run_dir / "students" / f"{arch.key}.safetensors"
+    path = run_dir / "units" / "long" / f"{arch.key}.json"
+    weights = run_dir / "units" / "students" / f"{arch.key}.safetensors"
     rec = _read_json(path, ctx.cfg.resume)
     if rec is not None and (not keep or weights.is_file()):
         return rec
@@ -228,7 +228,7 @@ def long_distill(ctx: Context, run_dir: Path, arch: Arch, flash: dict[str, Any],
 
 def load_student(ctx: Context, run_dir: Path, arch: Arch) -> Any:
     student, _ = build_student(ctx, arch, seed=ctx.cfg.seed)
-    student.load_state_dict(load_file(str(run_dir / "students" / f"{arch.key}.safetensors")), strict=False)
+    student.load_state_dict(load_file(str(run_dir / "units" / "students" / f"{arch.key}.safetensors")), strict=False)
     return student.eval()
 
 
@@ -282,7 +282,7 @@ def downstream_scores(ctx: Context, models: dict[str, Any], run_dir: Path) -> di
     out: dict[str, dict[str, Any]] = {}
     with progress(len(models) * len(corpus_tasks), "downstream tasks", enabled=cfg.progress) as advance:
         for name, (model, is_teacher) in models.items():
-            path = run_dir / "downstream" / f"{name}.json"
+            path = run_dir / "units" / "downstream" / f"{name}.json"
             rec = _read_json(path, cfg.resume)
             if rec is None:
                 rec = {}
@@ -311,7 +311,7 @@ def compare_samplers(cfg: AutodistillConfig, trials: list[dict[str, Any]]) -> di
     n = min(cfg.search.compare_trials, len(table))
     runs = [
         tabular_run(table, space_choices(cfg.space), sampler=s, seed=seed, num_trials=n,
-                    startup_trials=min(cfg.search.startup_trials, max(1, n - 1)), ref=ref,
+                    startup_trials=min(cfg.search.compare_startup, max(1, n - 1)), ref=ref,
                     embedding_size=cfg.space.embedding_size)
         for s in cfg.search.compare_samplers
         for seed in cfg.seeds
