@@ -73,3 +73,15 @@ def test_resume_false_starts_the_search_over(data_dir: Path, tmp_path: Path) -> 
     assert [(t["key"], t["val_acc"]) for t in again["search"]["trials"]] == [
         (t["key"], t["val_acc"]) for t in first["search"]["trials"]
     ]
+
+
+@pytest.mark.dist
+def test_two_search_workers_through_the_recipe(data_dir: Path, tmp_path: Path) -> None:
+    res = train(
+        _cfg(data_dir, tmp_path, "stages=[teacher_head,search]", "search.workers=2", "search.num_trials=3",
+             "run_name=parallel")
+    )  # fmt: skip
+    trials = res["search"]["trials"]
+    assert 3 <= len(trials) <= 4
+    assert sorted(t["number"] for t in trials) == list(range(len(trials)))
+    assert all(t["latency"]["1"]["runs"] == 3 for t in trials)

@@ -97,7 +97,7 @@ class DistillConfig:
     """
 
     steps_per_stage: int = 10
-    final_steps: int = 30
+    final_steps: int = 24
     lr: float = 1.5e-3
     end_lr: float = 1.5e-7
     warmup_frac: float = 0.1

@@ -10,6 +10,7 @@ measured on, and accuracies.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -85,17 +86,17 @@ def export_student(student: Student, tokenizer: Any, out_dir: Path, *, name: str
     head = student.head
     save_file(
         {
-            "dense.weight": head.dense.weight.detach().contiguous(),
-            "dense.bias": head.dense.bias.detach().contiguous(),
-            "norm.weight": head.norm.weight.detach().contiguous(),
-            "norm.bias": head.norm.bias.detach().contiguous(),
-            "bias": head.bias.detach().contiguous(),
+            "dense.weight": head.dense.weight.detach().cpu().contiguous(),
+            "dense.bias": head.dense.bias.detach().cpu().contiguous(),
+            "norm.weight": head.norm.weight.detach().cpu().contiguous(),
+            "norm.bias": head.norm.bias.detach().cpu().contiguous(),
+            "bias": head.bias.detach().cpu().contiguous(),
         },
         str(out_dir / "mlm_head.safetensors"),
     )
     (out_dir / "mlm_head.json").write_text(
         json.dumps({"decoder": "tied to the teacher's word embeddings", "teacher": record.get("teacher", "")}, indent=1)
     )
-    export_served_onnx(student.encoder, out_dir / "model.onnx")
+    export_served_onnx(copy.deepcopy(student.encoder).cpu(), out_dir / "model.onnx")
     (out_dir / "README.md").write_text(_card(name, record))
     return out_dir

@@ -201,7 +201,7 @@ def count_flops(model: nn.Module, seq_len: int) -> int:
     """Forward FLOPs of one sequence of ``seq_len`` tokens, counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    ids = torch.ones(1, seq_len, dtype=torch.long)
+    ids = torch.ones(1, seq_len, dtype=torch.long, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:

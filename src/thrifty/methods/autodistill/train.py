@@ -119,13 +119,14 @@ def make_objective(ctx: Context, study: Any) -> Any:
     return objective
 
 
-def _search_worker(cfg: AutodistillConfig, run_dir: str, lock: str) -> None:
-    """One worker process of a parallel search (spawned; rebuilds its context from the data directory)."""
+def _search_worker(cfg: AutodistillConfig, run_dir: str, lock: str, index: int) -> None:
+    """Worker ``index`` of a parallel search (spawned; rebuilds its context from the data directory). Each
+    worker's sampler has its own seed so two workers do not propose the same start-up trials."""
     configure_torch(cfg)
     ctx = prepare_context(cfg, lock=Path(lock))
     storage = make_storage(cfg.search.storage, Path(run_dir))
     sampler = make_sampler(
-        cfg.search.sampler, seed=cfg.seed + mp.current_process().pid, startup_trials=cfg.search.startup_trials
+        cfg.search.sampler, seed=cfg.seed + 1000 * (index + 1), startup_trials=cfg.search.startup_trials
     )
     study = open_study(name=study_name(cfg), storage=storage, sampler=sampler)
     optimise(study, make_objective(ctx, study), cfg.search.num_trials)
@@ -145,7 +146,7 @@ def run_search(cfg: AutodistillConfig, ctx: Context, run_dir: Path) -> list[dict
         spawn = mp.get_context("spawn")
         lock = str(run_dir / "units" / "machine.lock")
         procs = [
-            spawn.Process(target=_search_worker, args=(cfg, str(run_dir), lock)) for _ in range(cfg.search.workers)
+            spawn.Process(target=_search_worker, args=(cfg, str(run_dir), lock, i)) for i in range(cfg.search.workers)
         ]
         for p in procs:
             p.start()
@@ -221,14 +222,15 @@ def long_distill(ctx: Context, run_dir: Path, arch: Arch, flash: dict[str, Any],
     rec["flash_val_acc"] = flash["val_acc"]
     if keep:
         weights.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(weights))
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(weights))
     write_json(path, rec)
     return rec
 
 
 def load_student(ctx: Context, run_dir: Path, arch: Arch) -> Any:
     student, _ = build_student(ctx, arch, seed=ctx.cfg.seed)
-    student.load_state_dict(load_file(str(run_dir / "units" / "students" / f"{arch.key}.safetensors")), strict=False)
+    path = run_dir / "units" / "students" / f"{arch.key}.safetensors"
+    student.load_state_dict(load_file(str(path), device=str(next(student.parameters()).device)), strict=False)
     return student.eval()
 
 
