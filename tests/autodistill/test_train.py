@@ -32,6 +32,8 @@ def test_smoke_trial_is_deterministic(data_dir: Path, tmp_path: Path) -> None:
 def test_search_stage_alone_then_the_rest_resumes(data_dir: Path, tmp_path: Path) -> None:
     first = train(_cfg(data_dir, tmp_path, "stages=[teacher_head,search]"))
     assert first["claims"] == [] and len(first["search"]["trials"]) == 2
+    hv = first["search"]["hypervolume"]["per_trial"]
+    assert len(hv) == 2 and 0 < hv[0] <= hv[1]
     run = Path(first["run_dir"])
     assert (run / "units" / "study.journal").is_file() and not (run / "export").exists()
 

@@ -57,6 +57,7 @@ from thrifty.methods.autodistill.search import (
     completed,
     fail_stale_trials,
     hypervolume,
+    hypervolume_curve,
     make_sampler,
     make_storage,
     open_study,
@@ -434,8 +435,12 @@ def train(cfg: AutodistillConfig) -> dict[str, Any]:
         trials = run_search(cfg, ctx, run_dir)
     else:
         trials = load_trials(cfg, run_dir)
-    for rec in trials:
-        metrics.log({"kind": "trial", **{k: rec[k] for k in ("number", "label", "val_acc", "latency_ms", "params")}})
+    # hypervolume after every trial, tracked on the vector objective (reference: accuracy 0, 1.1 × max latency)
+    ref = (0.0, 1.1 * max(r["latency_ms"] for r in trials))
+    hv_curve = hypervolume_curve([(r["val_acc"], r["latency_ms"]) for r in trials], ref)
+    for rec, hv in zip(trials, hv_curve):
+        keys = ("number", "label", "val_acc", "latency_ms", "latency_p90_ms", "params", "flops")
+        metrics.log({"kind": "trial", **{k: rec[k] for k in keys}, "hypervolume": hv})
     baselines = flash_baselines(ctx, run_dir)
     timings["search"] = time.perf_counter() - t
     chosen = evaluation_set(trials, baselines, cfg.eval.max_students)
@@ -443,6 +448,7 @@ def train(cfg: AutodistillConfig) -> dict[str, Any]:
         "sampler": cfg.search.sampler,
         "trials": trials,
         "front": [r["key"] for r in front_of(unique_archs(trials))],
+        "hypervolume": {"ref": list(ref), "per_trial": hv_curve},
         "baselines": baselines,
     }
 
