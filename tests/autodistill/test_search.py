@@ -134,3 +134,12 @@ def test_interrupted_study_resumes_and_keeps_its_trials(tmp_path: Path) -> None:
 def test_unknown_sampler_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("cmaes", seed=0, startup_trials=1)
+
+
+def test_rdb_url_storage_is_passed_through(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert make_storage(url, tmp_path) == url
+    study = open_study(name="db", storage=url, sampler=make_sampler("random", seed=0, startup_trials=1))
+    optimise(study, lambda t: (float(t.suggest_int("x", 0, 3)), 1.0), 3)
+    reopened = open_study(name="db", storage=url, sampler=None)
+    assert len(completed(reopened)) == 3
