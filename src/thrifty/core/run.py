@@ -185,7 +185,8 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (empty when unknown); latency caches are keyed by it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -203,7 +204,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": _cpu_name() or platform.processor() or platform.machine(),
+        "processor": cpu_name() or platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
