@@ -448,6 +448,38 @@ def box_mask(starts: torch.Tensor, sides: torch.Tensor, active: torch.Tensor, sp
     return (inside & active[..., None, None, None]).any(dim=1, keepdim=True)
 
 
+def _paint_boxes(
+    x: torch.Tensor,
+    *,
+    side_lo: list[int],
+    side_hi: list[int],
+    min_boxes: int,
+    max_boxes: int,
+    continue_prob: float,
+    margin: int,
+    noise_inside: bool,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw boxes per sample and fill with U[0, 1) noise inside them (in-painting) or outside them
+    (out-painting); returns (painted cube, boxes' union mask (B, 1, D, H, W))."""
+    b, _, *spatial = x.shape
+    starts, sides, active = _draw_boxes(
+        b,
+        spatial,
+        side_lo=side_lo,
+        side_hi=side_hi,
+        min_boxes=min_boxes,
+        max_boxes=max_boxes,
+        continue_prob=continue_prob,
+        margin=margin,
+        generator=generator,
+        device=x.device,
+    )
+    mask = box_mask(starts, sides, active, spatial)
+    noise = _uniform(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (torch.where(mask, noise, x) if noise_inside else torch.where(mask, x, noise)), mask
+
+
 def inpaint(
     x: torch.Tensor,
     *,
@@ -467,24 +499,11 @@ def inpaint(
     mask the cube is unchanged.
     """
     _check_cube(x)
-    b, _, *spatial = x.shape
+    spatial = list(x.shape[2:])
     lo = [max(1, int(min_frac * s + 1e-9)) for s in spatial]
     hi = [max(low, int(max_frac * s + 1e-9)) for low, s in zip(lo, spatial)]
-    starts, sides, active = _draw_boxes(
-        b,
-        spatial,
-        side_lo=lo,
-        side_hi=hi,
-        min_boxes=min_boxes,
-        max_boxes=max_boxes,
-        continue_prob=continue_prob,
-        margin=margin,
-        generator=generator,
-        device=x.device,
-    )
-    mask = box_mask(starts, sides, active, spatial)
-    noise = _uniform(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.where(mask, noise, x), mask
+    kw = dict(min_boxes=min_boxes, max_boxes=max_boxes, continue_prob=continue_prob, margin=margin)
+    return _paint_boxes(x, side_lo=lo, side_hi=hi, noise_inside=True, generator=generator, **kw)
 
 
 def outpaint(
@@ -504,24 +523,11 @@ def outpaint(
     mask the cube equals the input.
     """
     _check_cube(x)
-    b, _, *spatial = x.shape
+    spatial = list(x.shape[2:])
     lo = [max(1, s - 4 * s // 7) for s in spatial]
     hi = [max(low, s - 3 * s // 7) for low, s in zip(lo, spatial)]
-    starts, sides, active = _draw_boxes(
-        b,
-        spatial,
-        side_lo=lo,
-        side_hi=hi,
-        min_boxes=min_boxes,
-        max_boxes=max_boxes,
-        continue_prob=continue_prob,
-        margin=margin,
-        generator=generator,
-        device=x.device,
-    )
-    mask = box_mask(starts, sides, active, spatial)
-    noise = _uniform(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.where(mask, x, noise), mask
+    kw = dict(min_boxes=min_boxes, max_boxes=max_boxes, continue_prob=continue_prob, margin=margin)
+    return _paint_boxes(x, side_lo=lo, side_hi=hi, noise_inside=False, generator=generator, **kw)
 
 
 def painting(
