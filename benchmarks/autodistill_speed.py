@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import interleaved, matmul_peak_gflops, table
 from thrifty.methods.autodistill.config import AutodistillConfig
 from thrifty.methods.autodistill.distill import first_layers, set_stage_trainable
-from thrifty.methods.autodistill.latency import measure
+from thrifty.methods.autodistill.latency import measure, repeatability
 from thrifty.methods.autodistill.losses import layer_transfer_loss, mixed_mlm_loss
 from thrifty.methods.autodistill.space import Arch, mobilebert_like
 from thrifty.methods.autodistill.trial import build_student, evaluate_arch, prepare_context
@@ -88,15 +88,14 @@ def main() -> None:
     for arch in (MID, mobilebert_like()):
         student, _ = build_student(ctx, arch, seed=0)
         for backend in ("torch", "onnxruntime"):
-            meds, cvs = [], []
-            for _ in range(5):
-                r = measure(student.encoder, backend=backend, batch=1, seq_len=128, threads=args.threads, warmup=10,
-                            repeats=50)  # fmt: skip
-                meds.append(r["median_ms"])
-                cvs.append(r["cv"])
-            mean = statistics.fmean(meds)
-            rows.append([arch.label, backend, mean, statistics.stdev(meds) / mean, (max(meds) - min(meds)) / mean,
-                         statistics.fmean(cvs)])  # fmt: skip
+            runs = [
+                measure(student.encoder, backend=backend, batch=1, seq_len=128, threads=args.threads, warmup=10,
+                        repeats=50)
+                for _ in range(5)
+            ]  # fmt: skip
+            rep = repeatability(runs)
+            rows.append([arch.label, backend, statistics.fmean(rep["medians_ms"]), rep["cv_of_medians"],
+                         rep["relative_range"], statistics.fmean(r["cv"] for r in runs)])  # fmt: skip
     print("\nLatency repeatability (batch 1 × 128 tokens; 5 repeated measurements of 50 runs after 10 warm-ups)")
     print(table(rows, ["student", "backend", "median ms", "CV of medians", "range/mean", "mean within-run CV"]))
     for i in range(0, len(rows), 2):

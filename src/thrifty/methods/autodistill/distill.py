@@ -39,7 +39,7 @@ class Student(nn.Module):
     def __init__(self, *, encoder: nn.Module, head: MLMHead, teacher_dim: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = copy.deepcopy(head)
+        self.head = copy.deepcopy(head, memo={id(head.embedding): head.embedding})  # share the frozen table
         self.head.requires_grad_(True)
         dim = encoder.config.hidden_size
         self.proj = nn.Linear(dim, teacher_dim) if dim != teacher_dim else nn.Identity()

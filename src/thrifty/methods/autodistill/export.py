@@ -20,25 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from thrifty.methods.autodistill.distill import Student
-from thrifty.methods.autodistill.latency import export_onnx
-
-
-class ServedEncoder(nn.Module):
-    """``forward(input_ids, attention_mask) -> last_hidden_state``: the ONNX graph's signature."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+from thrifty.methods.autodistill.latency import EncoderOnly, export_onnx
 
 
 def export_served_onnx(encoder: nn.Module, path: Path) -> Path:
     ids = torch.ones(2, 16, dtype=torch.long)
     mask = torch.ones(2, 16, dtype=torch.long)
     return export_onnx(
-        ServedEncoder(encoder), path, example=(ids, mask), input_names=["input_ids", "attention_mask"],
+        EncoderOnly(encoder), path, example=(ids, mask), input_names=["input_ids", "attention_mask"],
         output_name="last_hidden_state",
     )  # fmt: skip
 

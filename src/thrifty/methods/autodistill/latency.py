@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -27,16 +26,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from thrifty.core.run import write_json
+
 
 class EncoderOnly(nn.Module):
-    """``forward(input_ids: (B, T)) -> last_hidden_state (B, T, d)``: what a served encoder computes."""
+    """``forward(input_ids (B, T), attention_mask (B, T) | None) -> last_hidden_state (B, T, d)``: what a served
+    encoder computes (the timed module, and the exported ONNX graph)."""
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        masks = {} if attention_mask is None else {"attention_mask": attention_mask}  # timed calls pass ids only
+        return self.encoder(input_ids=input_ids, **masks).last_hidden_state
 
 
 @contextlib.contextmanager
@@ -196,9 +199,7 @@ class LatencyCache:
         with machine_lock(self.path.with_suffix(".lock"), exclusive=True):
             data = self._read()
             data[key] = value
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_json(self.path, data)
 
 
 def measure_cached(

@@ -59,6 +59,11 @@ def hypervolume(points: Sequence[Sequence[float]], ref: tuple[float, float]) -> 
     return area
 
 
+def reference_point(latencies: Sequence[float]) -> tuple[float, float]:
+    """The shared hypervolume reference: accuracy 0 and 1.1 × the largest observed latency."""
+    return 0.0, 1.1 * max(latencies)
+
+
 def hypervolume_curve(points: Sequence[Sequence[float]], ref: tuple[float, float]) -> list[float]:
     """Hypervolume of the first t points, for t = 1..n."""
     return [hypervolume(points[: t + 1], ref) for t in range(len(points))]

@@ -220,7 +220,7 @@ def arch_from_params(params: dict[str, int], embedding_size: int) -> Arch:
 
 
 def enumerate_space(space: Any) -> list[Arch]:
-    """Every valid architecture of the space (for sizing and sampling the rank-fidelity set)."""
+    """Every valid architecture of the space (its size, and whether a config leaves any valid choice)."""
     import itertools
 
     choices = space_choices(space)

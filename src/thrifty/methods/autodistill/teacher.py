@@ -73,7 +73,8 @@ def load_teacher(path: str = "") -> tuple[nn.Module, Any]:
 class MLMHead(nn.Module):
     """BERT's MLM head with the decoder tied to a frozen embedding matrix.
 
-    ``forward(h: (N, d)) -> logits (N, V)``; ``embedding`` (V, d) is a buffer, never trained."""
+    ``forward(h: (N, d)) -> logits (N, V)``; ``embedding`` (V, d) is a buffer, never trained and never written,
+    so it is shared with the tensor it was given (and with every copy made by a student), not cloned."""
 
     def __init__(self, *, embedding: torch.Tensor) -> None:
         super().__init__()
@@ -81,7 +82,7 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=1e-12)
         self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
-        self.register_buffer("embedding", embedding.detach().clone(), persistent=False)
+        self.register_buffer("embedding", embedding.detach(), persistent=False)
         with torch.no_grad():
             self.dense.weight.copy_(torch.eye(dim))
             self.dense.bias.zero_()

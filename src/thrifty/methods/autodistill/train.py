@@ -63,6 +63,7 @@ from thrifty.methods.autodistill.search import (
     open_study,
     optimise,
     pareto_mask,
+    reference_point,
     suggest_arch,
     tabular_run,
 )
@@ -310,7 +311,7 @@ def downstream_scores(ctx: Context, models: dict[str, Any], run_dir: Path) -> di
 def compare_samplers(cfg: AutodistillConfig, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Every ``search.compare_samplers`` × ``seeds`` on the tabular benchmark of the evaluated architectures."""
     table = [(Arch(**t["arch"]), t["val_acc"], t["latency_ms"]) for t in unique_archs(trials)]
-    ref = (0.0, 1.1 * max(lat for _, _, lat in table))
+    ref = reference_point([lat for _, _, lat in table])
     n = min(cfg.search.compare_trials, len(table))
     runs = [
         tabular_run(table, space_choices(cfg.space), sampler=s, seed=seed, num_trials=n,
@@ -435,8 +436,8 @@ def train(cfg: AutodistillConfig) -> dict[str, Any]:
         trials = run_search(cfg, ctx, run_dir)
     else:
         trials = load_trials(cfg, run_dir)
-    # hypervolume after every trial, tracked on the vector objective (reference: accuracy 0, 1.1 × max latency)
-    ref = (0.0, 1.1 * max(r["latency_ms"] for r in trials))
+    # hypervolume after every trial, tracked on the vector objective
+    ref = reference_point([r["latency_ms"] for r in trials])
     hv_curve = hypervolume_curve([(r["val_acc"], r["latency_ms"]) for r in trials], ref)
     for rec, hv in zip(trials, hv_curve):
         keys = ("number", "label", "val_acc", "latency_ms", "latency_p90_ms", "params", "flops")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from thrifty.core.config import to_dict
-from thrifty.core.run import cpu_name, data_root, resolve_device
+from thrifty.core.run import cpu_name, data_root, resolve_device, write_json
 from thrifty.data.text import Corpus
 from thrifty.methods.autodistill.config import AutodistillConfig
 from thrifty.methods.autodistill.data import MaskedBatches, load_corpus, masked_batches, split_docs
@@ -149,7 +149,7 @@ def prepare_context(cfg: AutodistillConfig, *, lock: Path | None = None) -> Cont
         save_file(state, str(files["head"]))
         cache.save(files["cache"])
         _save_batches(files["heldout"], held)
-        info_file.write_text(json.dumps(info, indent=1, default=str))
+        write_json(info_file, info)
     latency_cache = LatencyCache(data_root(cfg) / "autodistill-latency.json", cpu_name())
     return Context(cfg, teacher, tokenizer, head, cache, held["val"], held["test"], info, latency_cache, corpus, lock)
 
