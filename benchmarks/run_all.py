@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["moe_layer.py", "lm_step.py", "squid_speed.py", "autodistill_speed.py", "genesis_transforms.py"]
+BENCHMARKS = [
+    "moe_layer.py",
+    "lm_step.py",
+    "squid_speed.py",
+    "autodistill_speed.py",
+    "genesis_transforms.py",
+    "genesis_unet.py",
+]
 
 if __name__ == "__main__":
     failed = []

@@ -58,7 +58,13 @@ RECIPES: tuple[Recipe, ...] = (
         "thrifty.methods.autodistill.train",
     ),
     Recipe("bigssl", "BigSSL: Conformer SSL pre-training + noisy-student ASR", "2109.13226", "speech", None),
-    Recipe("genesis", "Models Genesis / Semantic Genesis / TransVW", "2007.06959, 2102.10680", "3D CT", None),
+    Recipe(
+        "genesis",
+        "Models Genesis / Semantic Genesis / TransVW",
+        "2007.06959, 2102.10680",
+        "3D CT",
+        "thrifty.methods.genesis.train",
+    ),
     Recipe(
         "squid",
         "SQUID: memory-queue in-painting anomaly detection",

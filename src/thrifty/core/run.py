@@ -81,7 +81,8 @@ def prepare_run_dir(recipe: str, cfg: BaseConfig, *, write: bool = True) -> Path
     """Create (or reopen for resumption) the run directory and write ``config.yaml``.
 
     With ``resume=True`` an existing directory must have been created with the same config (keys in
-    :data:`RESUMABLE_KEYS` excepted). With ``resume=False`` earlier artefacts are removed first.
+    :data:`RESUMABLE_KEYS` and the config class's ``SELECTORS``, keys that only choose which units run,
+    excepted). With ``resume=False`` earlier artefacts are removed first.
     ``write=False`` (non-zero DDP ranks) only computes the path.
     """
     path = run_dir_for(recipe, cfg)
@@ -91,7 +92,8 @@ def prepare_run_dir(recipe: str, cfg: BaseConfig, *, write: bool = True) -> Path
     if saved.exists():
         if cfg.resume:
             old = yaml.safe_load(saved.read_text()) or {}
-            changed = [k for k in diff(old, to_dict(cfg)) if k.split(".")[0] not in RESUMABLE_KEYS]
+            free = RESUMABLE_KEYS | set(getattr(cfg, "SELECTORS", ()))
+            changed = [k for k in diff(old, to_dict(cfg)) if k not in free and k.split(".")[0] not in free]
             if changed:
                 raise ConfigError(
                     f"run directory {path} was made with a different config (changed: {', '.join(changed)}); "

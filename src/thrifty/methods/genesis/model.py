@@ -222,6 +222,17 @@ class UNet3D(nn.Module):
         return self.decode(bottleneck, skips)
 
 
+def class_head(in_channels: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """The Semantic Genesis classification head on a bottleneck: Conv3d 3³ (no bias) → BN → ReLU → global average
+    pool → Linear. (B, in_channels, d, h, w) → logits (B, num_classes)."""
+    return nn.Sequential(
+        ConvBNReLU(in_channels, hidden),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 class YNet3D(UNet3D):
     """U-Net plus the visual-word classification head of Semantic Genesis / TransVW.
 
@@ -264,12 +275,7 @@ class YNet3D(UNet3D):
         self.head_channels = int(head_channels)
         self.word_head: nn.Module | None = None
         if self.num_classes > 0:
-            self.word_head = nn.Sequential(
-                ConvBNReLU(self.widths[-1], self.head_channels),
-                nn.AdaptiveAvgPool3d(1),
-                nn.Flatten(),
-                nn.Linear(self.head_channels, self.num_classes),
-            )
+            self.word_head = class_head(self.widths[-1], self.head_channels, self.num_classes)
 
     def config(self) -> dict:
         return {**super().config(), "num_classes": self.num_classes, "head_channels": self.head_channels}
@@ -464,6 +470,19 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(card, dict):
         raise WeightsError(f"{cpath}: the card must be a JSON object, got {type(card).__name__}")
     return state, card
+
+
+def to_device(x: torch.Tensor, device: torch.device | str, *, channels_last: bool = False) -> torch.Tensor:
+    """Move a tensor; 5-D volumes (B, C, D, H, W) optionally in ``channels_last_3d`` memory format, which makes the
+    3-D convolutions of the miniature U-Net about 1.5× faster on CPU (oneDNN's preferred layout)."""
+    if channels_last and x.dim() == 5:
+        return x.to(device, memory_format=torch.channels_last_3d)
+    return x.to(device)
+
+
+def place(model: nn.Module, device: torch.device | str, *, channels_last: bool = False) -> nn.Module:
+    """Move a network (in place) to ``device``, its 5-D conv weights in ``channels_last_3d`` when asked."""
+    return model.to(device, memory_format=torch.channels_last_3d) if channels_last else model.to(device)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:

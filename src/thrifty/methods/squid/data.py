@@ -10,7 +10,6 @@ test image influenced selection, μ/σ or the threshold.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from thrifty.core.splits import AccessLog, Guarded
 from thrifty.data import images as imgio
 from thrifty.data.digit_anatomy import NormalStream, build_digit_anatomy
 from thrifty.methods.squid.config import SquidConfig
@@ -43,40 +43,11 @@ class ImageSet:
         return len(self.labels)
 
 
-class AccessLog:
-    """Append-only record of which split was read, for what, by which unit. Indices continue across the
-    sessions of one run directory (a rerun that resumes appends after the earlier reads)."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path
-        self.entries: list[dict[str, Any]] = []
-        self._offset = 0
-        if path is not None and path.exists():
-            self._offset = sum(1 for line in path.read_text().splitlines() if line.strip())
-
-    def record(self, split: str, purpose: str, unit: str) -> None:
-        entry = {"index": self._offset + len(self.entries), "split": split, "purpose": purpose, "unit": unit}
-        self.entries.append(entry)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-
-class GuardedSet:
+class GuardedSet(Guarded[ImageSet]):
     """An :class:`ImageSet` that can only be read by naming a purpose allowed for its split."""
 
     def __init__(self, split: str, data: ImageSet, access: AccessLog) -> None:
-        self.split, self._data, self._access = split, data, access
-        self.allowed = VAL_PURPOSES if split == "val" else TEST_PURPOSES
-
-    def get(self, purpose: str, unit: str) -> ImageSet:
-        if purpose not in self.allowed:
-            raise PermissionError(f"the {self.split} split may not be used for {purpose!r} (allowed: {self.allowed})")
-        self._access.record(self.split, purpose, unit)
-        return self._data
-
-    def __len__(self) -> int:
-        return len(self._data)
+        super().__init__(split, data, access, allowed=VAL_PURPOSES if split == "val" else TEST_PURPOSES)
 
 
 class TensorStream:

@@ -1,0 +1,155 @@
+"""The Genesis recipe end to end at the smoke budget: stages, artefacts, split hygiene, determinism, resumption,
+the card's single-stage commands and torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty.core.config import ConfigError
+from thrifty.core.registry import load_config
+from thrifty.methods.genesis.model import UNet3D, load_encoder, load_weights
+
+
+def _run(tmp_path: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path]:
+    module, cfg = load_config(
+        "genesis", "smoke", [f"out_dir={tmp_path}", f"data_dir={data_dir}", "progress=false", *overrides]
+    )
+    res = module.train(cfg)
+    return res, Path(res["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[dict, Path]:
+    return _run(tmp_path_factory.mktemp("genesis"), data_dir)
+
+
+def _finetune_results(run_dir: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(run_dir)): json.loads(p.read_text())
+        for p in sorted((run_dir / "units" / "finetune").rglob("result.json"))
+    }
+
+
+def test_smoke_writes_claims_tables_figures_and_exports(smoke) -> None:
+    res, run_dir = smoke
+    ids = {c["id"] for c in res["claims"]}
+    for task in ("ncc", "ncs"):
+        assert f"genesis_off_beats_scratch_{task}" in ids
+        assert f"semantic_genesis_vs_models_genesis_{task}" in ids
+    assert all(isinstance(c["holds"], bool) for c in res["claims"])
+    assert any("NCC" in t["title"] or "false-positive" in t["title"] for t in res["tables"])
+    for fig in ("restoration.png", "ncc_bars.png", "ncs_bars.png", "pretrain_loss.png", "visual_words.png"):
+        assert (run_dir / "figures" / fig).stat().st_size > 0
+    # 2 tasks x 1 fraction x 3 arms x 2 seeds
+    assert len(_finetune_results(run_dir)) == 12
+    for arm in ("genesis-off", "genesis-on"):
+        unit = run_dir / "units" / "pretrain" / arm / "seed0"
+        state, card = load_weights(unit / "encoder.safetensors")
+        assert card["cube_dhw"] == [16, 32, 32] and card["hu_window"] == [-1000, 1000]
+        assert card["pretraining_patients"] and card["seed"] == 0
+        net = UNet3D(width=0.125)
+        load_encoder(net, state)  # loads strictly into the recipe's U-Net
+        unet_state, _ = load_weights(unit / "unet.safetensors")
+        net.load_state_dict(unet_state)
+    assert res["visual_words"]["instances"]["train"] == 3 * 4  # C x K, every instance written
+
+
+def test_no_test_patient_touches_pretraining_or_selection(smoke) -> None:
+    _, run_dir = smoke
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    test = set(manifest["target_test"])
+    assert not test & set(manifest["target_val"]) and not test & set(manifest["target_train"])
+    assert manifest["unlabelled_cohort"]["phantom_seed"] != manifest["target_cohort"]["phantom_seed"]
+    reads = [json.loads(line) for line in (run_dir / "access_log.jsonl").read_text().splitlines()]
+    test_reads = [r for r in reads if r["split"] == "test"]
+    assert {r["purpose"] for r in test_reads} == {"final_test"}
+    # the test split is read exactly once per fine-tuned model, after its selection reads
+    assert len(test_reads) == len({r["unit"] for r in test_reads}) == 12
+    for r in test_reads:
+        later = [x for x in reads if x["unit"] == r["unit"] and x["index"] > r["index"]]
+        assert not later
+
+
+def test_same_config_same_numbers_and_resume_reuses_units(smoke, tmp_path, data_dir) -> None:
+    res, run_dir = smoke
+    again, other = _run(tmp_path, data_dir)
+    assert other != run_dir
+    a, b = _finetune_results(run_dir), _finetune_results(other)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["test"] == b[k]["test"], k
+        assert a[k]["curve"] == b[k]["curve"], k
+    before = {p: p.stat().st_mtime_ns for p in (other / "units").rglob("result.json")}
+    resumed, _ = _run(tmp_path, data_dir)
+    assert {p: p.stat().st_mtime_ns for p in (other / "units").rglob("result.json")} == before
+    assert [c["measured"] for c in resumed["claims"]] == [c["measured"] for c in again["claims"]]
+
+
+def test_card_single_stage_commands(tmp_path, data_dir) -> None:
+    res, run_dir = _run(
+        tmp_path, data_dir, "stages=[pretrain]", "pretrain.pretext=genesis", "pretrain.visual_words=true"
+    )
+    assert (run_dir / "units" / "pretrain" / "genesis-on" / "seed0" / "encoder.safetensors").exists()
+    assert not (run_dir / "units" / "pretrain" / "genesis-off").exists()
+    assert not (run_dir / "units" / "finetune").exists()
+    # same run directory, fine-tuning only: arms not pre-trained yet are skipped and reported, not run from scratch
+    res, run_dir2 = _run(tmp_path, data_dir, "stages=[finetune,evaluate]", "finetune.task=ncc")
+    assert run_dir2 == run_dir
+    assert res["skipped_arms"] == ["genesis/off"]
+    done = _finetune_results(run_dir)
+    assert {Path(k).parts[2] for k in done} == {"ncc"}
+    assert {Path(k).parts[4] for k in done} == {"scratch", "genesis-on"}
+
+
+def test_changed_config_refuses_to_resume(tmp_path, data_dir) -> None:
+    _run(tmp_path, data_dir, "stages=[pretrain]", "arms=[genesis/off]")
+    with pytest.raises(ConfigError, match="different config"):
+        _run(tmp_path, data_dir, "stages=[pretrain]", "arms=[genesis/off]", "pretrain.adam_lr=0.5")
+
+
+def test_pretraining_is_deterministic(tmp_path, data_dir) -> None:
+    _, a = _run(tmp_path, data_dir, "stages=[pretrain]", "arms=[inpaint/off]", "run_name=a")
+    _, b = _run(tmp_path, data_dir, "stages=[pretrain]", "arms=[inpaint/off]", "run_name=b")
+    sa, _ = load_weights(a / "units" / "pretrain" / "inpaint-off" / "seed0" / "encoder.safetensors")
+    sb, _ = load_weights(b / "units" / "pretrain" / "inpaint-off" / "seed0" / "encoder.safetensors")
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.dist
+def test_recipe_runs_under_torchrun(tmp_path, data_dir) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "thrifty",
+        "run",
+        "genesis",
+        "--preset",
+        "smoke",
+        f"out_dir={tmp_path}",
+        f"data_dir={data_dir}",
+        "progress=false",
+        "num_threads=1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_dir = tmp_path / "genesis" / "smoke"
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["cost"]["world_size"] == 2
+    assert len(_finetune_results(run_dir)) == 12
+    # fine-tuning units were shared out: both ranks read the test split, each for its own units
+    logs = [run_dir / "access_log.jsonl", run_dir / "access_log.rank1.jsonl"]
+    units = [{json.loads(x)["unit"] for x in p.read_text().splitlines() if '"test"' in x} for p in logs]
+    assert units[0] and units[1] and not units[0] & units[1]
+    assert {c["id"] for c in res["claims"]} >= {"genesis_off_beats_scratch_ncc"}
