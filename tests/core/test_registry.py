@@ -31,7 +31,7 @@ def _no_config_dir_env(monkeypatch):
 
 def test_names_lists_every_recipe_and_which_are_ready():
     assert names() == ALL
-    assert names(ready_only=True) == ["glam", "autodistill", "squid"]
+    assert names(ready_only=True) == ["glam", "autodistill", "genesis", "squid"]
 
 
 def test_get_glam():
@@ -64,12 +64,12 @@ def test_unknown_recipe_without_close_match_has_no_hint():
 
 
 def test_planned_recipe_raises_not_ready_on_load():
-    r = get("genesis")
+    r = get("bigssl")
     assert r.ready is False
     with pytest.raises(RecipeNotReady) as ei:
         r.load()
     msg = str(ei.value)
-    assert "genesis" in msg
+    assert "bigssl" in msg
     assert "glam" in msg and "squid" in msg  # points at what is ready
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from thrifty.core import distributed
 from thrifty.core.config import BaseConfig, ConfigError, diff, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,35 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
+
+
+def finish_run(
+    summary: dict[str, Any],
+    run_dir: Path,
+    cfg: BaseConfig,
+    *,
+    t_start: float,
+    info: distributed.DistInfo | None = None,
+    **cost: Any,
+) -> dict[str, Any]:
+    """Complete a recipe's ``results.json``: cost (wall time since ``t_start``, peak RSS, world size and any extra
+    ``cost`` entries), environment and resolved config; the main rank writes it, every rank waits for that, and a
+    DDP process group is shut down. Returns ``summary``."""
+    info = info or distributed.DistInfo()
+    summary["cost"] = {
+        "wall_time_s": time.perf_counter() - t_start,
+        **cost,
+        "peak_rss_mb": peak_rss_mb(),
+        "world_size": info.world_size,
+    }
+    summary["environment"] = environment(info.device)
+    summary["config"] = to_dict(cfg)
+    if info.is_main:
+        write_json(run_dir / "results.json", summary)
+    distributed.barrier()
+    if info.enabled:
+        distributed.shutdown()
+    return summary
 
 
 def peak_rss_mb() -> float:

@@ -32,17 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from thrifty.core.claims import Claim, mean_ci95, paired_claim
-from thrifty.core.config import ConfigError, to_dict
+from thrifty.core.config import ConfigError
 from thrifty.core.run import (
     MetricsLog,
     configure_torch,
-    environment,
-    peak_rss_mb,
+    finish_run,
     prepare_run_dir,
     progress,
     write_json,
@@ -530,15 +528,7 @@ def train(cfg: AutodistillConfig) -> dict[str, Any]:
                 fig_dir / "downstream.png"))  # fmt: skip
     summary["claims"] = [c.to_dict() for c in claims]
     summary["figures"] = [str(p.relative_to(run_dir)) for p in figs]
-    summary["cost"] = {
-        "wall_time_s": time.perf_counter() - t_start,
-        "stage_seconds": timings,
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    summary["environment"] = environment(torch.device("cpu"))
-    summary["config"] = to_dict(cfg)
-    write_json(run_dir / "results.json", summary)
-    return summary
+    return finish_run(summary, run_dir, cfg, t_start=t_start, stage_seconds=timings)
 
 
 # --- tables -------------------------------------------------------------------------------------------------

@@ -52,43 +52,30 @@ def convert_models_genesis(state: Mapping[str, torch.Tensor]) -> dict[str, torch
         WeightsError: a key that is not part of the released architecture, or a missing one.
     """
     src = {k.removeprefix("module."): v for k, v in state.items()}
-    out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    blocks = sorted({k.rsplit(".", 2)[0] for k in src if ".ops." in k})
-    for name in blocks:
+
+    def take(key: str) -> torch.Tensor:
+        if key not in src:
+            raise WeightsError(f"missing {key!r} in the Models Genesis state dict")
+        used.add(key)
+        return src[key]
+
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted({k.rsplit(".", 2)[0] for k in src if ".ops." in k}):
         ours = _block(name)
         if ours is None:
             raise WeightsError(f"unexpected block {name!r} in a Models Genesis state dict")
-        w, b = f"{name}.conv1.weight", f"{name}.conv1.bias"
-        if w not in src:
-            raise WeightsError(f"missing {w!r} in the Models Genesis state dict")
-        out[f"{ours}.0.weight"] = src[w]
-        used.add(w)
-        bias = src.get(b)
-        if bias is not None:
-            used.add(b)
+        out[f"{ours}.0.weight"] = take(f"{name}.conv1.weight")
+        bias = take(f"{name}.conv1.bias") if f"{name}.conv1.bias" in src else None
         for key in BN_KEYS:
-            k = f"{name}.bn1.{key}"
-            if k not in src:
-                raise WeightsError(f"missing {k!r} in the Models Genesis state dict")
-            v = src[k]
+            v = take(f"{name}.bn1.{key}")
             if key == "running_mean" and bias is not None:
                 v = v - bias  # BN(conv + b) with running mean m equals BN(conv) with running mean m - b
             out[f"{ours}.1.{key}"] = v
-            used.add(k)
-    for name, j in UP.items():
-        for key in ("weight", "bias"):
-            k = f"{name}.up_conv.{key}"
-            if k not in src:
-                raise WeightsError(f"missing {k!r} in the Models Genesis state dict")
-            out[f"decoder.{j}.up.{key}"] = src[k]
-            used.add(k)
     for key in ("weight", "bias"):
-        k = f"out_tr.final_conv.{key}"
-        if k not in src:
-            raise WeightsError(f"missing {k!r} in the Models Genesis state dict")
-        out[f"head.{key}"] = src[k]
-        used.add(k)
+        for name, j in UP.items():
+            out[f"decoder.{j}.up.{key}"] = take(f"{name}.up_conv.{key}")
+        out[f"head.{key}"] = take(f"out_tr.final_conv.{key}")
     extra = sorted(set(src) - used)
     if extra:
         raise WeightsError(f"keys the Models Genesis U-Net does not have: {extra[:5]}{' …' if len(extra) > 5 else ''}")

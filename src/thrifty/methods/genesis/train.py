@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from thrifty.core import distributed
 from thrifty.core.claims import Claim, mean_ci95, paired_claim
-from thrifty.core.config import ConfigError, to_dict
+from thrifty.core.config import ConfigError
 from thrifty.core.run import (
     MetricsLog,
     configure_torch,
     data_root,
-    environment,
-    peak_rss_mb,
+    finish_run,
     prepare_run_dir,
     progress,
     resolve_device,
@@ -165,8 +165,15 @@ def _fmt(values: list[float]) -> str:
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> str:
+    """Mean [95% t-interval] of the per-seed differences a − b, and the paired t-test's two-sided p-value."""
     seeds = sorted(set(a) & set(b))
-    return _fmt([a[s] - b[s] for s in seeds]) if len(seeds) >= 1 and a is not b else ""
+    if not seeds:
+        return ""
+    diffs = [a[s] - b[s] for s in seeds]
+    if len(seeds) < 2 or np.std(diffs) == 0:
+        return _fmt(diffs)
+    p = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue
+    return f"{_fmt(diffs)} p={p:.2g}"
 
 
 def task_table(cfg: GenesisConfig, results: dict, task: str, fraction: float) -> dict[str, Any]:
@@ -191,7 +198,8 @@ def task_table(cfg: GenesisConfig, results: dict, task: str, fraction: float) ->
     return {
         "title": f"{TASK_NAMES[task]} at {fraction:.0%} of the training patients' labels: test scores, mean "
         f"[95% t-interval] over seeds; validation {METRIC_NAMES[primary]} of the kept model; paired differences of "
-        f"the test {METRIC_NAMES[primary]} against scratch and against the same pretext without visual words; the "
+        f"the test {METRIC_NAMES[primary]} against scratch and against the same pretext without visual words, with "
+        "paired t-test p-values; the "
         "paper's numbers (Semantic Genesis Table 1, full labels, real CT)",
         "columns": ["arm", "seeds", *names, "val (selected)", "− scratch", "− off", "paper"],
         "rows": rows,
@@ -345,19 +353,7 @@ def train(cfg: GenesisConfig) -> dict[str, Any]:
             tables=tables,
             figures=[str(p.relative_to(run_dir)) for p in figs],
         )
-    summary["cost"] = {
-        "wall_time_s": time.perf_counter() - t_start,
-        "peak_rss_mb": peak_rss_mb(),
-        "world_size": info.world_size,
-    }
-    summary["environment"] = environment(info.device)
-    summary["config"] = to_dict(cfg)
-    if info.is_main:
-        write_json(run_dir / "results.json", summary)
-    distributed.barrier()
-    if info.enabled:
-        distributed.shutdown()
-    return summary
+    return finish_run(summary, run_dir, cfg, t_start=t_start, info=info)
 
 
 def load_finetune_results(run_dir: Path, cfg: GenesisConfig) -> dict:

@@ -33,14 +33,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from thrifty.core import distributed
 from thrifty.core.claims import Claim, mean_ci95, paired_claim, value_claim
-from thrifty.core.config import ConfigError, to_dict
+from thrifty.core.config import ConfigError
 from thrifty.core.metrics import accuracy_f1, average_precision, roc_auc, threshold_max_accuracy
 from thrifty.core.run import (
     MetricsLog,
     configure_torch,
     data_root,
-    environment,
-    peak_rss_mb,
+    finish_run,
     prepare_run_dir,
     progress,
     resolve_device,
@@ -622,19 +621,7 @@ def train(cfg: SquidConfig) -> dict[str, Any]:
             tables=[auroc_table(results, kinds), detection_table(results), cost_table(results)] if results else [],
             figures=[str(p.relative_to(run_dir)) for p in figs],
         )
-    summary["cost"] = {
-        "wall_time_s": time.perf_counter() - t_start,
-        "peak_rss_mb": peak_rss_mb(),
-        "world_size": info.world_size,
-    }
-    summary["environment"] = environment(info.device)
-    summary["config"] = to_dict(cfg)
-    if info.is_main:
-        write_json(run_dir / "results.json", summary)
-    distributed.barrier()
-    if info.enabled:
-        distributed.shutdown()
-    return summary
+    return finish_run(summary, run_dir, cfg, t_start=t_start, info=info)
 
 
 def load_results(run_dir: Path, cfg: SquidConfig) -> dict[str, dict[int, dict]]:
