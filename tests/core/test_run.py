@@ -109,7 +109,10 @@ def test_resume_false_removes_old_artefacts(tmp_path):
     (path / "units" / "moe-seed0").mkdir(parents=True)
     (path / "figures" / "loss.png").write_bytes(b"png")
     (path / "metrics.jsonl").write_text("{}\n")
+    (path / "metrics.rank1.jsonl").write_text("{}\n")
+    (path / "access_log.jsonl").write_text("{}\n")
     (path / "results.json").write_text("{}")
+    (path / "notes.txt").write_text("mine")
 
     # a changed config is fine when starting over
     path2 = prepare_run_dir("glam", _cfg(tmp_path, "resume=false", "max_steps=30"))
@@ -117,7 +120,9 @@ def test_resume_false_removes_old_artefacts(tmp_path):
     assert not (path / "checkpoints").exists()
     assert not (path / "units").exists()
     assert not (path / "metrics.jsonl").exists()
+    assert not (path / "metrics.rank1.jsonl").exists() and not (path / "access_log.jsonl").exists()
     assert not (path / "results.json").exists()
+    assert (path / "notes.txt").read_text() == "mine"  # only the run's own artefacts go
     assert (path / "figures").is_dir()
     assert list((path / "figures").iterdir()) == []
     assert yaml.safe_load((path / "config.yaml").read_text())["max_steps"] == 30

@@ -101,11 +101,11 @@ def prepare_run_dir(recipe: str, cfg: BaseConfig, *, write: bool = True) -> Path
                     "pass run_name=<new name> for a new run, or resume=false to start this one over"
                 )
         else:
-            for name in ("checkpoints", "units", "export", "figures", "metrics.jsonl", "results.json"):
-                target = path / name
+            names = ("checkpoints", "units", "export", "figures", "metrics*.jsonl", "access_log*.jsonl", "results.json")
+            for target in (t for name in names for t in path.glob(name)):
                 if target.is_dir():
                     shutil.rmtree(target)
-                elif target.exists():
+                else:
                     target.unlink()
     path.mkdir(parents=True, exist_ok=True)
     (path / "figures").mkdir(exist_ok=True)

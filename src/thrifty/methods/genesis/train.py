@@ -243,8 +243,9 @@ def train(cfg: GenesisConfig) -> dict[str, Any]:
         )
     run_dir = prepare_run_dir(RECIPE, cfg, write=info.is_main)
     distributed.barrier()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
-    access = AccessLog(run_dir / f"access_log{'' if info.is_main else f'.rank{info.rank}'}.jsonl")
+    rank = "" if info.is_main else f".rank{info.rank}"  # ranks > 0 log their own fine-tuning units beside rank 0
+    metrics = MetricsLog(run_dir / f"metrics{rank}.jsonl")
+    access = AccessLog(run_dir / f"access_log{rank}.jsonl")
     cache = data_root(cfg)
     data = prepare_data(cfg, cache, access) if info.is_main else None  # rank 0 generates the phantom cache first
     distributed.barrier()
