@@ -174,3 +174,13 @@ def test_fine_tuning_networks_load_what_pre_training_exported(tmp_path) -> None:
     assert how == "encoder"
     assert torch.equal(seg2.encoder.levels[0][0][0].weight, unet.encoder.levels[0][0][0].weight)
     assert build_network("ncc", cfg, None)[1] == "scratch"
+
+
+@pytest.mark.parametrize("preset", ["smoke", "quick", "cpu", "full"])
+def test_every_preset_loads(preset: str) -> None:
+    from thrifty.core.registry import load_config as load_recipe
+
+    _, cfg = load_recipe("genesis", preset, ["data.root=/data/LUNA16"] if preset == "full" else [])
+    assert cfg.preset == preset
+    if preset == "full":
+        assert cfg.data.source == "luna16" and cfg.pretrain.width == 1.0 and cfg.data.cube == [32, 64, 64]

@@ -16,7 +16,7 @@ from thrifty.core.config import BaseConfig
 PRETEXTS = ("genesis", "inpaint", "shuffle", "rotation")
 STAGES = ("data", "discover", "pretrain", "finetune", "evaluate")
 TASKS = ("ncc", "ncs")
-SOURCES = ("phantom",)
+SOURCES = ("phantom", "luna16")
 ALIASES = {"transvw": "genesis/on", "semantic_genesis": "genesis/on", "models_genesis": "genesis/off"}
 
 
@@ -43,7 +43,13 @@ class DataConfig:
     """Where the CT comes from and how it is cut.
 
     Attributes:
-        source: ``phantom`` (the procedural CT of :mod:`thrifty.data.ct_phantom`, generated and cached).
+        source: ``phantom`` (the procedural CT of :mod:`thrifty.data.ct_phantom`, generated and cached) or
+            ``luna16`` (the challenge's download under ``root``, see :mod:`thrifty.data.luna16`).
+        root: the LUNA16 folder (``subset0`` … ``subset9``, ``annotations.csv``, ``candidates[_V2].csv``).
+        pretrain_subsets: LUNA16 subsets of the unlabelled pre-training pool (split by ``pretrain_val_fraction``).
+        target_subsets: LUNA16 subsets of the target-task [train, validation, test] patients; validation and test
+            must not be pre-trained on.
+        max_scans: read at most this many scans per pool (0: all), for trying the pipeline on a few scans.
         shape: phantom volume (D, H, W).
         unlabelled_patients: pre-training pool (phantom cohort ``seed``), no labels used.
         pretrain_val_fraction: share of the unlabelled pool held out for the pretext validation loss (early
@@ -63,6 +69,10 @@ class DataConfig:
     """
 
     source: str = "phantom"
+    root: str = ""
+    pretrain_subsets: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3, 4])
+    target_subsets: list[list[int]] = dataclasses.field(default_factory=lambda: [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    max_scans: int = 0
     shape: list[int] = dataclasses.field(default_factory=lambda: [48, 64, 64])
     unlabelled_patients: int = 60
     pretrain_val_fraction: float = 0.2
@@ -258,22 +268,27 @@ class GenesisConfig(BaseConfig):
         if any(s % 8 for s in d.cube):
             raise ValueError(f"config key 'data.cube' must be divisible by 8 on every axis (3 poolings), got {d.cube}")
         if any(s % 8 for s in self.discovery.ae_size):
-            raise ValueError(f"config key 'discovery.ae_size' must be divisible by 8 on every axis, got {d.cube}")
+            raise ValueError(
+                f"config key 'discovery.ae_size' must be divisible by 8 on every axis, got {self.discovery.ae_size}"
+            )
         if d.cube[1] != d.cube[2]:
             raise ValueError("config key 'data.cube': h and w must be equal (the rotation pretext rotates in-plane)")
         if len(d.target_patients) != 3 or min(d.target_patients) < 1:
             raise ValueError("config key 'data.target_patients' is [train, val, test] patient counts, each >= 1")
         if not 0.0 < d.pretrain_val_fraction < 1.0:
             raise ValueError("config key 'data.pretrain_val_fraction' must be in (0, 1)")
+        if d.source == "luna16":
+            self._validate_luna16()
         n_val = round(d.unlabelled_patients * d.pretrain_val_fraction)
         n_train = d.unlabelled_patients - n_val
-        if n_val < 1 or n_train < 2:
+        if d.source == "phantom" and (n_val < 1 or n_train < 2):
             raise ValueError(
                 "config key 'data.unlabelled_patients' is too small for data.pretrain_val_fraction "
                 f"({n_train} training / {n_val} validation patients)"
             )
         v = self.discovery
-        if any(parse_arm(a) and parse_arm(a)[1] for a in self.canonical_arms):  # type: ignore[index]
+        words = any(parse_arm(a) and parse_arm(a)[1] for a in self.canonical_arms)  # type: ignore[index]
+        if words and d.source == "phantom":  # LUNA16 pool sizes are known once read; discovery checks them then
             if v.num_classes < 2:
                 raise ValueError("config key 'discovery.num_classes' must be >= 2 when an arm uses visual words")
             if v.num_classes > n_train:
@@ -316,6 +331,24 @@ class GenesisConfig(BaseConfig):
             raise ValueError("config key 'data.max_dense_fraction' must be in [0, 1]")
         if len(d.margin) != 3 or min(d.margin) < 0:
             raise ValueError("config key 'data.margin' must be three non-negative ints (z, y, x)")
+
+    def _validate_luna16(self) -> None:
+        d = self.data
+        if not d.root:
+            raise ValueError("config key 'data.root' is required for data.source=luna16 (the LUNA16 folder)")
+        if len(d.target_subsets) != 3 or not all(d.target_subsets):
+            raise ValueError("config key 'data.target_subsets' is [train, val, test] lists of LUNA16 subsets")
+        allowed = set(range(10))
+        if not set(d.pretrain_subsets) <= allowed or not all(set(s) <= allowed for s in d.target_subsets):
+            raise ValueError("LUNA16 subsets are 0 … 9 (config keys 'data.pretrain_subsets'/'data.target_subsets')")
+        tr, va, te = (set(s) for s in d.target_subsets)
+        if tr & va or tr & te or va & te:
+            raise ValueError(f"config key 'data.target_subsets': train/val/test share subsets {d.target_subsets}")
+        if set(d.pretrain_subsets) & (va | te):
+            raise ValueError(
+                "config key 'data.pretrain_subsets' includes target validation/test subsets "
+                f"{sorted(set(d.pretrain_subsets) & (va | te))}: those patients may not be pre-trained on"
+            )
 
     @property
     def canonical_arms(self) -> list[str]:

@@ -23,6 +23,7 @@ permutation, so smaller fractions are subsets of larger ones and every arm and s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from thrifty.core.splits import AccessLog, Guarded
+from thrifty.data import luna16
 from thrifty.data.ct_phantom import AIR_HU, Patient, cached_cohort, candidate_cubes, crop_cube
 from thrifty.data.volumes import clip_and_normalize
 from thrifty.methods.genesis.config import GenesisConfig
@@ -122,7 +124,7 @@ class TaskSet:
     ncs_cubes: torch.Tensor
     ncs_masks: torch.Tensor
     ncs_patient: torch.Tensor
-    patients: list[int]
+    patients: list[int | str]
 
     def subset(self, keep: Sequence[int]) -> TaskSet:
         """The cubes of the split's patients at positions ``keep`` (indices into :attr:`patients`)."""
@@ -184,7 +186,7 @@ def task_set(
         ncs_cubes=torch.from_numpy(ncs)[:, None],
         ncs_masks=torch.from_numpy((masks > 0.5).astype(np.float32))[:, None],
         ncs_patient=torch.tensor(ncs_p, dtype=torch.long),
-        patients=[p.index for p in patients],
+        patients=[patient_id(p) for p in patients],
     )
 
 
@@ -247,24 +249,46 @@ def _pool_cubes(volumes01: np.ndarray, cfg: GenesisConfig, seed: int) -> torch.T
     return torch.from_numpy(cubes)[:, None]
 
 
-def prepare_data(cfg: GenesisConfig, cache: Path, access: AccessLog) -> GenesisData:
-    """Generate (or reuse from ``cache``) both phantom cohorts and cut every cube. Deterministic in ``data.seed``."""
+def patient_id(p: Any) -> int | str:
+    """How the manifest names a patient: the LUNA16 series UID, or the phantom's index in its cohort."""
+    return getattr(p, "uid", p.index)
+
+
+def _split(items: list, sizes: Sequence[int], seed: Sequence[int]) -> list[list]:
+    """Consecutive chunks of ``sizes`` (the last takes the rest) of one seeded permutation, each in index order."""
+    order = np.random.default_rng(list(seed)).permutation(len(items))
+    bounds = np.cumsum([0, *sizes, len(items) - sum(sizes)])
+    return [[items[i] for i in sorted(order[a:b])] for a, b in itertools.pairwise(bounds)]
+
+
+def load_cohorts(cfg: GenesisConfig, cache: Path) -> tuple[list, list, list, list, list]:
+    """(pre-training train, pre-training held-out, target train, target val, target test) patients: phantoms
+    (two cohorts, split by seeded permutations) or LUNA16 scans (split by subsets, the pool by permutation)."""
     d = cfg.data
-    n_train, n_val = cfg.unlabelled_split
+    if d.source == "luna16":
+        pool = luna16.cached_scans(d.root, cache, subsets=d.pretrain_subsets, shape=d.shape, max_scans=d.max_scans)
+        n_val = max(1, round(len(pool) * d.pretrain_val_fraction))
+        if len(pool) - n_val < 2:
+            raise ValueError(f"LUNA16 subsets {d.pretrain_subsets} hold {len(pool)} scans: too few to pre-train on")
+        va_pool, tr_pool = _split(pool, [n_val], [d.seed, 1])
+        targets = [
+            luna16.cached_scans(d.root, cache, subsets=s, shape=d.shape, max_scans=d.max_scans)
+            for s in d.target_subsets
+        ]
+        return tr_pool, va_pool, *targets  # type: ignore[return-value]
+    n_train, _ = cfg.unlabelled_split
     unlabelled = cached_cohort(cache, d.unlabelled_patients, seed=d.seed, shape=d.shape)
-    order = np.random.default_rng([d.seed, 1]).permutation(len(unlabelled))
-    pool_tr, pool_va = (
-        [unlabelled[i] for i in sorted(order[:n_train])],
-        [unlabelled[i] for i in sorted(order[n_train:])],
-    )
+    tr_pool, va_pool = _split(unlabelled, [n_train], [d.seed, 1])
     t_train, t_val, t_test = d.target_patients
     target = cached_cohort(cache, t_train + t_val + t_test, seed=d.seed + 1, shape=d.shape)
-    order = np.random.default_rng([d.seed, 2]).permutation(len(target))
-    tr, va, te = (
-        [target[i] for i in sorted(order[:t_train])],
-        [target[i] for i in sorted(order[t_train : t_train + t_val])],
-        [target[i] for i in sorted(order[t_train + t_val :])],
-    )
+    tr, va, te = _split(target, [t_train, t_val], [d.seed, 2])
+    return tr_pool, va_pool, tr, va, te
+
+
+def prepare_data(cfg: GenesisConfig, cache: Path, access: AccessLog) -> GenesisData:
+    """Load (generate or read from ``cache``) both pools and cut every cube. Deterministic in ``data.seed``."""
+    d = cfg.data
+    pool_tr, pool_va, tr, va, te = load_cohorts(cfg, cache)
 
     def norm(ps: list[Patient]) -> np.ndarray:
         return clip_and_normalize(np.stack([p.volume for p in ps]))
@@ -282,16 +306,25 @@ def prepare_data(cfg: GenesisConfig, cache: Path, access: AccessLog) -> GenesisD
         )
         for k, (name, ps) in enumerate((("train", tr), ("val", va), ("test", te)))
     }
+    if d.source == "luna16":
+        cohorts = {
+            "unlabelled_cohort": {"luna16_subsets": d.pretrain_subsets, "patients": len(pool_tr) + len(pool_va)},
+            "target_cohort": {"luna16_subsets": d.target_subsets, "patients": len(tr) + len(va) + len(te)},
+        }
+    else:
+        cohorts = {
+            "unlabelled_cohort": {"phantom_seed": d.seed, "patients": len(pool_tr) + len(pool_va)},
+            "target_cohort": {"phantom_seed": d.seed + 1, "patients": len(tr) + len(va) + len(te)},
+        }
     manifest = {
-        "unlabelled_cohort": {"phantom_seed": d.seed, "patients": d.unlabelled_patients},
-        "target_cohort": {"phantom_seed": d.seed + 1, "patients": t_train + t_val + t_test},
-        "pretrain_train": [p.index for p in pool_tr],
-        "pretrain_val": [p.index for p in pool_va],
+        **cohorts,
+        "pretrain_train": [patient_id(p) for p in pool_tr],
+        "pretrain_val": [patient_id(p) for p in pool_va],
         "target_train": sets["train"].patients,
         "target_val": sets["val"].patients,
         "target_test": sets["test"].patients,
         "label_fractions": {
-            str(f): [sets["train"].patients[i] for i in fraction_patients(t_train, f, seed=d.seed)]
+            str(f): [sets["train"].patients[i] for i in fraction_patients(len(tr), f, seed=d.seed)]
             for f in cfg.finetune.label_fractions
         },
         "sizes": {k: s.sizes() for k, s in sets.items()},
