@@ -153,3 +153,14 @@ def test_recipe_runs_under_torchrun(tmp_path, data_dir) -> None:
     units = [{json.loads(x)["unit"] for x in p.read_text().splitlines() if '"test"' in x} for p in logs]
     assert units[0] and units[1] and not units[0] & units[1]
     assert {c["id"] for c in res["claims"]} >= {"genesis_off_beats_scratch_ncc"}
+
+
+def test_claims_skip_tasks_and_arms_without_finished_units() -> None:
+    from thrifty.core.registry import load_config as load_recipe
+    from thrifty.methods.genesis.train import make_claims
+
+    _, cfg = load_recipe("genesis", "smoke", [])
+    unit = {"test": {"auc": 80.0}}
+    results = {"ncc": {0.5: {"scratch": {0: unit, 1: unit}, "genesis/off": {0: unit, 1: unit}}}}  # no NCS at all
+    claims = make_claims(cfg, results)
+    assert [c.id for c in claims] == ["genesis_off_beats_scratch_ncc"]

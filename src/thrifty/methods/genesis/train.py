@@ -89,8 +89,8 @@ def make_claims(cfg: GenesisConfig, results: dict) -> list[Claim]:
     each add-on (``on``) improves its base (``off``). Paired over fine-tuning seeds."""
     claims: list[Claim] = []
     low = min(cfg.finetune.label_fractions)
-    arms = [a for a in cfg.canonical_arms if any(results.get(t, {}).get(low, {}).get(a) for t in cfg.tasks)]
     for task in cfg.tasks:
+        arms = [a for a in cfg.canonical_arms if results.get(task, {}).get(low, {}).get(a)]  # finished units only
         metric = PRIMARY[task]
         unit = f"{METRIC_NAMES[metric]} points"
         at = f"test {METRIC_NAMES[metric]}, {task.upper()}, {low:.0%} of the training patients' labels"
