@@ -349,3 +349,13 @@ def test_claim_is_frozen():
     c = _claim()
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.ci95 = (-2.0, -1.0)  # type: ignore[misc]
+
+
+def test_format_mean_ci_known_values():
+    from thrifty.core.claims import format_mean_ci
+
+    assert format_mean_ci([]) == ""
+    assert format_mean_ci([2.0]) == "2.0"
+    # mean 2, s.d. 1, n = 3: half-width t(0.975, 2) · 1 / √3 = 4.303 / 1.732 = 2.484
+    assert format_mean_ci([1.0, 2.0, 3.0]) == "2.0 [-0.5, 4.5]"
+    assert format_mean_ci([1.0, 2.0, 3.0], digits=2) == "2.00 [-0.48, 4.48]"

@@ -32,6 +32,16 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
     return mean, (mean - half, mean + half)
 
 
+def format_mean_ci(values: Sequence[float], *, digits: int = 1) -> str:
+    """``"mean [lo, hi]"`` with the 95% t-interval (only the mean for one value; empty for none), for tables."""
+    if len(values) == 0:
+        return ""
+    m, (lo, hi) = mean_ci95(values)
+    if not math.isfinite(lo):
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """One row of ``results.json``'s claims table.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 from scipy import stats
 
 from thrifty.core import distributed
-from thrifty.core.claims import Claim, mean_ci95, paired_claim
+from thrifty.core.claims import Claim, format_mean_ci, paired_claim
 from thrifty.core.config import ConfigError
 from thrifty.core.run import (
     MetricsLog,
@@ -157,13 +156,6 @@ def make_claims(cfg: GenesisConfig, results: dict) -> list[Claim]:
 # --------------------------------------------------------------------------------------------------- tables
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return ""
-    m, (lo, hi) = mean_ci95(values)
-    return f"{m:.1f}" if not math.isfinite(lo) else f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
-
-
 def _paired(a: dict[int, float], b: dict[int, float]) -> str:
     """Mean [95% t-interval] of the per-seed differences a − b, and the paired t-test's two-sided p-value."""
     seeds = sorted(set(a) & set(b))
@@ -171,9 +163,9 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> str:
         return ""
     diffs = [a[s] - b[s] for s in seeds]
     if len(seeds) < 2 or np.std(diffs) == 0:
-        return _fmt(diffs)
+        return format_mean_ci(diffs)
     p = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue
-    return f"{_fmt(diffs)} p={p:.2g}"
+    return f"{format_mean_ci(diffs)} p={p:.2g}"
 
 
 def task_table(cfg: GenesisConfig, results: dict, task: str, fraction: float) -> dict[str, Any]:
@@ -185,8 +177,8 @@ def task_table(cfg: GenesisConfig, results: dict, task: str, fraction: float) ->
         if not per:
             continue
         row: list[Any] = [arm, len(per)]
-        row += [_fmt([r["test"][m] for r in per.values()]) for m in metrics]
-        row.append(_fmt([r["val"] for r in per.values()]))
+        row += [format_mean_ci([r["test"][m] for r in per.values()]) for m in metrics]
+        row.append(format_mean_ci([r["val"] for r in per.values()]))
         a = _metric(results, task, fraction, arm, primary)
         row.append(_paired(a, _metric(results, task, fraction, "scratch", primary)) if arm != "scratch" else "")
         parsed = parse_arm(arm)

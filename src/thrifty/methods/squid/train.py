@@ -32,7 +32,7 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from thrifty.core import distributed
-from thrifty.core.claims import Claim, mean_ci95, paired_claim, value_claim
+from thrifty.core.claims import Claim, format_mean_ci, paired_claim, value_claim
 from thrifty.core.config import ConfigError
 from thrifty.core.metrics import accuracy_f1, average_precision, roc_auc, threshold_max_accuracy
 from thrifty.core.run import (
@@ -496,21 +496,14 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
     return [c for c in claims if len(c.seeds) >= 2]
 
 
-def _fmt_ci(values: list[float]) -> str:
-    m, (lo, hi) = mean_ci95(values)
-    if not math.isfinite(lo):
-        return f"{m:.1f}"
-    return f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
-
-
 def auroc_table(results: dict[str, dict[int, dict]], kinds: list[str]) -> dict[str, Any]:
     rows = []
     for arm, per in results.items():
         rs = list(per.values())
-        row = [arm, len(rs), _fmt_ci([r["test"]["auroc"] for r in rs])]
+        row = [arm, len(rs), format_mean_ci([r["test"]["auroc"] for r in rs])]
         for k in kinds:
             vals = [r["test"]["per_type"][k]["auroc"] for r in rs if k in r["test"]["per_type"]]
-            row.append(_fmt_ci(vals) if vals else "")
+            row.append(format_mean_ci(vals) if vals else "")
         rows.append(row)
     return {
         "title": "Test AUROC (%), mean [95% t-interval] over seeds, overall and per anomaly type (vs all normals)",
@@ -523,14 +516,14 @@ def detection_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
     rows = []
     for arm, per in results.items():
         rs = list(per.values())
-        row = [arm, *[_fmt_ci([r["test"][k] for r in rs]) for k in ("auprc", "accuracy", "f1")]]
-        row.append(_fmt_ci([r["val_auroc"] for r in rs]))
+        row = [arm, *[format_mean_ci([r["test"][k] for r in rs]) for k in ("auprc", "accuracy", "f1")]]
+        row.append(format_mean_ci([r["val_auroc"] for r in rs]))
         diag = [r["test_recon_error_auroc"] for r in rs if "test_recon_error_auroc" in r]
-        row.append(_fmt_ci(diag) if diag else "")
+        row.append(format_mean_ci(diag) if diag else "")
         bce = [r["d_bce_end"] for r in rs if "d_bce_end" in r]
         row.append(f"{np.mean(bce):.3g}" if bce else "")
         loc = [r["test_localisation_auroc"] for r in rs if "test_localisation_auroc" in r]
-        row.append(_fmt_ci(loc) if loc else "")
+        row.append(format_mean_ci(loc) if loc else "")
         rows.append(row)
     return {
         "title": "Test AUPRC, accuracy and F1 (%) at the validation-chosen threshold; best validation AUROC; "
