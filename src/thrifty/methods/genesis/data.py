@@ -14,7 +14,9 @@ looser). Intensities are Models Genesis's: HU clipped to [-1000, 1000], scaled t
 
 Patients are split once, by patient: the pre-training cohort (phantom seed ``s``) is split into training and
 held-out patients (pretext validation loss, validation members of the visual words); the target cohort (seed
-``s + 1``, a different set of patients) into train / validation / test. Validation and test are wrapped in
+``s + 1``, a different set of patients) into train / validation / test. With ``data.source=luna16`` the pools are
+LUNA16 subsets instead (:mod:`thrifty.data.luna16`; target splits by subset, the pre-training pool split as
+above). Validation and test are wrapped in
 :class:`~thrifty.core.splits.Guarded`, so every read is logged with its purpose, and ``manifest.json`` lists
 which patients each stage used. A label fraction keeps the first ``ceil(f · n)`` training patients of one fixed
 permutation, so smaller fractions are subsets of larger ones and every arm and seed sees the same labels.
