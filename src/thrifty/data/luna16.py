@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -91,6 +92,22 @@ def read_points(path: Path, value: str) -> dict[str, list[tuple[float, float, fl
                 raise Luna16Error(f"{path}:{line}: not numbers: {row}") from None
             out.setdefault(row["seriesuid"], []).append(point)
     return out
+
+
+def _points(path: Path, value: str) -> dict[str, list[tuple[float, float, float, float]]]:
+    """:func:`read_points`, parsed once per file version and process: the candidate list has about 550,000 rows,
+    and a run reads four pools (pre-training, train, validation, test) of the same root."""
+    mtime = path.stat().st_mtime_ns if path.is_file() else -1
+    return _points_at(path, value, mtime)
+
+
+@functools.lru_cache(maxsize=4)
+def _points_at(path: Path, value: str, mtime: int) -> dict[str, list[tuple[float, float, float, float]]]:
+    return read_points(path, value)
+
+
+def _candidate_file(root: Path) -> Path:
+    return next((root / n for n in CANDIDATE_FILES if (root / n).is_file()), root / CANDIDATE_FILES[-1])
 
 
 def find_scans(root: Path, subsets: Sequence[int]) -> list[tuple[str, Path, int]]:
@@ -175,9 +192,8 @@ def cached_scans(
     root = Path(root)
     if not root.is_dir():
         raise Luna16Error(f"{root}: LUNA16 root folder does not exist")
-    annotations = read_points(root / "annotations.csv", "diameter_mm")
-    cand_file = next((root / n for n in CANDIDATE_FILES if (root / n).is_file()), root / CANDIDATE_FILES[-1])
-    candidates = read_points(cand_file, "class")
+    annotations = _points(root / "annotations.csv", "diameter_mm")
+    candidates = _points(_candidate_file(root), "class")
     scans = find_scans(root, subsets)
     if max_scans > 0:
         scans = scans[:max_scans]
