@@ -57,7 +57,13 @@ RECIPES: tuple[Recipe, ...] = (
         "text, serving",
         "thrifty.methods.autodistill.train",
     ),
-    Recipe("bigssl", "BigSSL: Conformer SSL pre-training + noisy-student ASR", "2109.13226", "speech", None),
+    Recipe(
+        "bigssl",
+        "BigSSL: Conformer SSL pre-training + noisy-student ASR",
+        "2109.13226",
+        "speech",
+        "thrifty.methods.bigssl.train",
+    ),
     Recipe(
         "genesis",
         "Models Genesis / Semantic Genesis / TransVW",

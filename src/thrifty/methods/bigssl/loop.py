@@ -1,0 +1,122 @@
+"""Small pieces the BigSSL stages share: the encoder from the config, the learning-rate schedule, step-indexed
+length-bucketed batches (so a resumed run draws the same batches) and unit directories."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from thrifty.data.buckets import LengthBucketBatches
+from thrifty.methods.bigssl.config import BigSSLConfig
+from thrifty.methods.bigssl.model import SIZES, Conformer
+
+
+def build_encoder(cfg: BigSSLConfig) -> Conformer:
+    m = cfg.model
+    if m.size != "custom":
+        if m.size not in SIZES:
+            raise ValueError(f"model.size must be 'custom' or one of {list(SIZES)}, got {m.size!r}")
+        s = SIZES[m.size]
+        dim, layers, heads, ffn, kernel, positions = (
+            s.dim,
+            s.num_layers,
+            s.num_heads,
+            s.ffn_dim,
+            s.kernel_size,
+            s.positions,
+        )
+    else:
+        dim, layers, heads, ffn, kernel, positions = (
+            m.dim,
+            m.num_layers,
+            m.num_heads,
+            m.ffn_dim,
+            m.kernel_size,
+            m.positions,
+        )
+    return Conformer(
+        dim=dim,
+        num_layers=layers,
+        num_heads=heads,
+        ffn_dim=ffn,
+        kernel_size=kernel,
+        dropout=m.dropout,
+        positions=positions,
+        subsample_channels=m.subsample_channels or None,
+    )
+
+
+def warmup_cosine(warmup: int, max_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on biases, norms and other 1-D parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
+
+
+class StepBatches:
+    """The batch of a global step: epochs of :class:`LengthBucketBatches` laid end to end, so step ``s`` gives the
+    same indices whether the run started at 0 or resumed at ``s``."""
+
+    def __init__(self, lengths: list[int], *, max_frames: int, seed: int, rank: int = 0, world_size: int = 1):
+        longest = max(lengths)
+        self.sampler = LengthBucketBatches(
+            lengths=lengths,
+            max_frames=max(max_frames, longest),
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_buckets=min(10, max(1, len(lengths) // 4)),
+        )
+        self._epochs: list[list[list[int]]] = []
+
+    def __call__(self, step: int) -> list[int]:
+        while True:
+            offset = 0
+            for epoch in self._epochs:
+                if step < offset + len(epoch):
+                    return epoch[step - offset]
+                offset += len(epoch)
+            self.sampler.set_epoch(len(self._epochs))
+            self._epochs.append(list(self.sampler))
+
+    def epoch_of(self, step: int) -> int:
+        self(step)
+        offset = 0
+        for e, epoch in enumerate(self._epochs):
+            offset += len(epoch)
+            if step < offset:
+                return e
+        return len(self._epochs) - 1
+
+
+def fraction_tag(fraction: float) -> str:
+    return f"{fraction * 100:g}pct"
+
+
+def finetune_dir(run_dir: Path, init: str, fraction: float, seed: int) -> Path:
+    return run_dir / "units" / "finetune" / f"{init}-{fraction_tag(fraction)}-s{seed}"
+
+
+def nst_dir(run_dir: Path, fraction: float, seed: int, generation: int) -> Path:
+    return run_dir / "units" / "nst" / f"{fraction_tag(fraction)}-s{seed}" / f"gen{generation}"
+
+
+def pretrain_dir(run_dir: Path, objective: str, seed: int) -> Path:
+    return run_dir / "units" / "pretrain" / f"{objective}-s{seed}"
