@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +180,33 @@ def _utterances(cfg: BigSSLConfig, cache: Path) -> tuple[dict[str, list[audio.Ut
         "unlabelled": audio.read_manifest(d.unlabelled_manifest, skip_bad=d.skip_bad) if d.unlabelled_manifest else [],
     }
     for path in d.test_manifests:
-        roles[Path(path).stem] = audio.read_manifest(path, skip_bad=d.skip_bad)
+        name = Path(path).stem
+        if name in roles:  # "dev", "labelled", "unlabelled" or an earlier test set
+            name = f"test_{name}"
+        if name in roles:
+            name = f"{name}_{Path(path).parent.name}"  # the same file name in another folder
+        if name in roles:
+            raise ValueError(
+                f"data.test_manifests: two test sets would be called {name!r}; give the manifests distinct file names"
+            )
+        roles[name] = audio.read_manifest(path, skip_bad=d.skip_bad)
     return roles, {"manifests": [d.labelled_manifest, d.unlabelled_manifest, d.dev_manifest, *d.test_manifests]}
 
 
-def _feature_file(cache: Path, role: str, utts: list[audio.Utterance], max_seconds: float) -> Path:
+def _stamp(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _feature_file(cache: Path, role: str, utts: list[audio.Utterance], max_seconds: float, skip_bad: bool) -> Path:
+    """The cache file of one split's features: keyed by the front end, the filter settings and every file's path,
+    size and modification time (a repaired or replaced file is read again)."""
+    files = [(u.id, u.path, *_stamp(u.path)) for u in utts]
     key = hashlib.sha256(
-        json.dumps(
-            [_FEATURE_VERSION, N_FFT, HOP, N_MELS, max_seconds, [(u.id, u.path) for u in utts]], sort_keys=True
-        ).encode()
+        json.dumps([_FEATURE_VERSION, N_FFT, HOP, N_MELS, max_seconds, skip_bad, files], sort_keys=True).encode()
     ).hexdigest()[:16]
     return cache / "bigssl_features" / f"{role}-{key}.safetensors"
 
@@ -197,7 +216,7 @@ def _features(
 ) -> tuple[list[audio.Utterance], list[torch.Tensor], int]:
     """Log-mel features of ``utts`` (cached); drops utterances longer than ``max_seconds``. Returns the kept
     utterances, their features and the number skipped as bad files."""
-    path = _feature_file(cache, role, utts, max_seconds)
+    path = _feature_file(cache, role, utts, max_seconds, skip_bad)
     if path.exists():
         blob = load_file(str(path))
         offsets = blob["offsets"].tolist()

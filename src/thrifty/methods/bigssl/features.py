@@ -69,6 +69,8 @@ class LogMel(torch.nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         squeeze = wave.dim() == 1
         wave = wave[None] if squeeze else wave
+        if wave.shape[-1] <= self.n_fft // 2:
+            raise ValueError(f"a waveform needs more than {self.n_fft // 2} samples for log-mel, got {wave.shape[-1]}")
         spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, center=True, return_complex=True)
         power = spec.real.square() + spec.imag.square()  # (B, F, T)
         mel = torch.log(torch.matmul(power.transpose(1, 2), self.fb) + LOG_EPS)  # (B, T, n_mels)
@@ -152,11 +154,12 @@ def spec_augment(
 
 
 def _time_warp(x: torch.Tensor, w: int, g: torch.Generator | None) -> torch.Tensor:
-    """Warp (L, C) in time: the frame at a random centre moves by up to ``w`` frames (piecewise-linear)."""
+    """Warp (L, C) in time: the frame at a random centre moves by up to ``w`` frames (piecewise-linear; the first
+    and last frames stay in place, as in SpecAugment's sparse image warp)."""
     length = x.shape[0]
     centre = int(torch.randint(w, length - w, (1,), generator=g))
     target = centre + int(torch.randint(-w, w + 1, (1,), generator=g))
     target = min(max(target, 1), length - 1)
-    left = F.interpolate(x[None, :centre].transpose(1, 2), size=target, mode="linear", align_corners=False)
-    right = F.interpolate(x[None, centre:].transpose(1, 2), size=length - target, mode="linear", align_corners=False)
+    left = F.interpolate(x[None, :centre].transpose(1, 2), size=target, mode="linear", align_corners=True)
+    right = F.interpolate(x[None, centre:].transpose(1, 2), size=length - target, mode="linear", align_corners=True)
     return torch.cat([left, right], dim=2)[0].transpose(0, 1)

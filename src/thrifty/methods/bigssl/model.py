@@ -94,11 +94,12 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         var = ((x - mean[None, :, None]).square() * m).sum((0, 2)) / n
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
-                momentum = 0.1 if self.momentum is None else self.momentum
+                self.num_batches_tracked += 1
+                # momentum None: a cumulative average, as nn.BatchNorm1d
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 unbiased = var * n / (n - 1).clamp_min(1.0)
                 self.running_mean.lerp_(mean, momentum)
                 self.running_var.lerp_(unbiased, momentum)
-                self.num_batches_tracked += 1
         y = (x - mean[None, :, None]) / torch.sqrt(var[None, :, None] + self.eps)
         return y * self.weight[None, :, None] + self.bias[None, :, None] if self.affine else y
 
@@ -129,6 +130,7 @@ def relative_encodings(length: int, dim: int, *, device: torch.device, dtype: to
 
 def rel_shift(scores: torch.Tensor) -> torch.Tensor:
     """(B, H, T, 2T−1) scores against relative positions T−1 … −(T−1) → (B, H, T, T) with [i, j] at distance i−j."""
+    scores = scores.contiguous()  # the strided view below assumes a unit stride on the last axis
     b, h, t, _ = scores.shape
     # row i needs columns (T−1−i) … (2T−2−i): a strided view reads them without copying twice
     return scores.as_strided(

@@ -286,8 +286,9 @@ def pretrain(cfg: BigSSLConfig, data: SpeechData, run_dir: Path, metrics: Metric
 
 
 def pretrain_loss_on_batch(model: SSLModel, x: torch.Tensor, lengths: torch.Tensor, cfg: BigSSLConfig) -> torch.Tensor:
-    """One pre-training loss with fixed randomness (tests: gradients, determinism)."""
-    g = torch.Generator().manual_seed(0)
-    return model(x, lengths, temperature=cfg.pretrain.temperature[0], generator=g, **_loss_kwargs(cfg)).loss
-
-
+    """One pre-training loss with fixed randomness — masks, negatives, Gumbel noise and dropout (tests: gradients,
+    determinism); the global RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        return model(x, lengths, temperature=cfg.pretrain.temperature[0], generator=g, **_loss_kwargs(cfg)).loss

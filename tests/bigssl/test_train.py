@@ -1,0 +1,198 @@
+"""The BigSSL recipe end to end at the smoke budget: artefacts, claims, split hygiene, determinism, resumption, the
+card's stage and selector commands, and torchrun with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thrifty.core.registry import load_config
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make setup)")
+
+
+def _run(out: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path]:
+    module, cfg = load_config(
+        "bigssl", "smoke", [f"out_dir={out}", f"data_dir={data_dir}", "progress=false", *overrides]
+    )
+    res = module.train(cfg)
+    return res, Path(res["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[dict, Path]:
+    return _run(tmp_path_factory.mktemp("bigssl"), data_dir)
+
+
+def _units(run_dir: Path, kind: str) -> dict[str, dict]:
+    return {
+        str(p.parent.relative_to(run_dir)): json.loads(p.read_text())
+        for p in sorted((run_dir / "units" / kind).rglob("result.json"))
+    }
+
+
+def test_smoke_writes_claims_tables_figures(smoke) -> None:
+    res, run_dir = smoke
+    ids = {c["id"] for c in res["claims"]}
+    for f in ("0.5", "1"):
+        assert f"pretraining_lowers_wer_{f}" in ids and f"nst_lowers_wer_{f}" in ids
+    assert {"gain_largest_at_low_fraction", "pretrained_low_reaches_scratch_full"} <= ids
+    for c in res["claims"]:
+        assert isinstance(c["holds"], bool) and len(c["seeds"]) == 2 and c["paper_value"]
+    for fig in ("wer_vs_labels.png", "pretrain.png", "nst.png", "finetune_dev_wer.png"):
+        assert (run_dir / "figures" / fig).stat().st_size > 0
+    assert len(_units(run_dir, "finetune")) == 2 * 2 * 2  # inits x fractions x seeds
+    assert len(_units(run_dir, "nst")) == 2 * 2  # fractions x seeds, one generation
+    assert set(res["wer"]) == {"scratch", "pretrained", "pretrained+nst"}
+    assert set(res["data"]) == {"unlabelled", "labelled", "dev", "test_in", "test_ood"}
+    assert (run_dir / "units" / "pretrain" / "wav2vec2-s0" / "encoder.safetensors").exists()
+    assert res["cost"]["wall_time_s"] > 0 and res["cost"]["peak_rss_mb"] > 0
+
+
+def test_wer_is_computed_from_the_written_hypotheses(smoke) -> None:
+    """Each unit's test WER lies in [0, ∞), the greedy examples are real transcripts, and the fused decoding's
+    weights come from the dev grid."""
+    _, run_dir = smoke
+    for res in _units(run_dir, "finetune").values():
+        for scores in res["test"].values():
+            assert scores["greedy_wer"] >= 0 and scores["greedy_cer"] >= 0
+            assert all(ex["ref"] for ex in scores["examples"])
+        grid = res["fusion"]["dev_grid"]
+        best = min(grid, key=lambda r: r["wer"])
+        assert (res["fusion"]["lm_weight"], res["fusion"]["length_bonus"]) == (best["lm_weight"], best["length_bonus"])
+
+
+def test_test_sets_are_read_once_per_model_and_never_for_selection(smoke) -> None:
+    _, run_dir = smoke
+    entries = [json.loads(line) for line in (run_dir / "access_log.jsonl").read_text().splitlines()]
+    tests = [e for e in entries if e["split"].startswith("test")]
+    assert tests and {e["purpose"] for e in tests} == {"test"}
+    per_unit: dict[tuple[str, str], int] = {}
+    for e in tests:
+        per_unit[(e["unit"], e["split"])] = per_unit.get((e["unit"], e["split"]), 0) + 1
+    assert set(per_unit.values()) == {1}
+    models = len(_units(run_dir, "finetune")) + len(_units(run_dir, "nst"))
+    assert len(per_unit) == 2 * models  # test_in and test_ood, once each per trained model
+    # every test read comes after that unit's last dev read
+    for unit in {e["unit"] for e in tests}:
+        last_dev = max(e["index"] for e in entries if e["unit"] == unit and e["split"] == "dev")
+        first_test = min(e["index"] for e in tests if e["unit"] == unit)
+        assert first_test > last_dev
+    truth = [e for e in entries if e["split"] == "unlabelled_truth"]
+    assert truth and {e["purpose"] for e in truth} == {"pseudo_label_quality"}
+
+
+def test_pseudo_labels_are_persisted_with_the_filter(smoke) -> None:
+    _, run_dir = smoke
+    for unit, res in _units(run_dir, "nst").items():
+        rows = [json.loads(line) for line in (run_dir / unit / "pseudo_labels.jsonl").read_text().splitlines()]
+        assert len(rows) == res["decoded"] == 20
+        assert sum(r["kept"] for r in rows) == res["kept"]
+        tau = res["normaliser"]["tau"]
+        assert all(r["normalized"] > tau for r in rows if r["kept"])
+        assert res["teacher"].startswith("units/finetune/pretrained-")
+
+
+def test_same_seed_same_numbers(smoke, tmp_path: Path, data_dir: Path) -> None:
+    res, _ = smoke
+    again, _ = _run(tmp_path, data_dir)
+    assert again["wer"] == res["wer"]
+    assert [c["values"] for c in again["claims"]] == [c["values"] for c in res["claims"]]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_interrupted_training(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    """A fine-tuning unit interrupted at step 7 (last checkpoint: step 5) and resumed equals an uninterrupted run."""
+    from thrifty.core.run import MetricsLog
+
+    over = ("stages=[data,pretrain,finetune]", "finetune.inits=[scratch]", "finetune.fractions=[1.0]", "seeds=[0]")
+    _, full_dir = _run(tmp_path / "a", data_dir, *over)
+    original = MetricsLog.log
+
+    def crash(self, record):  # the process dies at step 7, after the step-5 checkpoint
+        original(self, record)
+        if record.get("unit") == "finetune/scratch/1/s0" and record.get("step") == 7:
+            raise _Interrupt
+
+    monkeypatch.setattr(MetricsLog, "log", crash)
+    with pytest.raises(_Interrupt):
+        _run(tmp_path / "b", data_dir, *over)
+    monkeypatch.setattr(MetricsLog, "log", original)
+    _, part_dir = _run(tmp_path / "b", data_dir, *over)
+    unit = "units/finetune/scratch-100pct-s0"
+    a, b = _units(full_dir, "finetune")[unit], _units(part_dir, "finetune")[unit]
+    assert a["curve"] == b["curve"] and a["test"] == b["test"]
+
+    def losses(d: Path) -> list[tuple[int, float]]:
+        rows = map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in rows if r.get("unit") == "finetune/scratch/1/s0" and "grad_norm" in r]
+
+    assert losses(full_dir) == losses(part_dir) and len(losses(full_dir)) == 10
+
+
+def test_card_commands_select_stages_and_arms(tmp_path: Path, data_dir: Path) -> None:
+    res, run_dir = _run(tmp_path, data_dir, "stages=[data,pretrain]", "pretrain.objective=w2v_bert")
+    assert (run_dir / "units" / "pretrain" / "w2v_bert-s0" / "encoder.safetensors").exists()
+    assert not (run_dir / "units" / "finetune").exists() and res["claims"] == []
+    res, _ = _run(
+        tmp_path,
+        data_dir,
+        "stages=[finetune,evaluate]",
+        "pretrain.objective=w2v_bert",
+        "finetune.init=pretrained",
+        "finetune.fractions=[0.5]",
+    )
+    assert set(_units(run_dir, "finetune")) == {
+        "units/finetune/pretrained-50pct-s0",
+        "units/finetune/pretrained-50pct-s1",
+    }
+    assert set(res["wer"]) == {"pretrained"}
+
+
+def test_finetuning_a_pretrained_init_without_pretraining_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="add the pretrain stage"):
+        _run(tmp_path, data_dir, "stages=[finetune]", "finetune.init=pretrained")
+
+
+@pytest.mark.dist
+def test_torchrun_two_gloo_processes(tmp_path: Path, data_dir: Path) -> None:
+    """Pre-training runs under DDP with per-rank length-bucketed batches; fine-tuning units are shared out."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29531",
+        "-m",
+        "thrifty.cli",
+        "run",
+        "bigssl",
+        "--preset",
+        "smoke",
+        f"out_dir={tmp_path}",
+        f"data_dir={data_dir}",
+        "progress=false",
+        "nst.generations=0",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "bigssl" / "smoke"
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["cost"]["world_size"] == 2
+    assert len(_units(run_dir, "finetune")) == 8
+    ranks = {
+        json.loads(line).get("unit")
+        for line in (run_dir / "metrics.rank1.jsonl").read_text().splitlines()
+        if json.loads(line).get("unit", "").startswith("finetune/")
+    }
+    assert len(ranks) == 4  # rank 1 trained half of the 8 units
