@@ -172,9 +172,9 @@ def test_torchrun_two_gloo_processes(tmp_path: Path, data_dir: Path) -> None:
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29531",
+        "--standalone",
         "-m",
-        "thrifty.cli",
+        "thrifty",
         "run",
         "bigssl",
         "--preset",
@@ -182,6 +182,7 @@ def test_torchrun_two_gloo_processes(tmp_path: Path, data_dir: Path) -> None:
         f"out_dir={tmp_path}",
         f"data_dir={data_dir}",
         "progress=false",
+        "num_threads=1",
         "nst.generations=0",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

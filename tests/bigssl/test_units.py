@@ -29,7 +29,7 @@ from thrifty.methods.bigssl.data import SpeechData, Split, fraction_size, prepar
 from thrifty.methods.bigssl.decode import ctc_prefix_beam_search
 from thrifty.methods.bigssl.features import Normalizer
 from thrifty.methods.bigssl.lm import CharNGramLM
-from thrifty.methods.bigssl.loop import StepBatches, warmup_cosine
+from thrifty.methods.bigssl.loop import StepBatches, tri_stage, warmup_cosine
 from thrifty.methods.bigssl.nst import (
     PseudoLabel,
     balance,
@@ -834,3 +834,40 @@ def test_librispeech_source_end_to_end(tmp_path: Path, data_dir: Path):
     lm = json.loads((run / "units" / "lm.json").read_text())
     assert lm["ngrams"]  # the LM is trained on the labelled (normalised, lower-case) transcripts
     assert all(set(g) <= set(CHARS) | {"^", "$"} for g in lm["ngrams"])
+
+
+def test_freeze_steps_keep_the_encoder_fixed_while_the_head_learns(smoke_data: SpeechData, tmp_path: Path, data_dir):
+    from thrifty.core.run import MetricsLog
+    from thrifty.methods.bigssl.finetune import build_ctc_model, fit_ctc
+
+    _, cfg = smoke(tmp_path, data_dir, "finetune.eval_every=3")
+    model = build_ctc_model(cfg, None)
+    encoder0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head0 = model.head.weight.detach().clone()
+    train = smoke_data.labelled_fraction(1.0)
+    dev = smoke_data.dev.get("select", "test")
+    kw = {
+        "cfg": cfg,
+        "seed": 0,
+        "unit": "u",
+        "metrics": MetricsLog(tmp_path / "m.jsonl"),
+        "device": torch.device("cpu"),
+    }
+    fit_ctc(model, train, dev, max_steps=3, out=tmp_path, augment=None, freeze_steps=3, **kw)
+    params = {k: v for k, v in model.encoder.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(v, encoder0[k]) for k, v in params.items())
+    assert not torch.equal(model.head.weight, head0)
+    (tmp_path / "b").mkdir()
+    fit_ctc(model, train, dev, max_steps=3, out=tmp_path / "b", augment=None, freeze_steps=1, **kw)
+    assert any(not torch.equal(v, encoder0[k]) for k, v in params.items())
+
+
+def test_tri_stage_rises_holds_then_decays_to_the_final_scale():
+    f = tri_stage(10, 40, 100, final_scale=0.05)
+    values = [f(s) for s in range(101)]
+    assert values[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert values[10:50] == pytest.approx([1.0] * 40)
+    tail = values[50:]
+    assert all(b < a for a, b in itertools.pairwise(tail))
+    assert tail[-1] == pytest.approx(0.05)
+    assert tail[25] == pytest.approx(0.05**0.5)  # exponential: halfway in steps is the geometric mean

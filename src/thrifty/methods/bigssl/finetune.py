@@ -25,7 +25,7 @@ from thrifty.methods.bigssl.data import SpeechData, Split
 from thrifty.methods.bigssl.decode import char_error_rate, ctc_prefix_beam_search, greedy_texts, word_error_rate
 from thrifty.methods.bigssl.features import SpecAugmentConfig, spec_augment
 from thrifty.methods.bigssl.lm import CharNGramLM
-from thrifty.methods.bigssl.loop import StepBatches, adamw, build_encoder, finetune_dir, pretrain_dir, warmup_cosine
+from thrifty.methods.bigssl.loop import StepBatches, adamw, build_encoder, finetune_dir, pretrain_dir, tri_stage
 from thrifty.methods.bigssl.model import CTCModel, ctc_loss
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,17 @@ def fit_ctc(
     metrics: MetricsLog,
     device: torch.device,
     augment: SpecAugmentConfig | None,
+    freeze_steps: int = 0,
 ) -> dict[str, Any]:
     """Train with CTC; every ``eval_every`` steps score greedy dev WER and keep the best weights
-    (``out/model.safetensors``). Resumable from ``out/checkpoints``. Returns the training record."""
+    (``out/model.safetensors``). The encoder gets no update during the first ``freeze_steps`` steps (a pre-trained
+    encoder under a random head). Resumable from ``out/checkpoints``. Returns the training record."""
     f = cfg.finetune
     model.to(device)
     optimizer = adamw(model, lr=f.lr, weight_decay=f.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(f.warmup, max_steps))
+    warmup = max(1, round(f.warmup * max_steps))
+    hold = round(f.hold * max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tri_stage(warmup, hold, max_steps))
     ckpt = out / "checkpoints"
     start, curve, best = 0, [], {"step": 0, "dev_wer": float("inf")}
     if cfg.resume and (path := latest_checkpoint(ckpt)) is not None:
@@ -129,6 +133,9 @@ def fit_ctc(
         loss = ctc_loss(log_probs, out_lengths, train.targets(idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step < freeze_steps:
+            for p in model.encoder.parameters():
+                p.grad = None  # AdamW skips parameters without a gradient: no update, no weight decay
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0))
         optimizer.step()
         scheduler.step()
@@ -218,6 +225,7 @@ def finetune(
         metrics=metrics,
         device=device,
         augment=cfg.specaugment if cfg.finetune.specaugment else None,
+        freeze_steps=cfg.finetune.freeze_steps if source is not None else 0,
     )
     result = {
         "init": init,
@@ -235,5 +243,3 @@ def load_model(path: Path, cfg: BigSSLConfig, device: torch.device) -> CTCModel:
     model = CTCModel(encoder=build_encoder(cfg))
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.to(device)
-
-

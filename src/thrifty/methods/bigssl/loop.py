@@ -61,6 +61,21 @@ def warmup_cosine(warmup: int, max_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def tri_stage(warmup: int, hold: int, max_steps: int, *, final_scale: float = 0.05) -> Callable[[int], float]:
+    """wav2vec 2.0's fine-tuning schedule: linear warm-up over ``warmup`` steps, the peak held for ``hold`` steps,
+    then exponential decay to ``final_scale`` × peak at ``max_steps`` (the release's phases: 10% / 40% / 50%)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < warmup + hold:
+            return 1.0
+        progress = (step - warmup - hold) / max(1, max_steps - warmup - hold)
+        return final_scale ** min(1.0, progress)
+
+    return factor
+
+
 def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW without decay on biases, norms and other 1-D parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]

@@ -229,6 +229,7 @@ def generation(
         metrics=metrics,
         device=device,
         augment=cfg.specaugment,
+        freeze_steps=cfg.finetune.freeze_steps,
     )
     result = {
         "fraction": fraction,
