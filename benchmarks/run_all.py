@@ -14,6 +14,7 @@ BENCHMARKS = [
     "autodistill_speed.py",
     "genesis_transforms.py",
     "genesis_unet.py",
+    "bigssl_speed.py",
 ]
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def test_smoke_writes_claims_tables_figures(smoke) -> None:
     ids = {c["id"] for c in res["claims"]}
     for f in ("0.5", "1"):
         assert f"pretraining_lowers_wer_{f}" in ids and f"nst_lowers_wer_{f}" in ids
+        assert f"pretraining_lowers_cer_{f}" in ids and f"nst_lowers_cer_{f}" in ids
     assert {"gain_largest_at_low_fraction", "pretrained_low_reaches_scratch_full"} <= ids
+    assert {"gain_largest_at_low_fraction_cer", "pretrained_low_reaches_scratch_full_cer"} <= ids
     for c in res["claims"]:
         assert isinstance(c["holds"], bool) and len(c["seeds"]) == 2 and c["paper_value"]
     for fig in ("wer_vs_labels.png", "pretrain.png", "nst.png", "finetune_dev_wer.png"):

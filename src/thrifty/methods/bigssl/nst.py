@@ -176,6 +176,8 @@ def generation(
 
     # 1. the teacher decodes the clean unlabelled audio and dev (dev fits the normaliser)
     unl = data.unlabelled
+    if cfg.nst.max_unlabelled and len(unl) > cfg.nst.max_unlabelled:
+        unl = unl.subset(list(range(cfg.nst.max_unlabelled)))
     decoded = decode_scores(frame_log_probs(teacher, unl, device=device), lm, fusion=fusion, beam=cfg.decode.beam)
     dev = data.dev.get("nst_filter", unit)
     dev_decoded = decode_scores(frame_log_probs(teacher, dev, device=device), lm, fusion=fusion, beam=cfg.decode.beam)
