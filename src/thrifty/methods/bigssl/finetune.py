@@ -101,7 +101,8 @@ def fit_ctc(
     augment: SpecAugmentConfig | None,
     freeze_steps: int = 0,
 ) -> dict[str, Any]:
-    """Train with CTC; every ``eval_every`` steps score greedy dev WER and keep the best weights
+    """Train with CTC; every ``eval_every`` steps score greedy dev WER and CER and keep the weights that are best on
+    ``finetune.select_metric``
     (``out/model.safetensors``). The encoder gets no update during the first ``freeze_steps`` steps (a pre-trained
     encoder under a random head). Resumable from ``out/checkpoints``. Returns the training record."""
     f = cfg.finetune
@@ -111,7 +112,7 @@ def fit_ctc(
     hold = round(f.hold * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tri_stage(warmup, hold, max_steps))
     ckpt = out / "checkpoints"
-    start, curve, best = 0, [], {"step": 0, "dev_wer": float("inf")}
+    start, curve, best = 0, [], {"step": 0, "dev_wer": float("inf"), "dev_cer": float("inf")}
     if cfg.resume and (path := latest_checkpoint(ckpt)) is not None:
         state = load_checkpoint(path, model=model, optimizer=optimizer)
         start, curve, best = state["step"], state["extra"]["curve"], state["extra"]["best"]
@@ -147,7 +148,8 @@ def fit_ctc(
             cer = char_error_rate(refs, hyps)
             curve.append({"step": step + 1, "dev_wer": wer, "dev_cer": cer, "loss": float(loss.detach())})
             metrics.log({"unit": unit, "step": step + 1, "dev_wer": wer, "dev_cer": cer})
-            if wer < best["dev_wer"] or best["step"] == 0:
+            key = f"dev_{f.select_metric}"
+            if best["step"] == 0 or curve[-1][key] < best[key]:
                 best = {"step": step + 1, "dev_wer": wer, "dev_cer": cer}
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
             save_checkpoint(ckpt, step=step + 1, model=model, optimizer=optimizer, extra={"curve": curve, "best": best})

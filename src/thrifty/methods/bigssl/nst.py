@@ -29,7 +29,7 @@ from thrifty.core.run import MetricsLog, atomic_write_text, seed_everything, wri
 from thrifty.methods.bigssl.config import BigSSLConfig
 from thrifty.methods.bigssl.data import SpeechData, Split
 from thrifty.methods.bigssl.decode import ctc_prefix_beam_search, word_error_rate
-from thrifty.methods.bigssl.finetune import build_ctc_model, evaluate, fit_ctc, frame_log_probs, load_model
+from thrifty.methods.bigssl.finetune import build_ctc_model, evaluate, fit_ctc, frame_log_probs, greedy, load_model
 from thrifty.methods.bigssl.lm import CharNGramLM
 from thrifty.methods.bigssl.loop import finetune_dir, nst_dir, pretrain_dir
 from thrifty.methods.bigssl.model import CTCModel
@@ -62,15 +62,7 @@ def decode_scores(
             h = ctc_prefix_beam_search(lp, beam=beam, lm=lm, **fusion)[0]
             out.append((h.text, float(h.score)))
             continue
-        best = lp.argmax(axis=1)
-        ids, prev = [], 0
-        for t in best.tolist():
-            if t != prev and t != 0:
-                ids.append(t)
-            prev = t
-        from thrifty.methods.bigssl.tokens import decode
-
-        out.append((decode(ids), float(lp.max(axis=1).sum())))
+        out.append((greedy([lp])[0], float(lp.max(axis=1).sum())))
     return out
 
 
