@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -20,28 +21,33 @@ from thrifty.core.run import MetricsLog
 def wer_vs_labels(
     results: dict[str, dict[float, dict[int, dict]]], tests: list[str], hours: dict[float, float], path: Path
 ) -> Path:
-    """One panel per test set: mean test WER (greedy) with 95% intervals over seeds against labelled hours."""
-    fig, axes = plt.subplots(1, len(tests), figsize=(5.2 * len(tests), 4.0), dpi=110, squeeze=False)
-    for ax, test in zip(axes[0], tests):
-        for arm, per_fraction in results.items():
-            xs, means, lows, highs = [], [], [], []
-            for fraction in sorted(per_fraction):
-                values = [100 * r["test"][test]["greedy_wer"] for r in per_fraction[fraction].values()]
-                if not values:
-                    continue
-                m, (lo, hi) = mean_ci95(values)
-                xs.append(hours[fraction])
-                means.append(m)
-                lows.append(m - lo if np.isfinite(lo) else 0.0)
-                highs.append(hi - m if np.isfinite(hi) else 0.0)
-            if xs:
-                ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, label=arm)
-        ax.set_xscale("log")
-        ax.set_xlabel("labelled hours (log)")
-        ax.set_ylabel("test WER % (greedy)")
-        ax.set_title(test)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    """Rows WER and CER, one column per test set: mean (greedy) with 95% intervals over seeds against labelled
+    hours, one line per arm (the data-efficiency plot)."""
+    fig, axes = plt.subplots(2, len(tests), figsize=(5.2 * len(tests), 7.2), dpi=110, squeeze=False)
+    fractions = sorted(hours)
+    for row, metric in enumerate(("wer", "cer")):
+        for ax, test in zip(axes[row], tests):
+            for arm, per_fraction in results.items():
+                xs, means, lows, highs = [], [], [], []
+                for fraction in sorted(per_fraction):
+                    values = [100 * r["test"][test][f"greedy_{metric}"] for r in per_fraction[fraction].values()]
+                    if not values:
+                        continue
+                    m, (lo, hi) = mean_ci95(values)
+                    xs.append(hours[fraction])
+                    means.append(m)
+                    lows.append(m - lo if np.isfinite(lo) else 0.0)
+                    highs.append(hi - m if np.isfinite(hi) else 0.0)
+                if xs:
+                    ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, label=arm)
+            ax.set_xscale("log")
+            ax.set_xticks([hours[f] for f in fractions], [f"{f:.0%}\n{hours[f]:.2f} h" for f in fractions])
+            ax.minorticks_off()
+            ax.set_xlabel("labelled data (log scale)")
+            ax.set_ylabel(f"test {metric.upper()} % (greedy)")
+            ax.set_title(test)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
@@ -104,6 +110,7 @@ def nst_figure(nst: dict[float, dict[int, list[dict]]], test: str, path: Path) -
     axes[1].set_title("pseudo-label WER % (hidden truth)")
     axes[2].set_title(f"student test WER % ({test}, greedy)")
     for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("generation")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
