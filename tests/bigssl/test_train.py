@@ -47,7 +47,7 @@ def test_smoke_writes_claims_tables_figures(smoke) -> None:
     assert {"gain_largest_at_low_fraction_cer", "pretrained_low_reaches_scratch_full_cer"} <= ids
     for c in res["claims"]:
         assert isinstance(c["holds"], bool) and len(c["seeds"]) == 2 and c["paper_value"]
-    for fig in ("wer_vs_labels.png", "pretrain.png", "nst.png", "finetune_dev_wer.png"):
+    for fig in ("wer_vs_labels.png", "pretrain.png", "nst.png", "finetune_dev_cer.png"):
         assert (run_dir / "figures" / fig).stat().st_size > 0
     assert len(_units(run_dir, "finetune")) == 2 * 2 * 2  # inits x fractions x seeds
     assert len(_units(run_dir, "nst")) == 2 * 2  # fractions x seeds, one generation
@@ -199,3 +199,24 @@ def test_torchrun_two_gloo_processes(tmp_path: Path, data_dir: Path) -> None:
         if json.loads(line).get("unit", "").startswith("finetune/")
     }
     assert len(ranks) == 4  # rank 1 trained half of the 8 units
+
+
+def test_two_noisy_student_generations_chain_teachers(tmp_path: Path, data_dir: Path) -> None:
+    """Generation 2 is taught by generation 1's student, and the claims compare against the last generation."""
+    res, run_dir = _run(
+        tmp_path,
+        data_dir,
+        "nst.generations=2",
+        "finetune.fractions=[1.0]",
+        "finetune.inits=[pretrained]",
+        "seeds=[0,1]",
+    )
+    units = _units(run_dir, "nst")
+    assert set(units) == {f"units/nst/100pct-s{s}/gen{g}" for s in (0, 1) for g in (1, 2)}
+    for s in (0, 1):
+        assert units[f"units/nst/100pct-s{s}/gen2"]["teacher"] == f"units/nst/100pct-s{s}/gen1"
+        assert units[f"units/nst/100pct-s{s}/gen1"]["teacher"] == f"units/finetune/pretrained-100pct-s{s}"
+    gen2 = {s: 100 * units[f"units/nst/100pct-s{s}/gen2"]["test"]["test_in"]["greedy_wer"] for s in (0, 1)}
+    assert res["wer"]["pretrained+nst"]["1.0"]["test_in"] == pytest.approx(sum(gen2.values()) / 200)
+    nst_table = next(t for t in res["tables"] if t["columns"][1] == "generation")
+    assert [row[1] for row in nst_table["rows"]] == [0, 1, 2]

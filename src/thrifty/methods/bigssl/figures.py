@@ -118,7 +118,7 @@ def nst_figure(nst: dict[float, dict[int, list[dict]]], test: str, path: Path) -
 
 
 def finetune_curves(curves: dict[str, list[tuple[list[float], list[float]]]], path: Path) -> Path:
-    return curves_with_band(curves, xlabel="step", ylabel="dev WER (greedy)", title="fine-tuning: dev WER", path=path)
+    return curves_with_band(curves, xlabel="step", ylabel="dev CER (greedy)", title="fine-tuning: dev CER", path=path)
 
 
 def make_all(run_dir: Path, metrics: MetricsLog, summary: dict[str, Any]) -> list[Path]:
@@ -129,12 +129,12 @@ def make_all(run_dir: Path, metrics: MetricsLog, summary: dict[str, Any]) -> lis
         out.append(wer_vs_labels(summary["finetune"], summary["tests"], summary["hours"], figs / "wer_vs_labels.png"))
         curves: dict[str, list[tuple[list[float], list[float]]]] = {}
         for arm, per_fraction in summary["finetune"].items():
-            low = min(per_fraction)
-            for r in per_fraction[low].values():
-                curves.setdefault(f"{arm} @ {low:.0%}", []).append(
-                    ([c["step"] for c in r["curve"]], [c["dev_wer"] for c in r["curve"]])
-                )
-        out.append(finetune_curves(curves, figs / "finetune_dev_wer.png"))
+            for fraction, per_seed in sorted(per_fraction.items()):
+                for r in per_seed.values():
+                    curves.setdefault(f"{arm} @ {fraction:.0%}", []).append(
+                        ([c["step"] for c in r["curve"]], [c["dev_cer"] for c in r["curve"]])
+                    )
+        out.append(finetune_curves(curves, figs / "finetune_dev_cer.png"))
     if summary.get("pretrain_unit"):
         out.append(
             pretrain_curves(
