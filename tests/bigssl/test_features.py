@@ -26,15 +26,6 @@ from thrifty.methods.bigssl.features import (
 SR, NFFT, HOPLEN, NMELS = 16000, 400, 160, 80
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a loaded machine: intra-op threads only add synchronisation overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------ references
 def htk_mel(hz: float) -> float:
     return 2595.0 * math.log10(1.0 + hz / 700.0)

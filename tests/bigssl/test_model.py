@@ -36,15 +36,6 @@ from thrifty.methods.bigssl.tokens import VOCAB_SIZE
 N_MELS = 20  # small feature dimension keeps the tests fast; the subsampling works for any n_mels ≥ 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a loaded machine: intra-op threads only add synchronisation overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sub_len(t: int) -> int:
     """⌊(⌊(T−3)/2⌋+1−3)/2⌋+1 with Python's floor division, clamped at 0."""
     return max(0, ((t - 3) // 2 + 1 - 3) // 2 + 1)

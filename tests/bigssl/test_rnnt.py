@@ -12,15 +12,6 @@ import torch.nn.functional as F
 from thrifty.methods.bigssl.rnnt import Joint, Predictor, rnnt_greedy, rnnt_loss, rnnt_loss_chunked
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation overhead (and stall badly on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def brute_force_nll(log_probs: torch.Tensor, target: list[int], blank: int = 0) -> float:
     """-log p(y|x) summing every alignment explicitly. ``log_probs``: (T, U+1, V) of one utterance (unpadded)."""
     num_t, u1, _ = log_probs.shape

@@ -44,19 +44,6 @@ from thrifty.methods.bigssl.tokens import CHARS, VOCAB, VOCAB_SIZE
 SR = 16000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared CPU: one intra-op thread; restore the thread count and the determinism flags that
-    ``train()`` sets globally."""
-    threads = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det, warn_only=warn_only)
-
-
 def smoke(tmp: Path, data_dir: Path, *overrides: str):
     return load_config(
         "bigssl",

@@ -31,7 +31,7 @@ def _no_config_dir_env(monkeypatch):
 
 def test_names_lists_every_recipe_and_which_are_ready():
     assert names() == ALL
-    assert names(ready_only=True) == ["glam", "autodistill", "genesis", "squid"]
+    assert names(ready_only=True) == ["glam", "autodistill", "bigssl", "genesis", "squid"]
 
 
 def test_get_glam():
@@ -64,18 +64,18 @@ def test_unknown_recipe_without_close_match_has_no_hint():
 
 
 def test_planned_recipe_raises_not_ready_on_load():
-    r = get("bigssl")
+    r = get("mt_transunet")
     assert r.ready is False
     with pytest.raises(RecipeNotReady) as ei:
         r.load()
     msg = str(ei.value)
-    assert "bigssl" in msg
+    assert "mt_transunet" in msg
     assert "glam" in msg and "squid" in msg  # points at what is ready
 
 
 def test_load_config_of_planned_or_unknown_recipe():
     with pytest.raises(RecipeNotReady):
-        load_config("bigssl", "smoke")
+        load_config("mt_transunet", "smoke")
     with pytest.raises(UnknownRecipe):
         load_config("glm", "smoke")
 

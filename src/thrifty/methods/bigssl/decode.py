@@ -213,27 +213,26 @@ def _as_list(x: str | Sequence[str]) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
 
 
+def _jiwer(name: str) -> object | None:
+    """``jiwer.wer`` / ``jiwer.cer`` when jiwer is installed, else None (the Levenshtein fallback is used)."""
+    try:
+        import jiwer
+    except ImportError:
+        return None
+    return getattr(jiwer, name)
+
+
 def word_error_rate(refs: str | Sequence[str], hyps: str | Sequence[str], *, use_jiwer: bool = True) -> float:
     """Corpus-level WER (word edits / reference words). Empty hypotheses count as all-deletions."""
     refs, hyps = _as_list(refs), _as_list(hyps)
-    if use_jiwer:
-        try:
-            import jiwer
-        except ImportError:
-            pass
-        else:
-            return float(jiwer.wer(refs, hyps))
+    if use_jiwer and (fn := _jiwer("wer")) is not None:
+        return float(fn(refs, hyps))
     return _error_rate([r.split() for r in refs], [h.split() for h in hyps])
 
 
 def char_error_rate(refs: str | Sequence[str], hyps: str | Sequence[str], *, use_jiwer: bool = True) -> float:
     """Corpus-level CER (character edits, spaces included, after stripping the ends / reference characters)."""
     refs, hyps = _as_list(refs), _as_list(hyps)
-    if use_jiwer:
-        try:
-            import jiwer
-        except ImportError:
-            pass
-        else:
-            return float(jiwer.cer(refs, hyps))
+    if use_jiwer and (fn := _jiwer("cer")) is not None:
+        return float(fn(refs, hyps))
     return _error_rate([list(r.strip()) for r in refs], [list(h.strip()) for h in hyps])
