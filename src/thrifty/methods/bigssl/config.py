@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from thrifty.core.config import BaseConfig
 from thrifty.methods.bigssl.features import SpecAugmentConfig
+from thrifty.methods.bigssl.model import SIZES, ConformerSize
 
 STAGES = ("data", "pretrain", "finetune", "nst", "evaluate")
 INITS = ("scratch", "pretrained")
@@ -92,6 +93,21 @@ class ModelConfig:
     positions: str = "relative"
     dropout: float = 0.1
     subsample_channels: int = 32
+
+    def shape(self) -> ConformerSize:
+        """The named size's shape, or the fields above for ``custom``."""
+        if self.size == "custom":
+            return ConformerSize(
+                dim=self.dim,
+                num_layers=self.num_layers,
+                num_heads=self.num_heads,
+                ffn_dim=self.ffn_dim,
+                kernel_size=self.kernel_size,
+                positions=self.positions,
+            )
+        if self.size not in SIZES:
+            raise ValueError(f"model.size must be 'custom' or one of {list(SIZES)}, got {self.size!r}")
+        return SIZES[self.size]
 
 
 @dataclasses.dataclass
@@ -274,9 +290,7 @@ class BigSSLConfig(BaseConfig):
 
     @property
     def num_layers(self) -> int:
-        from thrifty.methods.bigssl.model import SIZES
-
-        return SIZES[self.model.size].num_layers if self.model.size in SIZES else self.model.num_layers
+        return self.model.shape().num_layers
 
     @property
     def active_inits(self) -> list[str]:

@@ -294,7 +294,7 @@ def prepare_data(cfg: BigSSLConfig, cache: Path, access: AccessLog) -> SpeechDat
     labelled = splits["labelled"]
     order = np.random.default_rng(cfg.data.seed).permutation(len(labelled)).tolist()
     labelled = labelled.subset(order)
-    normalizer = Normalizer.fit([f.float() for f in labelled.feats + splits["unlabelled"].feats])
+    normalizer = Normalizer.fit(labelled.feats + splits["unlabelled"].feats)  # fit accumulates in float64
     for s in [*splits.values(), labelled]:
         s.normalizer = normalizer
     unlabelled = splits["unlabelled"]

@@ -52,7 +52,8 @@ def wer_vs_labels(
 
 
 def pretrain_curves(metrics: MetricsLog, unit: str, path: Path, *, max_perplexity: float) -> Path | None:
-    rows = [r for r in metrics.read(unit) if "loss" in r and "perplexity" in r]
+    records = metrics.read(unit)  # read the metrics file once
+    rows = [r for r in records if "loss" in r and "perplexity" in r]
     if not rows:
         return None
     steps = [r["step"] for r in rows]
@@ -61,7 +62,7 @@ def pretrain_curves(metrics: MetricsLog, unit: str, path: Path, *, max_perplexit
     axes[0].plot(steps, [r["contrastive"] for r in rows], label="contrastive / masked frame")
     if any(r.get("mlm") for r in rows):
         axes[0].plot(steps, [r["mlm"] for r in rows], label="MLM")
-    val = [r for r in metrics.read(unit) if "val_loss" in r]
+    val = [r for r in records if "val_loss" in r]
     if val:
         axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="held-out total")
     axes[0].set_title("losses")

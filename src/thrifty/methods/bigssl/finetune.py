@@ -47,7 +47,7 @@ def frame_log_probs(model: CTCModel, split: Split, *, device: torch.device, batc
     """Per-utterance CTC log-probabilities (T'_i, V) in eval mode, in the split's order."""
     was = model.training
     model.eval()
-    order = sorted(range(len(split)), key=lambda i: split.lengths[i])
+    order = sorted(range(len(split)), key=split.lengths.__getitem__)  # one lengths list, not one per comparison
     out: list[np.ndarray | None] = [None] * len(split)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -242,6 +242,6 @@ def finetune(
 
 def load_model(path: Path, cfg: BigSSLConfig, device: torch.device) -> CTCModel:
     """A fine-tuned model's kept weights (``model.safetensors`` of a unit)."""
-    model = CTCModel(encoder=build_encoder(cfg))
+    model = build_ctc_model(cfg, None)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.to(device)

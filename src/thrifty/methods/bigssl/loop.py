@@ -11,41 +11,20 @@ import torch
 
 from thrifty.data.buckets import LengthBucketBatches
 from thrifty.methods.bigssl.config import BigSSLConfig
-from thrifty.methods.bigssl.model import SIZES, Conformer
+from thrifty.methods.bigssl.model import Conformer
 
 
 def build_encoder(cfg: BigSSLConfig) -> Conformer:
-    m = cfg.model
-    if m.size != "custom":
-        if m.size not in SIZES:
-            raise ValueError(f"model.size must be 'custom' or one of {list(SIZES)}, got {m.size!r}")
-        s = SIZES[m.size]
-        dim, layers, heads, ffn, kernel, positions = (
-            s.dim,
-            s.num_layers,
-            s.num_heads,
-            s.ffn_dim,
-            s.kernel_size,
-            s.positions,
-        )
-    else:
-        dim, layers, heads, ffn, kernel, positions = (
-            m.dim,
-            m.num_layers,
-            m.num_heads,
-            m.ffn_dim,
-            m.kernel_size,
-            m.positions,
-        )
+    s = cfg.model.shape()
     return Conformer(
-        dim=dim,
-        num_layers=layers,
-        num_heads=heads,
-        ffn_dim=ffn,
-        kernel_size=kernel,
-        dropout=m.dropout,
-        positions=positions,
-        subsample_channels=m.subsample_channels or None,
+        dim=s.dim,
+        num_layers=s.num_layers,
+        num_heads=s.num_heads,
+        ffn_dim=s.ffn_dim,
+        kernel_size=s.kernel_size,
+        dropout=cfg.model.dropout,
+        positions=s.positions,
+        subsample_channels=cfg.model.subsample_channels or None,
     )
 
 

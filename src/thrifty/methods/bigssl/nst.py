@@ -28,7 +28,8 @@ import torch
 from thrifty.core.run import MetricsLog, atomic_write_text, seed_everything, write_json
 from thrifty.methods.bigssl.config import BigSSLConfig
 from thrifty.methods.bigssl.data import SpeechData, Split
-from thrifty.methods.bigssl.decode import ctc_prefix_beam_search, word_error_rate
+from thrifty.methods.bigssl.decode import word_error_rate
+from thrifty.methods.bigssl.finetune import beam as beam_search
 from thrifty.methods.bigssl.finetune import build_ctc_model, evaluate, fit_ctc, frame_log_probs, greedy, load_model
 from thrifty.methods.bigssl.lm import CharNGramLM
 from thrifty.methods.bigssl.loop import finetune_dir, nst_dir, pretrain_dir
@@ -56,14 +57,9 @@ def decode_scores(
 ) -> list[tuple[str, float]]:
     """(text, score) per utterance: the fused beam's best hypothesis, or without fusion the greedy path's text and
     log-probability (the sum over frames of the best token's log-probability)."""
-    out = []
-    for lp in log_probs:
-        if fusion is not None and lm is not None:
-            h = ctc_prefix_beam_search(lp, beam=beam, lm=lm, **fusion)[0]
-            out.append((h.text, float(h.score)))
-            continue
-        out.append((greedy([lp])[0], float(lp.max(axis=1).sum())))
-    return out
+    if fusion is not None and lm is not None:
+        return [(h.text, float(h.score)) for h in beam_search(log_probs, lm, width=beam, **fusion)]
+    return [(text, float(lp.max(axis=1).sum())) for text, lp in zip(greedy(log_probs), log_probs)]
 
 
 def fit_length_normaliser(scores: list[float], lengths: list[int]) -> tuple[float, float, float]:

@@ -162,7 +162,7 @@ def held_out_loss(model: SSLModel, split: Split, cfg: BigSSLConfig, *, temperatu
     was = model.training
     model.eval()
     g = torch.Generator().manual_seed(12345)
-    order = sorted(range(len(split)), key=lambda i: split.lengths[i])
+    order = sorted(range(len(split)), key=split.lengths.__getitem__)
     sums = {"loss": 0.0, "contrastive": 0.0, "accuracy": 0.0, "mlm": 0.0, "mlm_accuracy": 0.0}
     n = 0
     for start in range(0, len(order), 16):
