@@ -9,6 +9,10 @@ Layout of a checkpoint directory::
         optim.safetensors         # optimiser tensors, flattened as "state.<param>.<name>"
         state.json                # step, optimiser scalars/param groups, RNG states, user extras, file sizes
 
+Sharded models (FSDP2 parameters are ``DTensor`` shards) are saved as each rank's *local* shards, in
+a per-rank directory chosen by the caller; loading copies them back into the shards, so resuming needs
+the same world size. Nothing here communicates between ranks.
+
 A checkpoint is written into a hidden temporary directory, fsynced, renamed into place, and only then
 is ``latest`` switched (itself written through a temporary file and ``os.replace``). A process killed
 at any moment therefore leaves ``latest`` naming the previous complete checkpoint. Loading never
@@ -48,6 +52,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _is_dtensor(t: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor``; any other tensor unchanged."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _save_model_state(model: torch.nn.Module, path: Path) -> None:
+    state = model.state_dict()
+    if any(_is_dtensor(v) for v in state.values()):
+        save_file({k: _local(v).detach().cpu().contiguous() for k, v in state.items()}, str(path))
+    else:
+        save_model(model, str(path))
+
+
+def _load_sharded_model_state(model: torch.nn.Module, path: Path) -> None:
+    """Copy this rank's saved shards into the model's ``DTensor`` shards (and plain tensors)."""
+    loaded = load_file(str(path))
+    state = model.state_dict()
+    missing, unexpected = sorted(set(state) - set(loaded)), sorted(set(loaded) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, target in state.items():
+            dst = _local(target)
+            if dst.shape != loaded[name].shape:
+                raise CheckpointError(
+                    f"{path} does not fit the model: {name} is {tuple(loaded[name].shape)} in the file, "
+                    f"{tuple(dst.shape)} on this rank (resume with the same world size)"
+                )
+            dst.copy_(loaded[name])
+
+
+def _reshard_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+    """Wrap saved local shards of optimiser state back into ``DTensor`` like their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, pstate in sd["state"].items():
+        p = params[pid]
+        if not _is_dtensor(p):
+            continue
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor) and value.shape == p.to_local().shape and value.dim() > 0:
+                pstate[name] = DTensor.from_local(
+                    value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+    return sd
+
+
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -55,7 +113,7 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for pid, pstate in sd["state"].items():
         for name, value in pstate.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{pid}.{name}"] = _local(value).detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[name] = value
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
@@ -127,7 +185,7 @@ def save_checkpoint(
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
 
-    save_model(model, str(tmp / "model.safetensors"))
+    _save_model_state(model, tmp / "model.safetensors")
     rng_tensors, rng_meta = rng_state()
     optim_meta: dict[str, Any] | None = None
     opt_tensors: dict[str, torch.Tensor] = {}
@@ -202,8 +260,15 @@ def load_checkpoint(
         fpath = path / fname
         if not fpath.exists() or fpath.stat().st_size != size:
             raise CheckpointError(f"checkpoint file {fpath} is missing or truncated (expected {size} bytes)")
+    sharded = any(_is_dtensor(p) for p in model.parameters())
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if sharded:
+            _load_sharded_model_state(model, path / "model.safetensors")
+            missing, unexpected = [], []
+        else:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except CheckpointError:
+        raise
     except Exception as err:  # safetensors raises several types for shape mismatches
         raise CheckpointError(f"{path / 'model.safetensors'} does not fit the model: {err}") from None
     if missing or unexpected:
@@ -219,7 +284,8 @@ def load_checkpoint(
         if state["optimizer"] is None:
             raise CheckpointError(f"{path} holds no optimiser state")
         opt_tensors = {k: v for k, v in other.items() if k.startswith("state.")}
-        optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+        saved = _unflatten_optimizer(opt_tensors, state["optimizer"])
+        optimizer.load_state_dict(_reshard_optimizer_state(optimizer, saved))
     if restore_rng:
         set_rng_state({k: v for k, v in other.items() if k.startswith("rng.")}, state["rng"])
     return {"step": int(state["step"]), "extra": state.get("extra", {})}

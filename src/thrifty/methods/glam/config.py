@@ -91,7 +91,9 @@ class GlamConfig(BaseConfig):
         max_steps: optimiser steps per unit.
         eval_every / log_every / checkpoint_every: in steps; checkpoints fall on log steps.
         eval_batch_size: sequences per evaluation forward.
-        expert_parallel: shard experts over DDP ranks with all-to-all dispatch.
+        expert_parallel: shard experts over the ranks with all-to-all dispatch.
+        fsdp: shard every other parameter with FSDP2 instead of replicating it with DDP (with
+            ``expert_parallel`` the experts stay per-rank); checkpoints are then per rank.
         precision: ``fp32`` or ``bf16`` (autocast; router, softmax and losses stay fp32).
     """
 
@@ -111,6 +113,7 @@ class GlamConfig(BaseConfig):
     keep_checkpoints: int = 2
     eval_batch_size: int = 32
     expert_parallel: bool = False
+    fsdp: bool = False
     precision: str = "fp32"
 
     def validate(self) -> None:

@@ -7,13 +7,14 @@ of expert ``e`` to the rank that owns ``e`` with one ``all_to_all_single``; the 
 are combined locally. The result equals the single-process layer applied to the same groups (tested
 with 2 gloo processes). Gradients flow back through the collectives (the all-to-all's adjoint is an all-to-all).
 
-Training notes (:func:`shard_model`, :func:`ddp_for_expert_parallel`, :func:`clip_grad_norm_`):
+Training notes (:func:`shard_model`, :func:`ddp_for_expert_parallel`; building already sharded, FSDP,
+clipping and gathering live in :mod:`~thrifty.methods.glam.sharding`):
 
 * expert weights are excluded from DDP's all-reduce (each rank owns different experts);
 * an expert receives tokens from every rank, so its gradient is the *sum* of the ranks' gradients;
   a hook divides it by the world size to match DDP's averaging of the other parameters;
 * checkpoints are per rank (``checkpoints/rank<r>``), and resuming needs the same world size;
-  :func:`gather_full_state` rebuilds the unsharded weights so the final model loads on one process.
+  ``sharding.gather_full_state`` rebuilds the unsharded weights so the final model loads on one process.
 
 Dropless mode has variable per-expert sizes and is not supported here (a clear error says so).
 """
@@ -51,10 +52,10 @@ class ShardedExperts(nn.Module):
     """Stands in for :class:`Experts` (same call signature, ``[E, n, d] -> [E, n, d]``) while holding
     only this rank's ``E / world`` experts."""
 
-    def __init__(self, local: Experts, *, world_size: int) -> None:
+    def __init__(self, local: Experts, *, rank: int, world_size: int) -> None:
         super().__init__()
         self.local = local
-        self.world_size = world_size
+        self.rank, self.world_size = rank, world_size
 
     @property
     def num_experts(self) -> int:
@@ -81,12 +82,13 @@ def shard_layer(layer: MoELayer, *, rank: int, world_size: int) -> MoELayer:
         return layer
     full = layer.experts
     e_loc = E // world_size
-    local = Experts(num_experts=e_loc, dim=full.wi_0.shape[1], ffn_dim=full.wi_0.shape[2])
+    with torch.device(full.wi_0.device):  # on "meta" nothing is allocated: the model is built sharded
+        local = Experts(num_experts=e_loc, dim=full.wi_0.shape[1], ffn_dim=full.wi_0.shape[2])
     sl = slice(rank * e_loc, (rank + 1) * e_loc)
     with torch.no_grad():
         for name in ("wi_0", "wi_1", "wo"):
             getattr(local, name).copy_(getattr(full, name)[sl])
-    layer.experts = ShardedExperts(local.to(full.wi_0.device), world_size=world_size)  # type: ignore[assignment]
+    layer.experts = ShardedExperts(local, rank=rank, world_size=world_size)  # type: ignore[assignment]
     return layer
 
 
@@ -102,45 +104,20 @@ def shard_model(model: nn.Module, *, rank: int, world_size: int) -> nn.Module:
     return model
 
 
-def ddp_for_expert_parallel(model: nn.Module, *, world_size: int) -> nn.Module:
-    """DDP over the replicated parameters only; expert gradients are rescaled to DDP's mean."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def rescale_expert_gradients(model: nn.Module, *, world_size: int) -> nn.Module:
+    """Divide expert gradients by the world size (they sum every rank's tokens) so they match the
+    data-parallel mean of the other parameters; returns ``model``."""
     names = expert_param_names(model)
     for n, p in model.named_parameters():
         if n in names:
             p.register_hook(lambda g: g / world_size)
-    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+    return model
+
+
+def ddp_for_expert_parallel(model: nn.Module, *, world_size: int) -> nn.Module:
+    """DDP over the replicated parameters only; expert gradients are rescaled to DDP's mean."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rescale_expert_gradients(model, world_size=world_size)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
     return DDP(model)
-
-
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global gradient-norm clipping when experts are sharded: replicated gradients count once, the
-    experts' gradients of every rank are summed in, so every rank applies the same factor."""
-    names = set(expert_param_names(model))
-    rep = [p.grad for n, p in model.named_parameters() if p.grad is not None and n not in names]
-    exp = [p.grad for n, p in model.named_parameters() if p.grad is not None and n in names]
-    sq_rep = sum((g.float().square().sum() for g in rep), torch.zeros(()))
-    sq_exp = sum((g.float().square().sum() for g in exp), torch.zeros(()))
-    if dist.is_initialized():
-        dist.all_reduce(sq_exp)
-    total = (sq_rep + sq_exp).sqrt()
-    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in rep + exp:
-        g.mul_(factor.to(g.dtype))
-    return total
-
-
-@torch.no_grad()
-def gather_full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with every sharded expert tensor all-gathered back to its full ``[E, ...]`` shape."""
-    state = {}
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    for name, t in model.state_dict().items():
-        if ".experts.local." in f".{name}" and world > 1:
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t.contiguous())
-            state[name.replace("experts.local.", "experts.")] = torch.cat(parts)
-        else:
-            state[name] = t
-    return state

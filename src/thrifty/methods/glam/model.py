@@ -272,6 +272,7 @@ class GlamLM(nn.Module):
         self.aux_weight, self.z_weight, self.router_z_weight = aux_weight, z_weight, router_z_weight
         self.num_buckets, self.max_distance = num_buckets, max_distance
         out_std = init_std / math.sqrt(2 * num_layers)
+        self.init_std, self.out_std = init_std, out_std
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=init_std)
         self.blocks = nn.ModuleList()

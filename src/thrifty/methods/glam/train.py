@@ -41,7 +41,7 @@ from thrifty.core.run import (
     write_json,
 )
 from thrifty.data import text
-from thrifty.methods.glam import expert_parallel, figures
+from thrifty.methods.glam import expert_parallel, figures, sharding
 from thrifty.methods.glam.baselines import (
     ArmSpec,
     accounting_table,
@@ -213,15 +213,23 @@ def train_unit(
         return json.loads(done_file.read_text())
 
     seed_everything(seed)
-    model = build_model(spec).to(info.device)
     ep = cfg.expert_parallel and spec.is_moe and info.enabled
-    if ep:
-        model = expert_parallel.shard_model(model, rank=info.rank, world_size=info.world_size)
+    fsdp = cfg.fsdp and info.enabled
+    per_rank = ep or fsdp  # every rank holds different tensors: per-rank checkpoints, lock-step eval
+    model = sharding.build_sharded(
+        spec,
+        seed=seed,
+        device=info.device,
+        rank=info.rank,
+        world_size=info.world_size,
+        expert_parallel_=ep,
+        fsdp=fsdp,
+    )
     optimizer = make_optimizer(model, cfg)
-    ckpt_dir = unit_dir / "checkpoints" / (f"rank{info.rank}" if ep else "")
+    ckpt_dir = unit_dir / "checkpoints" / (f"rank{info.rank}" if per_rank else "")
     step, train_seconds = 0, 0.0
     ckpt = latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if ep:  # every rank resumes from the newest step all ranks have saved (a kill can split them)
+    if per_rank:  # every rank resumes from the newest step all ranks have saved (a kill can split them)
         agreed = distributed.all_reduce_min_int(int(ckpt.name.split("-")[1]) if ckpt else 0)
         ckpt = checkpoint_at(ckpt_dir, agreed) if agreed else None
     if ckpt is not None:
@@ -230,7 +238,9 @@ def train_unit(
         log.info("%s: resuming from %s (step %d)", unit, ckpt, step)
     if cfg.resume:  # drop what a killed attempt logged after the point we continue from
         metrics.truncate(unit, step)
-    if ep:
+    if fsdp:  # FSDP2 reduce-scatters (averages) the sharded gradients; experts are rescaled to match
+        ddp = expert_parallel.rescale_expert_gradients(model, world_size=info.world_size) if ep else model
+    elif ep:
         ddp = expert_parallel.ddp_for_expert_parallel(model, world_size=info.world_size)
     else:
         ddp = DDP(model) if info.enabled else model
@@ -245,7 +255,7 @@ def train_unit(
     rows = distributed.shard_rows(cfg.batch_size, info)
     tokens_per_step = cfg.batch_size * cfg.model.seq_len
     flops = flops_per_token(spec, cfg.model.seq_len, batch_tokens=tokens_per_step)
-    clip = expert_parallel.clip_grad_norm_ if ep else torch.nn.utils.clip_grad_norm_
+    clip = sharding.clip_grad_norm_ if per_rank else torch.nn.utils.clip_grad_norm_
 
     window: list[list[dict[str, torch.Tensor]]] = []
     sums = torch.zeros(5, dtype=torch.float64)  # loss, lm, aux, z, grad_norm
@@ -262,7 +272,7 @@ def train_unit(
                 out = ddp(batch[:, :-1], labels=batch[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            grad_norm = clip(model if ep else model.parameters(), cfg.optim.grad_clip)
+            grad_norm = clip(model if per_rank else model.parameters(), cfg.optim.grad_clip)
             if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
                 bad_steps += 1
                 log.warning("%s: non-finite loss/gradient at step %d, skipping the update", unit, step)
@@ -312,10 +322,10 @@ def train_unit(
                 window, sums = [], torch.zeros(5, dtype=torch.float64)
             if eval_now:
                 val = evaluate(
-                    model, data.val, data.weights, cfg, info, max_windows=cfg.data.eval_windows, shard=not ep
+                    model, data.val, data.weights, cfg, info, max_windows=cfg.data.eval_windows, shard=not per_rank
                 )
                 metrics.log({**where, "split": "val", **val})
-            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps and (info.is_main or ep):
+            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps and (info.is_main or per_rank):
                 save_checkpoint(
                     ckpt_dir,
                     step=step,
@@ -328,8 +338,8 @@ def train_unit(
                 distributed.barrier()
 
     # the only time the test split is touched
-    test = evaluate(model, data.test, data.weights, cfg, info, max_windows=cfg.data.test_windows, shard=not ep)
-    final_state = expert_parallel.gather_full_state(model) if ep else None
+    test = evaluate(model, data.test, data.weights, cfg, info, max_windows=cfg.data.test_windows, shard=not per_rank)
+    final_state = sharding.gather_full_state(model) if per_rank else None
     logged = metrics.read(unit)
     curve = [r for r in logged if r.get("split") == "val"]
     train_recs = [r for r in logged if "moe" in r]
