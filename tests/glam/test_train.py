@@ -263,3 +263,50 @@ def test_bf16_and_activation_checkpointing_train(tmp_path, data_dir):
     recs = [r for r in train_records(tmp_path / "glam" / "smoke", "moe/seed0") if "lm_loss" in r]
     assert all(math.isfinite(r["lm_loss"]) for r in recs)
     assert res["config"]["precision"] == "bf16"
+
+
+def test_evaluation_mixes_sources_in_batches_and_credits_each_token_to_its_source(tmp_path, data_dir):
+    """For a dense model (batch composition cannot matter) the mixed-batch evaluation equals a plain
+    per-source mean computed window by window; for an MoE the batches really mix sources."""
+    import torch
+    import torch.nn.functional as F
+
+    from thrifty.core.distributed import DistInfo
+    from thrifty.methods.glam.baselines import build_arms
+    from thrifty.methods.glam.sharding import build_sharded
+    from thrifty.methods.glam.train import evaluate, prepare_data
+
+    cfg = smoke(tmp_path, data_dir, "eval_batch_size=5")
+    data = prepare_data(cfg)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    dense = build_sharded(next(s for s in build_arms(cfg) if s.name == "dense-active"), seed=0, device=info.device)
+    got = evaluate(dense, data.val, data.weights, cfg, info, max_windows=7)
+    expect = {}
+    with torch.no_grad():
+        for source, stream in data.val.items():
+            w = torch.from_numpy(text.eval_windows(stream, seq_len=cfg.model.seq_len, max_windows=7))
+            logits = dense.eval()(w[:, :-1]).logits
+            expect[source] = F.cross_entropy(logits.transpose(1, 2), w[:, 1:]).item()
+    for source, value in expect.items():
+        assert got[source] == pytest.approx(value, rel=1e-5), source
+    weights = {s: data.weights[s] for s in expect}
+    overall = sum(expect[s] * w for s, w in weights.items()) / sum(weights.values())
+    assert got["overall"] == pytest.approx(overall, rel=1e-5)
+
+    # an MoE's evaluation batches hold windows of several sources (capacity routing is per group)
+    source_of = {}
+    for source, stream in data.val.items():
+        for w in text.eval_windows(stream, seq_len=cfg.model.seq_len, max_windows=7):
+            source_of[w[:-1].tobytes()] = source
+    moe = build_sharded(next(s for s in build_arms(cfg) if s.name == "moe"), seed=0, device=info.device)
+    batches: list[set[str]] = []
+    original = moe.forward
+
+    def spy(tokens, **kw):
+        batches.append({source_of[row.numpy().tobytes()] for row in tokens})
+        return original(tokens, **kw)
+
+    moe.forward = spy
+    evaluate(moe, data.val, data.weights, cfg, info, max_windows=7)
+    assert sum(len(b) for b in batches) >= len(data.val)
+    assert max(len(b) for b in batches) > 1
