@@ -34,7 +34,7 @@ from thrifty.methods.glam import expert_parallel
 from thrifty.methods.glam.baselines import ArmSpec, build_model
 from thrifty.methods.glam.model import GlamLM
 
-OUT_PROJECTIONS = ("attn.out.weight", "ffn.wo.weight", "ffn.wo", "experts.wo")
+OUT_PROJECTIONS = ("attn.out.weight", "ffn.wo.weight", "experts.wo")
 
 
 def canonical_name(name: str) -> str:
