@@ -56,6 +56,8 @@ COMMON = [
     "seeds=[0]",
     "max_steps=10",
     "moe.group_size=64",
+    "data.eval_windows=5",  # 3 sources x odd counts: the ranks' shares differ and one pads
+    "data.test_windows=7",
     "progress=false",
     "num_threads=1",
 ]
@@ -116,9 +118,10 @@ def test_torchrun_training_equals_single_process(tmp_path, data_dir, single_run,
         t_ddp = json.loads((tmp_path / "glam" / "ddp" / unit).read_text())["test"]
         t_single = json.loads((single_run / unit).read_text())["test"]
         for source, value in t_single.items():
-            # plain DDP splits the test windows over ranks, so the MoE's capacity groups hold other
-            # tokens than in one process and a few different tokens are dropped
-            rel = 2e-3 if arm == "moe" and not (expert_parallel or fsdp) else 5e-4
+            # the test windows are split over the ranks (odd counts: one rank pads its last batch), so
+            # the MoE's capacity groups hold other tokens than in one process and a few different tokens
+            # are dropped; the dense arm does not depend on batch composition
+            rel = 2e-3 if arm == "moe" else 5e-4
             assert t_ddp[source] == pytest.approx(value, rel=rel), (arm, source)
     # the saved final model is the full, unsharded one, whichever way it was split while training
     from safetensors.torch import load_file

@@ -55,7 +55,7 @@ def test_expert_sharded_build_draws_exactly_this_ranks_slice_of_the_full_model(w
     full = dict(build_sharded(spec, seed=5, device=CPU).named_parameters())
     E = spec.kwargs["moe"].num_experts
     for rank in range(world_size):
-        part = build_sharded(spec, seed=5, device=CPU, rank=rank, world_size=world_size, expert_parallel_=True)
+        part = build_sharded(spec, seed=5, device=CPU, rank=rank, world_size=world_size, shard_experts=True)
         assert all(m.local.num_experts == E // world_size for m in part.modules() if isinstance(m, ShardedExperts))
         for name, p in part.named_parameters():
             ref = full[canonical_name(name)]
@@ -72,7 +72,7 @@ def test_meta_build_never_allocates_other_ranks_experts():
     cfg.model.dim, cfg.model.ffn_dim, cfg.model.num_layers, cfg.model.num_heads = 1024, 4096, 2, 8
     cfg.moe.num_experts = 64
     spec = next(s for s in build_arms(cfg) if s.name == "moe")
-    model = build_sharded(spec, seed=0, device=CPU, rank=5, world_size=64, expert_parallel_=True)
+    model = build_sharded(spec, seed=0, device=CPU, rank=5, world_size=64, shard_experts=True)
     counts = param_counts(spec)
     held = sum(p.numel() for p in model.parameters())
     assert held == counts["total"] - counts["expert"] + counts["expert"] // 64

@@ -134,7 +134,7 @@ def build_sharded(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
-    expert_parallel_: bool = False,
+    shard_experts: bool = False,
     fsdp: bool = False,
 ) -> GlamLM:
     """Build one arm without ever materialising more than this rank's share, then initialise it.
@@ -144,15 +144,15 @@ def build_sharded(
         seed: initialisation seed (:func:`init_weights`).
         device: where this rank's parameters live.
         rank, world_size: this process's place in the (single) data/expert-parallel group.
-        expert_parallel_: keep only this rank's experts (MoE arms; ``E`` divisible by ``world_size``).
+        shard_experts: keep only this rank's experts (MoE arms; ``E`` divisible by ``world_size``).
         fsdp: shard the non-expert parameters with FSDP2 (needs an initialised process group).
     """
     with torch.device("meta"):
         model = build_model(spec)
-        if expert_parallel_:
+        if shard_experts:
             expert_parallel.shard_model(model, rank=rank, world_size=world_size)
     if fsdp:
-        ignored = {p for _, p, _ in _expert_params(model)} if expert_parallel_ else set()
+        ignored = {p for _, p, _ in _expert_params(model)} if shard_experts else set()
         apply_fsdp(model, ignored=ignored)
     model.to_empty(device=device)
     init_weights(model, seed=seed)

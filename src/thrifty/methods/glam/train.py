@@ -149,7 +149,6 @@ def evaluate(
     info: distributed.DistInfo,
     *,
     max_windows: int,
-    shard: bool = True,
 ) -> dict[str, float]:
     """Mean next-token loss (nats) per source and mixture-weighted overall, on held-out windows.
 
@@ -157,10 +156,12 @@ def evaluate(
     mixes sources the way training batches do, and each token's loss is credited to its source.
     (Capacity routing is decided per group: batches of one source crowd the same experts, and at the
     ``quick`` size 6–10% of validation tokens then lose both experts, against 1–4% in mixed batches.)
-    With ``shard`` the windows are split over DDP ranks and the sums all-reduced; without it every
-    rank evaluates everything (expert parallelism and FSDP need every rank in every forward).
+
+    Under torchrun the windows are split over the ranks and the sums all-reduced. Every rank runs the
+    same number of equally shaped forwards (FSDP all-gathers and expert all-to-alls need every rank in
+    each one): a rank with fewer windows fills its last batch with padding rows, which the model never
+    routes and whose loss is not counted.
     """
-    shard = shard and info.enabled
     was_training = model.training
     model.eval()
     sources = list(streams)
@@ -170,19 +171,23 @@ def evaluate(
     windows = np.concatenate(per_source) if per_source else np.zeros((0, cfg.model.seq_len + 1), np.int64)
     owner = np.concatenate([np.full(len(w), i) for i, w in enumerate(per_source)]) if per_source else np.zeros(0)
     order = np.random.default_rng(0).permutation(len(windows))
-    if shard:
+    if info.enabled:
+        share = -(-len(order) // info.world_size)
         order = order[info.rank :: info.world_size]
+        order = np.concatenate([order, np.full(share - len(order), -1)])  # -1 = padding row
     totals = torch.zeros(len(sources), 2, dtype=torch.float64)  # per source: loss sum, tokens
     for i in range(0, len(order), cfg.eval_batch_size):
         rows = order[i : i + cfg.eval_batch_size]
-        batch = torch.from_numpy(windows[rows]).to(info.device)
+        real = torch.from_numpy(rows >= 0)
+        batch = torch.from_numpy(windows[rows.clip(min=0)]).to(info.device)
+        pad = None if bool(real.all()) else real.to(info.device).view(-1, 1).expand(-1, batch.shape[1] - 1)
         with autocast(info.device, cfg):
-            logits = model(batch[:, :-1]).logits
+            logits = model(batch[:, :-1], padding_mask=pad).logits
         nll = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none").sum(1).double().cpu()
-        src = torch.from_numpy(owner[rows]).long()
-        totals[:, 0].index_add_(0, src, nll)
-        totals[:, 1].index_add_(0, src, torch.full_like(nll, batch.shape[1] - 1))
-    if shard:
+        src = torch.from_numpy(owner[rows.clip(min=0)]).long()[real]
+        totals[:, 0].index_add_(0, src, nll[real])
+        totals[:, 1].index_add_(0, src, torch.full_like(nll[real], batch.shape[1] - 1))
+    if info.enabled:
         torch.distributed.all_reduce(totals)
     out = {s: float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan") for i, s in enumerate(sources)}
     present = {s: w for s, w in weights.items() if math.isfinite(out.get(s, math.nan))}
@@ -228,14 +233,14 @@ def train_unit(
     seed_everything(seed)
     ep = cfg.expert_parallel and spec.is_moe and info.enabled
     fsdp = cfg.fsdp and info.enabled
-    per_rank = ep or fsdp  # every rank holds different tensors: per-rank checkpoints, lock-step eval
+    per_rank = ep or fsdp  # every rank holds different tensors: per-rank checkpoints and clipping
     model = sharding.build_sharded(
         spec,
         seed=seed,
         device=info.device,
         rank=info.rank,
         world_size=info.world_size,
-        expert_parallel_=ep,
+        shard_experts=ep,
         fsdp=fsdp,
     )
     optimizer = make_optimizer(model, cfg)
@@ -334,9 +339,7 @@ def train_unit(
                 advance(len(window), loss=rec["lm_loss"])
                 window, sums = [], torch.zeros(5, dtype=torch.float64)
             if eval_now:
-                val = evaluate(
-                    model, data.val, data.weights, cfg, info, max_windows=cfg.data.eval_windows, shard=not per_rank
-                )
+                val = evaluate(model, data.val, data.weights, cfg, info, max_windows=cfg.data.eval_windows)
                 metrics.log({**where, "split": "val", **val})
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps and (info.is_main or per_rank):
                 save_checkpoint(
@@ -351,7 +354,7 @@ def train_unit(
                 distributed.barrier()
 
     # the only time the test split is touched
-    test = evaluate(model, data.test, data.weights, cfg, info, max_windows=cfg.data.test_windows, shard=not per_rank)
+    test = evaluate(model, data.test, data.weights, cfg, info, max_windows=cfg.data.test_windows)
     final_state = sharding.gather_full_state(model) if per_rank else None
     logged = metrics.read(unit)
     curve = [r for r in logged if r.get("split") == "val"]
