@@ -19,7 +19,9 @@ from thrifty.methods.glam.moe import MoELayer
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize(("dispatch", "mode"), [("index", "capacity"), ("einsum", "capacity"), ("index", "top1")])
+@pytest.mark.parametrize(
+    ("dispatch", "mode"), [("index", "capacity"), ("einsum", "capacity"), ("index", "top1"), ("index", "expert_choice")]
+)
 def test_expert_parallel_all_to_all_equals_single_process_layer(dispatch, mode):
     script = Path(__file__).with_name("ep_check.py")
     cmd = [

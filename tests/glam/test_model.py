@@ -174,9 +174,9 @@ def test_dense_params_matches_moe_total_params():
     assert abs(pa - pda) / pda < 0.01
 
 
-@pytest.mark.parametrize("arm", ["dense-active", "moe"])
-def test_analytic_flops_match_flop_counter(arm):
-    cfg = load_config("glam", "smoke", [])[1]
+@pytest.mark.parametrize(("arm", "mode"), [("dense-active", "capacity"), ("moe", "capacity"), ("moe", "expert_choice")])
+def test_analytic_flops_match_flop_counter(arm, mode):
+    cfg = load_config("glam", "smoke", [f"moe.mode={mode}"])[1]
     spec: ArmSpec = {a.name: a for a in build_arms(cfg)}[arm]
     model = build_model(spec)
     B, T = 4, cfg.model.seq_len

@@ -1000,3 +1000,66 @@ def test_bad_gate_settings_raise():
         MoELayer(dim=4, ffn_dim=8, num_experts=4, aux_norm="mean")
     with pytest.raises(ValueError, match="second_policy"):
         MoELayer(dim=4, ffn_dim=8, num_experts=4, second_policy="greedy")
+
+
+# ------------------------------------------------------------------------------------------------
+# Expert choice (the card's optional mode): each expert takes its top-C real tokens of the group
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("seed", "G", "S", "E", "C"), [(0, 2, 16, 4, 4), (1, 3, 12, 8, 8), (2, 1, 6, 4, 8)])
+def test_expert_choice_picks_each_experts_top_c_real_tokens(seed, G, S, E, C):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(G, S, E, generator=gen) * 2
+    nonpad = torch.rand(G, S, generator=gen) > 0.25
+    r = gate_tokens(logits, nonpad, mode="expert_choice", capacity=C)
+    raw = np_softmax(logits.numpy())
+    assert r.expert.shape == (G, S, E)
+    for g in range(G):
+        real = np.flatnonzero(nonpad[g].numpy())
+        for e in range(E):
+            ranked = real[np.argsort(-raw[g, real, e], kind="stable")][: min(C, S)]
+            picked = np.flatnonzero(r.kept[g, :, e].numpy())
+            assert set(picked) == set(ranked), (g, e)
+            for pos, tok in enumerate(ranked):  # buffer positions follow the expert's ranking
+                assert int(r.position[g, tok, e]) == pos
+            np.testing.assert_allclose(r.gate[g, picked, e].numpy(), raw[g, picked, e], rtol=1e-6)
+    assert not r.kept[~nonpad].any()  # padding is never taken
+    assert not r.gate[~r.kept].any()
+    assert float(r.aux_loss) == 0.0
+    stats = routing_stats(r, nonpad)
+    per_expert = sum(min(C, S, int(nonpad[g].sum())) for g in range(G))
+    torch.testing.assert_close(stats["load"], torch.full((E,), float(per_expert)))  # every expert full
+    assert float(stats["drop_rate"]) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expert_choice_layer_equals_token_by_token_and_einsum(seed):
+    idx = make_layer(seed=seed, mode="expert_choice", dispatch="index", group_size=16, capacity_factor=1.0)
+    ein = clone_layer(idx, dispatch="einsum")
+    torch.manual_seed(200 + seed)
+    x = torch.randn(3, 17, 8)  # 51 tokens -> 4 groups of 16 with a padded tail
+    nonpad = torch.rand(3, 17) > 0.15
+    target = torch.randn(3, 17, 8)
+    res = []
+    for layer in (idx, ein):
+        xx = x.clone().requires_grad_(True)
+        out = layer(xx, nonpad)
+        ((out.hidden * target).sum() + 0.01 * out.router_z_loss).backward()
+        res.append((out, xx.grad, grads(layer)))
+    (o1, gx1, g1), (o2, gx2, g2) = res
+    torch.testing.assert_close(o1.hidden, o2.hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=1e-5)
+    for name in g1:
+        assert torch.isfinite(g1[name]).all() and g1[name].abs().sum() > 0, name
+        if name.startswith("experts."):  # every expert is full, so every expert's slice learns
+            assert (g1[name].flatten(1).abs().sum(1) > 0).all(), name
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-5, rtol=1e-5, msg=name)
+    xg, npg, _ = idx.group(x, nonpad)
+    r, _ = idx.route(xg, npg)
+    with torch.no_grad():
+        ref = manual_moe(idx, xg, r.expert, r.gate, r.kept).reshape(-1, 8)[:51].view(3, 17, 8)
+    torch.testing.assert_close(o1.hidden, ref, atol=1e-5, rtol=1e-5)
+    nobody = ~r.kept.any(-1).reshape(-1)[:51].view(3, 17)
+    assert nobody.any()  # capacity factor 1: some tokens are taken by no expert ...
+    assert not o1.hidden[nobody].any()  # ... and their MoE output is exactly zero

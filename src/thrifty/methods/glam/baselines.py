@@ -22,7 +22,7 @@ from typing import Any
 
 from thrifty.methods.glam.config import GlamConfig
 from thrifty.methods.glam.model import GlamLM, MoESettings
-from thrifty.methods.glam.moe import expert_capacity
+from thrifty.methods.glam.moe import expert_capacity, experts_per_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,8 @@ def build_arms(cfg: GlamConfig) -> list[ArmSpec]:
             moe = dataclasses.replace(moe, mode="dropless")
         elif ab == "top1":
             moe = dataclasses.replace(moe, mode="top1")
+        elif ab == "expert_choice":
+            moe = dataclasses.replace(moe, mode="expert_choice")
         out.append(ArmSpec(f"ablation-{ab}", {**kw, "moe": moe}))
     return out
 
@@ -122,10 +124,16 @@ def param_counts(spec: ArmSpec) -> dict[str, int]:
     if moe is None:
         total = shared + L * ffn_params(d, f)
         return {"total": total, "active": total, "expert": 0}
-    k = 1 if moe.mode == "top1" else 2
+    k = _experts_per_token(moe)
     expert = (L // 2) * moe.num_experts * ffn_params(d, f)
     rest = shared + (L // 2) * ffn_params(d, f) + (L // 2) * d * moe.num_experts
-    return {"total": rest + expert, "active": rest + expert * k // moe.num_experts, "expert": expert}
+    return {"total": rest + expert, "active": rest + round(expert * k / moe.num_experts), "expert": expert}
+
+
+def _experts_per_token(moe: MoESettings) -> float:
+    return experts_per_token(
+        moe.mode, num_experts=moe.num_experts, capacity_factor=moe.capacity_factor, group_size=moe.group_size
+    )
 
 
 def count_params(model: GlamLM) -> dict[str, int]:
@@ -136,7 +144,7 @@ def count_params(model: GlamLM) -> dict[str, int]:
     for layer in model.moe_layers():
         n = sum(p.numel() for p in layer.experts.parameters())
         expert += n
-        active_expert += n * layer.top_k // layer.num_experts
+        active_expert += round(n * layer.top_k / layer.num_experts)
     return {"total": total, "active": total - expert + active_expert, "expert": expert}
 
 
@@ -155,7 +163,7 @@ def flops_per_token(spec: ArmSpec, seq_len: int, *, batch_tokens: int | None = N
     if moe is None:
         ffn_act = ffn_exec = L * 2 * ffn_params(d, f)
     else:
-        k = 1 if moe.mode == "top1" else 2
+        k = _experts_per_token(moe)
         dense_layers, moe_layers = L // 2, L // 2
         router = 2 * d * moe.num_experts
         ffn_act = dense_layers * 2 * ffn_params(d, f) + moe_layers * (k * 2 * ffn_params(d, f) + router)
@@ -163,7 +171,10 @@ def flops_per_token(spec: ArmSpec, seq_len: int, *, batch_tokens: int | None = N
             slots = k
         else:
             S = min(moe.group_size, batch_tokens or moe.group_size)
-            slots = moe.num_experts * expert_capacity(S, moe.num_experts, moe.capacity_factor) / S
+            C = expert_capacity(S, moe.num_experts, moe.capacity_factor)
+            if moe.mode == "expert_choice":  # an expert cannot take more tokens than the group has
+                C = min(C, S)
+            slots = moe.num_experts * C / S
         ffn_exec = dense_layers * 2 * ffn_params(d, f) + moe_layers * (slots * 2 * ffn_params(d, f) + router)
     act = attn + logits + ffn_act
     exe = attn + logits + ffn_exec

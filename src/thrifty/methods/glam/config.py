@@ -6,11 +6,12 @@ import dataclasses
 
 from thrifty.core.config import BaseConfig
 from thrifty.methods.glam.model import MoESettings
+from thrifty.methods.glam.moe import MODES
 
 ARMS = ("moe", "dense-active", "dense-params")
 # Ablations of the moe arm (card: aux 0 vs 0.01; cf 1 vs 2; E in {4, 8, 16} at fixed activated FLOPs;
-# dropless), plus top-1 routing.
-ABLATIONS = ("aux0", "cf1", "experts4", "experts16", "dropless", "top1")
+# dropless), plus top-1 and expert-choice routing.
+ABLATIONS = ("aux0", "cf1", "experts4", "experts16", "dropless", "top1", "expert_choice")
 
 
 @dataclasses.dataclass
@@ -135,8 +136,8 @@ class GlamConfig(BaseConfig):
                 raise ValueError(f"config key {key!r} must be >= 1")
         if self.checkpoint_every % self.log_every:
             raise ValueError("config key 'checkpoint_every' must be a multiple of 'log_every'")
-        if self.moe.mode not in ("capacity", "top1", "dropless"):
-            raise ValueError("config key 'moe.mode' must be capacity|top1|dropless")
+        if self.moe.mode not in MODES:
+            raise ValueError(f"config key 'moe.mode' must be one of {'|'.join(MODES)}")
         if self.moe.dispatch not in ("index", "einsum"):
             raise ValueError("config key 'moe.dispatch' must be index|einsum")
         if self.moe.second_policy not in ("all", "sampling", "random"):

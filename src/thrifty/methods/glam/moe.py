@@ -18,10 +18,17 @@ dispatched independently):
    expert. Slots at position ``>= C`` are dropped: their gate becomes 0, with no renormalisation.
    A token dropped twice has a zero MoE output, so only the residual stream carries it.
 
-Modes: ``capacity`` (above, top-2), ``top1`` (Switch-style, gate = raw probability, same capacity rule)
-and ``dropless`` (top-2, every assigned slot is computed). Dispatch implementations: ``einsum`` is the
-paper's one-hot ``[G,S,E,C]`` formulation, kept as the reference; ``index`` computes exactly the same
-function with gathers (no ``S×E×C`` tensor), and is the default because it is faster and lighter.
+Modes: ``capacity`` (above, top-2), ``top1`` (Switch-style, gate = raw probability, same capacity rule),
+``dropless`` (top-2, every assigned slot is computed) and the card's optional ``expert_choice``
+(Zhou et al., *Mixture-of-Experts with Expert Choice Routing*, arXiv 2202.09368): each expert takes
+the ``C`` real tokens of the group with the highest router probability for it, so every expert is
+exactly full and a token is served by 0..E experts (``cf`` on average), combined with those
+probabilities unrenormalised. It needs no load-balancing loss (its aux loss is 0) and, more than the
+capacity modes, decides a token's experts from the whole group, later tokens included.
+
+Dispatch implementations: ``einsum`` is the paper's one-hot ``[G,S,E,C]`` formulation, kept as the
+reference; ``index`` computes exactly the same function with gathers (no ``S×E×C`` tensor), and is the
+default because it is faster and lighter.
 
 Deliberate deviations (documented in the recipe README):
 * ``C`` is at least 4 (Praxis keeps ``C=1`` when ``S·cf/E < 2``), so ``C`` is always a multiple of 4.
@@ -40,7 +47,8 @@ from torch import nn
 
 from thrifty.methods.glam.losses import load_balancing_loss, z_loss
 
-Mode = Literal["capacity", "top1", "dropless"]
+Mode = Literal["capacity", "top1", "dropless", "expert_choice"]
+MODES = ("capacity", "top1", "dropless", "expert_choice")
 Dispatch = Literal["index", "einsum"]
 SecondPolicy = Literal["all", "sampling", "random"]
 
@@ -51,9 +59,19 @@ def expert_capacity(group_size: int, num_experts: int, capacity_factor: float) -
     return int(math.ceil(c / 4) * 4)
 
 
+def experts_per_token(mode: str, *, num_experts: int, capacity_factor: float, group_size: int) -> float:
+    """Experts that process a token on average: ``k`` of top-k routing; ``E·C/S`` for expert choice."""
+    if mode == "top1":
+        return 1.0
+    if mode == "expert_choice":
+        return num_experts * min(expert_capacity(group_size, num_experts, capacity_factor), group_size) / group_size
+    return 2.0
+
+
 @dataclasses.dataclass
 class Routing:
-    """Result of gating one batch of groups. ``K`` is 2 (top-2) or 1 (top-1).
+    """Result of gating one batch of groups. ``K`` is 2 (top-2), 1 (top-1) or ``E`` (expert choice:
+    slot ``k`` of a token is expert ``k``).
 
     Attributes:
         expert: ``[G, S, K]`` long, chosen expert per slot.
@@ -98,7 +116,7 @@ def gate_tokens(
     Args:
         logits: ``[G, S, E]`` router logits (cast to fp32 here).
         nonpad: ``[G, S]`` bool, True for real tokens.
-        mode: ``capacity`` (top-2), ``top1`` or ``dropless`` (top-2, no capacity).
+        mode: ``capacity`` (top-2), ``top1``, ``dropless`` (top-2, no capacity) or ``expert_choice``.
         capacity: ``C`` for the capacity modes.
         second_policy: ``all`` | ``sampling`` | ``random`` (see module docstring).
         second_threshold: threshold of the ``random`` policy.
@@ -109,6 +127,10 @@ def gate_tokens(
     G, S, E = logits.shape
     raw = torch.softmax(logits, dim=-1)
     np_f = nonpad.to(raw.dtype)  # [G, S]
+    if mode == "expert_choice":
+        if capacity is None:
+            raise ValueError("expert_choice mode needs a capacity")
+        return _expert_choice(raw, nonpad, capacity)
 
     i1 = raw.argmax(dim=-1)  # [G, S]
     m1 = F.one_hot(i1, E).to(raw.dtype) * np_f.unsqueeze(-1)  # [G, S, E]
@@ -174,7 +196,7 @@ def gate_tokens(
             over_capacity=(zero, zero),
         )
     if mode != "capacity":
-        raise ValueError(f"mode must be capacity|top1|dropless, not {mode!r}")
+        raise ValueError(f"mode must be one of {'|'.join(MODES)}, not {mode!r}")
     if capacity is None:
         raise ValueError("capacity mode needs a capacity")
 
@@ -199,6 +221,31 @@ def gate_tokens(
         capacity=capacity,
         aux_loss=aux,
         over_capacity=(over1, over2),
+    )
+
+
+def _expert_choice(raw: torch.Tensor, nonpad: torch.Tensor, capacity: int) -> Routing:
+    """Each expert picks its ``C`` highest-probability real tokens of the group (``raw``: ``[G, S, E]``)."""
+    G, S, E = raw.shape
+    C = min(capacity, S)
+    score = raw.masked_fill(~nonpad.unsqueeze(-1), -1.0)  # padding ranks below every real token
+    top_val, top_tok = score.topk(C, dim=1)  # [G, C, E]: the tokens each expert takes, best first
+    chosen = top_val >= 0
+    kept = torch.zeros(G, S, E, dtype=torch.bool, device=raw.device)
+    kept.scatter_(1, top_tok, chosen)
+    rank = torch.arange(C, device=raw.device).view(1, C, 1).expand(G, C, E)
+    position = torch.zeros(G, S, E, dtype=torch.long, device=raw.device).scatter_(1, top_tok, rank)
+    zero = torch.zeros((), device=raw.device)
+    return Routing(
+        expert=torch.arange(E, device=raw.device).expand(G, S, E),
+        position=position * kept,
+        gate=raw * kept,
+        kept=kept,
+        assigned=kept,
+        raw_gates=raw,
+        capacity=C,
+        aux_loss=zero,
+        over_capacity=(zero, zero),
     )
 
 
@@ -261,7 +308,8 @@ def routing_stats(r: Routing, nonpad: torch.Tensor) -> dict[str, torch.Tensor]:
     * ``over_capacity_1`` / ``over_capacity_2``: assigned slots at position >= C / assigned slots.
     * ``both_dropped``: real tokens with no kept slot / real tokens.
     * ``drop_rate``: assigned slots not kept / assigned slots.
-    * ``load``: ``[E]`` kept slots per expert; ``top1_load``: ``[E]`` top-1 assignments per expert.
+    * ``load``: ``[E]`` kept slots per expert; ``top1_load``: ``[E]`` real tokens whose highest router
+      probability is each expert.
     * ``router_entropy``: mean per-token router entropy / log E.
     * ``load_entropy``: entropy of the kept-slot distribution over experts / log E (1 = uniform).
     * ``aux_loss``.
@@ -272,7 +320,7 @@ def routing_stats(r: Routing, nonpad: torch.Tensor) -> dict[str, torch.Tensor]:
     load = torch.zeros(E, device=r.expert.device).index_add_(
         0, r.expert[r.kept], torch.ones_like(r.expert[r.kept], dtype=torch.float32)
     )
-    top1 = r.expert[..., 0][r.assigned[..., 0]]
+    top1 = r.raw_gates.argmax(-1)[nonpad]  # every real token's first choice (== slot 0 of top-k routing)
     top1_load = torch.zeros(E, device=r.expert.device).index_add_(0, top1, torch.ones_like(top1, dtype=torch.float32))
     p = r.raw_gates.clamp_min(1e-20)
     tok_ent = -(p * p.log()).sum(-1)
@@ -330,8 +378,8 @@ class MoELayer(nn.Module):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if mode not in ("capacity", "top1", "dropless"):
-            raise ValueError(f"mode must be capacity|top1|dropless, not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {'|'.join(MODES)}, not {mode!r}")
         if dispatch not in ("index", "einsum"):
             raise ValueError(f"dispatch must be index|einsum, not {dispatch!r}")
         if mode != "top1" and num_experts < 2:
@@ -351,8 +399,11 @@ class MoELayer(nn.Module):
         self.experts = Experts(num_experts=num_experts, dim=dim, ffn_dim=ffn_dim, init_std=init_std, out_std=out_std)
 
     @property
-    def top_k(self) -> int:
-        return 1 if self.mode == "top1" else 2
+    def top_k(self) -> float:
+        """Experts per token on average (a full group: ``E·C/S`` for expert choice)."""
+        return experts_per_token(
+            self.mode, num_experts=self.num_experts, capacity_factor=self.capacity_factor, group_size=self.group_size
+        )
 
     def group(self, x: torch.Tensor, nonpad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Flatten ``[..., d]`` into ``[G, S, d]`` groups, padding the tail group with padding tokens."""

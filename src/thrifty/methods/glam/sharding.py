@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from thrifty.methods.glam import expert_parallel
 from thrifty.methods.glam.baselines import ArmSpec, build_model
 from thrifty.methods.glam.model import GlamLM
+from thrifty.methods.glam.moe import Experts
 
 OUT_PROJECTIONS = ("attn.out.weight", "ffn.wo.weight", "experts.wo")
 
@@ -74,8 +75,6 @@ def _draw(shape: torch.Size | tuple[int, ...], rule: tuple[str, float], gen: tor
 
 def _expert_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, range]]:
     """Expert weights with the global indices of the experts they hold."""
-    from thrifty.methods.glam.moe import Experts
-
     for mod_name, mod in model.named_modules():
         if isinstance(mod, expert_parallel.ShardedExperts):
             e_loc = mod.local.num_experts
@@ -157,10 +156,6 @@ def build_sharded(
     model.to_empty(device=device)
     init_weights(model, seed=seed)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
