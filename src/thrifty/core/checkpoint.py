@@ -63,10 +63,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
 def _save_model_state(model: torch.nn.Module, path: Path) -> None:
-    state = model.state_dict()
-    if any(_is_dtensor(v) for v in state.values()):
-        save_file({k: _local(v).detach().cpu().contiguous() for k, v in state.items()}, str(path))
+    if _is_sharded(model):
+        save_file({k: _local(v).detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     else:
         save_model(model, str(path))
 
@@ -260,9 +263,8 @@ def load_checkpoint(
         fpath = path / fname
         if not fpath.exists() or fpath.stat().st_size != size:
             raise CheckpointError(f"checkpoint file {fpath} is missing or truncated (expected {size} bytes)")
-    sharded = any(_is_dtensor(p) for p in model.parameters())
     try:
-        if sharded:
+        if _is_sharded(model):
             _load_sharded_model_state(model, path / "model.safetensors")
             missing, unexpected = [], []
         else:

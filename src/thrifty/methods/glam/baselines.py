@@ -22,7 +22,7 @@ from typing import Any
 
 from thrifty.methods.glam.config import GlamConfig
 from thrifty.methods.glam.model import GlamLM, MoESettings
-from thrifty.methods.glam.moe import expert_capacity, experts_per_token
+from thrifty.methods.glam.moe import experts_per_token, slots_per_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +171,9 @@ def flops_per_token(spec: ArmSpec, seq_len: int, *, batch_tokens: int | None = N
             slots = k
         else:
             S = min(moe.group_size, batch_tokens or moe.group_size)
-            C = expert_capacity(S, moe.num_experts, moe.capacity_factor)
-            if moe.mode == "expert_choice":  # an expert cannot take more tokens than the group has
-                C = min(C, S)
-            slots = moe.num_experts * C / S
+            slots = slots_per_token(
+                moe.mode, num_experts=moe.num_experts, capacity_factor=moe.capacity_factor, group_size=S
+            )
         ffn_exec = dense_layers * 2 * ffn_params(d, f) + moe_layers * (slots * 2 * ffn_params(d, f) + router)
     act = attn + logits + ffn_act
     exe = attn + logits + ffn_exec

@@ -59,12 +59,21 @@ def expert_capacity(group_size: int, num_experts: int, capacity_factor: float) -
     return int(math.ceil(c / 4) * 4)
 
 
+def slots_per_token(mode: str, *, num_experts: int, capacity_factor: float, group_size: int) -> float:
+    """Expert-buffer rows computed per token in a capacity-limited mode: ``E·C/S`` (expert choice
+    cannot take more than the group's ``S`` tokens per expert, so its ``C`` is at most ``S``)."""
+    C = expert_capacity(group_size, num_experts, capacity_factor)
+    if mode == "expert_choice":
+        C = min(C, group_size)
+    return num_experts * C / group_size
+
+
 def experts_per_token(mode: str, *, num_experts: int, capacity_factor: float, group_size: int) -> float:
     """Experts that process a token on average: ``k`` of top-k routing; ``E·C/S`` for expert choice."""
     if mode == "top1":
         return 1.0
     if mode == "expert_choice":
-        return num_experts * min(expert_capacity(group_size, num_experts, capacity_factor), group_size) / group_size
+        return slots_per_token(mode, num_experts=num_experts, capacity_factor=capacity_factor, group_size=group_size)
     return 2.0
 
 
@@ -126,11 +135,11 @@ def gate_tokens(
     logits = logits.float()
     G, S, E = logits.shape
     raw = torch.softmax(logits, dim=-1)
-    np_f = nonpad.to(raw.dtype)  # [G, S]
     if mode == "expert_choice":
         if capacity is None:
             raise ValueError("expert_choice mode needs a capacity")
         return _expert_choice(raw, nonpad, capacity)
+    np_f = nonpad.to(raw.dtype)  # [G, S]
 
     i1 = raw.argmax(dim=-1)  # [G, S]
     m1 = F.one_hot(i1, E).to(raw.dtype) * np_f.unsqueeze(-1)  # [G, S, E]

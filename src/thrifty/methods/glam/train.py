@@ -178,13 +178,13 @@ def evaluate(
     totals = torch.zeros(len(sources), 2, dtype=torch.float64)  # per source: loss sum, tokens
     for i in range(0, len(order), cfg.eval_batch_size):
         rows = order[i : i + cfg.eval_batch_size]
-        real = torch.from_numpy(rows >= 0)
-        batch = torch.from_numpy(windows[rows.clip(min=0)]).to(info.device)
+        real, rows = torch.from_numpy(rows >= 0), rows.clip(min=0)  # padding rows repeat window 0, uncounted
+        batch = torch.from_numpy(windows[rows]).to(info.device)
         pad = None if bool(real.all()) else real.to(info.device).view(-1, 1).expand(-1, batch.shape[1] - 1)
         with autocast(info.device, cfg):
             logits = model(batch[:, :-1], padding_mask=pad).logits
         nll = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none").sum(1).double().cpu()
-        src = torch.from_numpy(owner[rows.clip(min=0)]).long()[real]
+        src = torch.from_numpy(owner[rows]).long()[real]
         totals[:, 0].index_add_(0, src, nll[real])
         totals[:, 1].index_add_(0, src, torch.full_like(nll[real], batch.shape[1] - 1))
     if info.enabled:
