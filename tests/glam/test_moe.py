@@ -475,6 +475,35 @@ def test_hand_built_overflow_top2():
     torch.testing.assert_close(r.raw_gates[0], torch.softmax(HAND_LOGITS, -1), atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("policy", ["all", "random"])
+def test_second_expert_is_true_runner_up_when_probabilities_underflow(policy):
+    # Token 0's top logit is 200 above the rest: every other softmax probability underflows to 0 in fp32.
+    # Its runner-up is expert 3 (logit 50), not the lowest index that is not the top choice (expert 0).
+    logits = torch.zeros(1, 4, 4)
+    logits[0, 0] = torch.tensor([0.0, 0.0, 200.0, 50.0])
+    logits[0, 1:] = torch.tensor([1.0, 0.0, 0.0, 0.5])
+    r = gate_tokens(logits, torch.ones(1, 4, dtype=torch.bool), capacity=4, second_policy=policy, second_threshold=0.2)
+    probs = torch.softmax(logits[0, 0], -1)
+    assert float(probs[3]) == 0.0 and float(probs[0]) == 0.0  # the premise: both underflow
+    assert r.expert[0, 0].tolist() == [2, 3]
+    assert float(r.gate[0, 0, 1]) == 0.0 and not r.kept[0, 0, 1] and not r.assigned[0, 0, 1]
+
+
+def test_underflowed_second_choice_takes_no_capacity():
+    # Capacity 4 on expert 3: tokens 1-3 take three top-1 slots. Token 0's second choice (expert 3, gate 0
+    # after underflow) must not take the last slot, which token 4's real second choice needs.
+    logits = torch.zeros(1, 5, 4)
+    logits[0, 0] = torch.tensor([0.0, 0.0, 200.0, 50.0])
+    logits[0, 1:4] = torch.tensor([0.0, 0.0, 0.0, 10.0])
+    logits[0, 4] = torch.tensor([1.0, 0.0, 0.0, 0.9])
+    r = gate_tokens(logits, torch.ones(1, 5, dtype=torch.bool), capacity=4)
+    assert r.capacity == 4
+    assert r.expert[0, 4].tolist() == [0, 3]
+    assert r.kept[0, 4, 1] and int(r.position[0, 4, 1]) == 3
+    assert float(r.gate[0, 4, 1]) > 0.4
+    assert float(r.over_capacity[1]) == 0.0
+
+
 def test_hand_built_overflow_two_groups_are_independent():
     # The same pattern in two groups: positions restart in every group.
     logits = torch.stack([HAND_LOGITS, HAND_LOGITS])

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 Direction = Literal["less", "greater"]
+Kind = Literal["value", "paired", "works"]
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
@@ -59,6 +60,8 @@ class Claim:
         seeds: the seeds, aligned with ``values``.
         preset: the budget it was measured at.
         unit: unit of ``measured`` (``nats``, ``AUROC points`` ...).
+        kind: ``value`` (one quantity against a threshold), ``paired`` (arm A − arm B, paired by seed) or
+            ``works`` (the method against a trivial baseline on the same test data, by a margin).
         holds: computed, never given.
     """
 
@@ -75,21 +78,48 @@ class Claim:
     preset: str
     unit: str = ""
     note: str = ""
+    kind: Kind = "value"
 
     @property
     def holds(self) -> bool:
-        lo, hi = self.ci95
-        if self.direction == "less":
-            return bool(hi < self.threshold)
-        return bool(lo > self.threshold)
+        return interval_holds(self.ci95, self.direction, self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ci95"] = [_finite(v) for v in self.ci95]
         d["values"] = list(self.values)
         d["seeds"] = list(self.seeds)
+        d["n_seeds"] = len(self.seeds)
         d["holds"] = self.holds
         return d
+
+
+def interval_holds(ci95: Sequence[float | None], direction: str, threshold: float) -> bool:
+    """The verdict rule: the whole interval lies strictly on the claimed side of ``threshold``.
+
+    An undefined bound (``None``/infinite, one seed) never holds."""
+    lo, hi = (math.nan if v is None else float(v) for v in ci95)
+    if direction == "less":
+        return bool(math.isfinite(hi) and hi < threshold)
+    return bool(math.isfinite(lo) and lo > threshold)
+
+
+def recompute(record: dict[str, Any]) -> dict[str, Any]:
+    """Recompute ``measured``, ``ci95`` and ``holds`` of a stored claim from its per-seed ``values``.
+
+    Used to check a committed reference: a stored verdict must follow from the stored numbers.
+
+    Raises:
+        ValueError: the record lacks a field a verdict needs, or its values and seeds do not align.
+    """
+    missing = [k for k in ("id", "values", "seeds", "direction", "threshold") if k not in record]
+    if missing:
+        raise ValueError(f"claim {record.get('id', '?')!r} lacks {', '.join(missing)}")
+    _check_direction(record["direction"])
+    if len(record["values"]) != len(record["seeds"]):
+        raise ValueError(f"claim {record['id']!r}: values and seeds do not align")
+    mean, ci = mean_ci95(record["values"])
+    return {"measured": mean, "ci95": ci, "holds": interval_holds(ci, record["direction"], record["threshold"])}
 
 
 def _finite(v: float) -> float | None:
@@ -134,6 +164,63 @@ def value_claim(
         preset=preset,
         unit=unit,
         note=note,
+        kind="value",
+    )
+
+
+def works_claim(
+    *,
+    id: str,
+    statement: str,
+    method: dict[int, float],
+    baseline_value: float | dict[int, float],
+    margin: float,
+    direction: Direction,
+    paper_value: Any,
+    preset: str,
+    baseline: str,
+    unit: str = "",
+    note: str = "",
+) -> Claim:
+    """"The method works": it beats a trivial baseline measured on the same test data by at least ``margin``.
+
+    ``measured`` is the mean over seeds of ``method − baseline`` (the baseline may be one training-free
+    number or a per-seed value); ``direction="less"`` claims the method is lower by more than
+    ``margin`` (threshold ``−margin``), ``greater`` that it is higher by more than ``margin``.
+
+    Args:
+        method: the method's per-seed metric, keyed by seed.
+        baseline_value: the trivial baseline's metric on the same data (a number, or per seed).
+        margin: the stated margin, >= 0, in the metric's unit.
+    """
+    _check_direction(direction)
+    if not margin >= 0:
+        raise ValueError(f"claim {id!r}: margin must be >= 0, not {margin}")
+    seeds = sorted(method)
+    if isinstance(baseline_value, dict):
+        seeds = [s for s in seeds if s in baseline_value]
+        base = {s: float(baseline_value[s]) for s in seeds}
+    else:
+        base = {s: float(baseline_value) for s in seeds}
+    if not seeds:
+        raise ValueError(f"claim {id!r}: no seed has both a method and a baseline value")
+    diffs = [method[s] - base[s] for s in seeds]
+    mean, ci = mean_ci95(diffs)
+    return Claim(
+        id=id,
+        statement=statement,
+        paper_value=paper_value,
+        measured=mean,
+        ci95=ci,
+        direction=direction,
+        threshold=-margin if direction == "less" else margin,
+        baseline=baseline,
+        values=tuple(diffs),
+        seeds=tuple(seeds),
+        preset=preset,
+        unit=unit,
+        note=note,
+        kind="works",
     )
 
 
@@ -176,4 +263,5 @@ def paired_claim(
         preset=preset,
         unit=unit,
         note=note,
+        kind="paired",
     )

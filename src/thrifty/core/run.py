@@ -199,8 +199,30 @@ def cpu_name() -> str:
     return ""
 
 
+def git_commit() -> dict[str, Any]:
+    """The source commit a result was produced with: ``{"commit": sha or "unknown", "dirty": bool | None}``.
+
+    Read from the git checkout that holds this package (an installed wheel has none: ``unknown``)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return {"commit": "unknown", "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": sha, "dirty": bool(status) if status is not None else None}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and hardware a result was measured with (``results.json``'s ``environment``)."""
+    """Versions, hardware and source commit a result was measured with (``results.json``'s ``environment``)."""
     import platform
 
     return {
@@ -208,8 +230,51 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": cpu_name() or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        **git_commit(),
+    }
+
+
+def portable(obj: Any, roots: dict[str, str | Path]) -> Any:
+    """``obj`` with every string's machine-specific prefix replaced by a placeholder.
+
+    ``roots`` maps placeholders to directories, e.g. ``{"<data_dir>": "/home/u/.cache/thrifty"}``; the
+    longest matching root wins, so a data directory inside the home directory becomes ``<data_dir>``.
+    Used so that a committed ``results.json`` names no path of the machine it was produced on.
+    """
+    pairs = sorted(
+        ((str(Path(r).expanduser()), name) for name, r in roots.items() if r and str(r) not in ("/", ".")),
+        key=lambda p: -len(p[0]),
+    )
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str):
+            for root, name in pairs:
+                if v == root or v.startswith(root + os.sep):
+                    return name + v[len(root) :]
+            return v
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(obj)
+
+
+def machine_roots(cfg: BaseConfig) -> dict[str, str]:
+    """The directories :func:`portable` hides: the data cache, site-packages, the working directory, home."""
+    import sysconfig
+
+    data = cfg.data_dir or os.environ.get("THRIFTY_DATA") or str(Path.home() / ".cache" / "thrifty")
+    return {
+        "<data_dir>": data,
+        "<site-packages>": sysconfig.get_paths()["purelib"],
+        "<platlib>": sysconfig.get_paths()["platlib"],
+        ".": os.getcwd(),
+        "~": str(Path.home()),
     }
 
 
@@ -232,10 +297,11 @@ def finish_run(
         "peak_rss_mb": peak_rss_mb(),
         "world_size": info.world_size,
     }
+    summary.setdefault("created", time.strftime("%Y-%m-%d %H:%M:%S"))
     summary["environment"] = environment(info.device)
     summary["config"] = to_dict(cfg)
-    if info.is_main:
-        write_json(run_dir / "results.json", summary)
+    if info.is_main:  # the file names no path of this machine; the returned dict keeps them usable here
+        write_json(run_dir / "results.json", portable(summary, machine_roots(cfg)))
     distributed.barrier()
     if info.enabled:
         distributed.shutdown()

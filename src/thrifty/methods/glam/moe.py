@@ -172,12 +172,15 @@ def gate_tokens(
         gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
         i2 = (logits.masked_fill(top1_hot, float("-inf")) + gumbel).argmax(dim=-1)
     elif second_policy in ("all", "random"):
-        # -1 (not 0) for the top-1 entry, so i2 != i1 even when every other probability underflows
-        i2 = raw.masked_fill(top1_hot, -1.0).argmax(dim=-1)
+        # the runner-up from the logits, not the probabilities: when every other probability underflows
+        # to 0 in fp32 (top logit >~104 above the rest), an argmax over probabilities picks the lowest index
+        i2 = logits.masked_fill(top1_hot, float("-inf")).argmax(dim=-1)
     else:
         raise ValueError(f"second_policy must be all|sampling|random, not {second_policy!r}")
     m2 = F.one_hot(i2, E).to(raw.dtype) * np_f.unsqueeze(-1)
     g2 = (raw * m2).sum(-1)
+    # a second choice whose gate underflowed to exactly 0 adds nothing to the output: it takes no slot
+    m2 = m2 * (g2 > 0).unsqueeze(-1).to(raw.dtype)
 
     denom = g1 + g2 + 1e-9  # legacy Mesh-TF behaviour: renormalise before any drop
     g1, g2 = g1 / denom, g2 / denom

@@ -27,14 +27,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from thrifty.core import distributed
 from thrifty.core.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
-from thrifty.core.claims import Claim, paired_claim, value_claim
-from thrifty.core.config import ConfigError, to_dict
+from thrifty.core.claims import Claim, paired_claim, value_claim, works_claim
+from thrifty.core.config import ConfigError
 from thrifty.core.run import (
     MetricsLog,
     configure_torch,
     data_root,
-    environment,
-    peak_rss_mb,
+    finish_run,
     prepare_run_dir,
     progress,
     resolve_device,
@@ -42,7 +41,7 @@ from thrifty.core.run import (
     write_json,
 )
 from thrifty.data import text
-from thrifty.methods.glam import expert_parallel, figures, sharding
+from thrifty.methods.glam import bigram, expert_parallel, figures, sharding
 from thrifty.methods.glam.baselines import (
     ArmSpec,
     accounting_table,
@@ -165,9 +164,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     sources = list(streams)
-    per_source = [
-        text.eval_windows(streams[s], seq_len=cfg.model.seq_len, max_windows=max_windows or 1 << 62) for s in sources
-    ]
+    per_source = list(eval_window_sets(streams, cfg, max_windows=max_windows).values())
     windows = np.concatenate(per_source) if per_source else np.zeros((0, cfg.model.seq_len + 1), np.int64)
     owner = np.concatenate([np.full(len(w), i) for i, w in enumerate(per_source)]) if per_source else np.zeros(0)
     order = np.random.default_rng(0).permutation(len(windows))
@@ -190,10 +187,33 @@ def evaluate(
     if info.enabled:
         torch.distributed.all_reduce(totals)
     out = {s: float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan") for i, s in enumerate(sources)}
-    present = {s: w for s, w in weights.items() if math.isfinite(out.get(s, math.nan))}
-    out["overall"] = sum(out[s] * w for s, w in present.items()) / max(sum(present.values()), 1e-12)
+    out["overall"] = bigram.mixture_mean(out, weights)
     model.train(was_training)
     return out
+
+
+def eval_window_sets(streams: dict[str, np.ndarray], cfg: GlamConfig, *, max_windows: int) -> dict[str, np.ndarray]:
+    """Per source, the held-out windows ``[n, seq_len+1]`` every evaluation (LM and bigram) scores."""
+    return {
+        s: text.eval_windows(x, seq_len=cfg.model.seq_len, max_windows=max_windows or 1 << 62)
+        for s, x in streams.items()
+    }
+
+
+def bigram_baseline(cfg: GlamConfig, data: LMData) -> dict[str, Any]:
+    """The trivial baseline: a Kneser-Ney bigram fitted on the training tokens, its discount chosen on
+    validation, scored on exactly the validation and test targets the LMs are scored on."""
+    val = eval_window_sets(data.val, cfg, max_windows=cfg.data.eval_windows)
+    test = eval_window_sets(data.test, cfg, max_windows=cfg.data.test_windows)
+    model, tried = bigram.fit_on_validation(
+        list(data.train.values()), val, data.weights, vocab_size=data.vocab_size
+    )
+    return {
+        "discount": model.discount,
+        "val_by_discount": {str(d): v for d, v in tried.items()},
+        "val": bigram.mixture_loss(model, val, data.weights),
+        "test": bigram.mixture_loss(model, test, data.weights),
+    }
 
 
 # --- one training unit (arm x seed) ---------------------------------------------------------------------
@@ -398,12 +418,39 @@ def _tail_moe(records: list[dict[str, Any]]) -> list[dict[str, float]]:
 # --- claims -------------------------------------------------------------------------------------------
 
 
-def make_claims(cfg: GlamConfig, results: dict[str, dict[int, dict[str, Any]]]) -> list[Claim]:
-    """GLaM's direction, measured on the held-out *test* split over seeds (paired by seed)."""
+WORKS_PPL_RATIO = 0.8  # the works claim: MoE test perplexity at least 20% below the bigram's
+
+
+def make_claims(
+    cfg: GlamConfig, results: dict[str, dict[int, dict[str, Any]]], *, bigram_test: float | None = None
+) -> list[Claim]:
+    """GLaM's direction, measured on the held-out *test* split over seeds (paired by seed).
+
+    Args:
+        bigram_test: the Kneser-Ney bigram's test loss on the same targets (the works claim's baseline).
+    """
     claims: list[Claim] = []
 
     def test_loss(arm: str) -> dict[int, float]:
         return {s: r["test"]["overall"] for s, r in results.get(arm, {}).items()}
+
+    if "moe" in results and bigram_test is not None:
+        claims.append(
+            works_claim(
+                id="moe_beats_bigram",
+                statement=f"The MoE LM works: its held-out test perplexity is at least "
+                f"{100 * (1 - WORKS_PPL_RATIO):.0f}% below an interpolated Kneser-Ney bigram's on the same test "
+                f"tokens (test loss lower by more than ln(1/{WORKS_PPL_RATIO:g}) nats)",
+                method=test_loss("moe"),
+                baseline_value=bigram_test,
+                margin=-math.log(WORKS_PPL_RATIO),
+                direction="less",
+                paper_value="not in the paper: the trivial baseline every LM must clear",
+                preset=cfg.preset,
+                baseline=f"KN bigram ({bigram_test:.3f} nats)",
+                unit="nats (moe − bigram)",
+            )
+        )
 
     if "moe" in results and "dense-active" in results:
         claims.append(
@@ -552,35 +599,23 @@ def train(cfg: GlamConfig) -> dict[str, Any]:
 
     summary: dict[str, Any] = {}
     if info.is_main:
-        claims = make_claims(cfg, results)
-        tables = [accounting_table(cfg, specs), results_table(results, data), diagnostics_table(results)]
+        baseline = bigram_baseline(cfg, data)  # training-free; scored on the LMs' validation and test targets
+        claims = make_claims(cfg, results, bigram_test=baseline["test"]["overall"])
+        tables = [accounting_table(cfg, specs), results_table(results, data, baseline), diagnostics_table(results)]
         figs = figures.make_all(run_dir, results, metrics)
         summary = {
             "recipe": RECIPE,
             "paper": PAPER,
             "preset": cfg.preset,
             "run_dir": str(run_dir),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "claims": [c.to_dict() for c in claims],
             "tables": tables,
             "figures": [str(p.relative_to(run_dir)) for p in figs],
-            "cost": {
-                "wall_time_s": time.perf_counter() - t_start,
-                "peak_rss_mb": peak_rss_mb(),
-                "tokens_per_s": {
-                    arm: float(np.mean([r["tokens_per_s"] for r in rs.values()])) for arm, rs in results.items()
-                },
-                "world_size": info.world_size,
-            },
+            "baselines": {"kneser_ney_bigram": baseline},
             "data": {"manifest_sha256": data.digest, "sources": list(data.weights), "weights": data.weights},
-            "environment": environment(info.device),
-            "config": to_dict(cfg),
         }
-        write_json(run_dir / "results.json", summary)
-    distributed.barrier()
-    if info.enabled:
-        distributed.shutdown()
-    return summary
+    tokens_per_s = {arm: float(np.mean([r["tokens_per_s"] for r in rs.values()])) for arm, rs in results.items()}
+    return finish_run(summary, run_dir, cfg, t_start=t_start, info=info, tokens_per_s=tokens_per_s)
 
 
 def check_world_size(cfg: GlamConfig, info: distributed.DistInfo) -> None:
@@ -612,10 +647,22 @@ def check_same_corpus(run_dir: Path, data: LMData) -> None:
     write_json(path, {"digest": data.digest, **data.manifest})
 
 
-def results_table(results: dict[str, dict[int, dict[str, Any]]], data: LMData) -> dict[str, Any]:
-    """Per arm: test loss and perplexity (mean ± std over seeds) overall and per source; tokens/s."""
+def results_table(
+    results: dict[str, dict[int, dict[str, Any]]], data: LMData, baseline: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Per arm: test loss and perplexity (mean ± std over seeds) overall and per source; tokens/s.
+    The trivial baseline (training-free, one value) comes first when given."""
     sources = ["overall", *data.weights]
     rows = []
+    if baseline is not None:
+        rows.append(
+            [
+                f"KN bigram (D={baseline['discount']:g}, chosen on val)",
+                "—",
+                *[f"{baseline['test'][s]:.3f} (ppl {math.exp(baseline['test'][s]):.1f})" for s in sources],
+                "—",
+            ]
+        )
     for arm, per_seed in results.items():
         row: list[Any] = [arm, len(per_seed)]
         for s in sources:
