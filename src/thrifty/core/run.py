@@ -10,6 +10,7 @@ differ.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -87,6 +88,7 @@ def prepare_run_dir(recipe: str, cfg: BaseConfig, *, write: bool = True) -> Path
     ``write=False`` (non-zero DDP ranks) only computes the path.
     """
     path = run_dir_for(recipe, cfg)
+    git_commit()  # pin the source commit at the start of the run
     if not write:
         return path
     saved = path / "config.yaml"
@@ -199,10 +201,13 @@ def cpu_name() -> str:
     return ""
 
 
+@functools.cache
 def git_commit() -> dict[str, Any]:
     """The source commit a result was produced with: ``{"commit": sha or "unknown", "dirty": bool | None}``.
 
-    Read from the git checkout that holds this package (an installed wheel has none: ``unknown``)."""
+    Read from the git checkout that holds this package (an installed wheel has none: ``unknown``), once
+    per process: :func:`prepare_run_dir` reads it when a run starts, so later commits to the checkout
+    while a long run trains do not relabel it."""
     import subprocess
 
     here = Path(__file__).resolve().parent
