@@ -15,9 +15,10 @@ Utterance lists (:class:`Utterance`) come from:
 - :func:`read_manifest`: a generic JSONL, CSV or TSV manifest (``path, duration, text`` and friends); written back by
   :func:`write_manifest`.
 
-Transcripts are normalised with :func:`thrifty.methods.bigssl.tokens.normalize_transcript`, so LibriSpeech's upper
-case and user manifests end up in the recipe's one alphabet. :func:`validate` reads every header once (filling
-missing durations, which the length-bucketed sampler of :mod:`thrifty.data.buckets` needs) before a long run.
+Transcripts are normalised with :func:`thrifty.data.transcripts.normalize_transcript`, so LibriSpeech's upper
+case and user manifests end up in one alphabet (the BigSSL recipe's characters). :func:`validate` reads every header
+once (filling missing durations, which the length-bucketed sampler of :mod:`thrifty.data.buckets` needs) before a
+long run.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from thrifty.methods.bigssl.tokens import normalize_transcript
+from thrifty.data.transcripts import normalize_transcript
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Offline synthetic English speech corpus for the BigSSL recipe (espeak-ng and flite, cached WAV + JSONL).
 
 What it models: read English sentences (Shakespeare, the King James Bible, Debian ``fortunes``; 5–15 words,
-normalised to a–z, apostrophe and space with :func:`~thrifty.methods.bigssl.tokens.normalize_transcript`) spoken
+normalised to a–z, apostrophe and space with :func:`~thrifty.data.transcripts.normalize_transcript`) spoken
 by rule-based synthesisers:
 
 * **espeak-ng** (formant synthesis): 8 English accents (``en-us``, ``en-gb``, ``en-gb-scotland``, ...) × ~100
@@ -67,7 +67,7 @@ from scipy import signal
 
 from thrifty.core.run import progress as progress_bar
 from thrifty.data.text import SHIPPED, Document
-from thrifty.methods.bigssl.tokens import normalize_transcript
+from thrifty.data.transcripts import normalize_transcript
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,10 @@ from safetensors.torch import load_file, save_file
 from thrifty.core.run import progress
 from thrifty.core.splits import AccessLog, Guarded
 from thrifty.data import audio, speech
+from thrifty.data.transcripts import normalize_transcript
 from thrifty.methods.bigssl.config import BigSSLConfig
 from thrifty.methods.bigssl.features import HOP, N_FFT, N_MELS, SAMPLE_RATE, LogMel, Normalizer
-from thrifty.methods.bigssl.tokens import encode, normalize_transcript
+from thrifty.methods.bigssl.tokens import encode
 
 log = logging.getLogger(__name__)
 _FEATURE_VERSION = 1

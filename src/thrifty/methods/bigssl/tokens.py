@@ -1,34 +1,19 @@
 """The character vocabulary of the BigSSL recipe: CTC blank, space, apostrophe and a–z (the card's output units).
 
-Transcripts are normalised to that alphabet first (:func:`normalize_transcript`), the same way for the synthetic
-corpus, LibriSpeech's upper-case transcripts and user manifests, so WER is computed on one convention.
+The characters are the transcript alphabet of :mod:`thrifty.data.transcripts`: transcripts are normalised to it first
+(:func:`thrifty.data.transcripts.normalize_transcript`), the same way for the synthetic corpus, LibriSpeech's
+upper-case transcripts and user manifests, so WER is computed on one convention.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
+from thrifty.data.transcripts import TRANSCRIPT_CHARS
 
 BLANK = 0
-CHARS = " '" + "abcdefghijklmnopqrstuvwxyz"
+CHARS = TRANSCRIPT_CHARS
 VOCAB = ("<blank>", *CHARS)  # id 0 is the CTC blank; ids 1.. are the characters
 VOCAB_SIZE = len(VOCAB)
 _ID = {c: i + 1 for i, c in enumerate(CHARS)}
-_DROP = re.compile(r"[^a-z' ]+")
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_transcript(text: str) -> str:
-    """Lower-case, strip accents, keep a–z, apostrophe and single spaces (other characters become spaces).
-
-    >>> normalize_transcript("O Romeo, Romeo! Wherefore art thou—Romeo?")
-    'o romeo romeo wherefore art thou romeo'
-    """
-    text = "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn").lower()
-    text = text.replace("`", "'").replace("-", " ")
-    text = _DROP.sub(" ", text)
-    text = " ".join(w.strip("'") for w in _SPACES.split(text))  # quotes, not apostrophes inside words
-    return _SPACES.sub(" ", text).strip()
 
 
 def encode(text: str) -> list[int]:

@@ -1,8 +1,13 @@
 """SQUID figures: ROC curves, validation AUROC vs steps, per-type AUROC with intervals, and input /
-in-painted reconstruction / difference panels for normal and abnormal test images."""
+in-painted reconstruction / difference panels for normal and abnormal test images.
+
+Plots plain data handed over by the training module (result records, the test set, unit directories of saved
+models); it never imports ``train``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +68,14 @@ def reconstruction_figure(
     return save_figure(fig, path)
 
 
-def make_all(run_dir: Path, results: dict[str, dict[int, dict]], data: Any, cfg: Any) -> list[Path]:
-    from thrifty.methods.squid.train import unit_dir_for
+def make_all(
+    run_dir: Path, results: dict[str, dict[int, dict]], data: Any, cfg: Any, model_dirs: Mapping[str, Path]
+) -> list[Path]:
+    """Every figure of a run under ``run_dir/figures``; returns their paths.
 
+    ``model_dirs`` maps an arm to the unit directory of the saved model drawn in the reconstruction panels (its
+    first seed; see ``train.figure_model_dirs``); an arm left out gets no panel rows.
+    """
     fig_dir = run_dir / "figures"
     test = data.test.get("figure", "figures")
     out = [roc_figure(results, test.labels, fig_dir / "roc.png")]
@@ -102,11 +112,7 @@ def make_all(run_dir: Path, results: dict[str, dict[int, dict]], data: Any, cfg:
         )
     )
 
-    models = {}
-    for arm in ("squid", "ae"):
-        if arm in results:
-            seed = sorted(results[arm])[0]
-            models[arm] = Scorer.load(unit_dir_for(run_dir, arm, seed)).model  # the unit's own settings
+    models = {arm: Scorer.load(unit_dir).model for arm, unit_dir in model_dirs.items()}  # the unit's own settings
     if models:
         kinds_arr = np.array(test.kinds)
         pick = list(np.flatnonzero(kinds_arr == "normal")[: cfg.figure_images])

@@ -170,6 +170,11 @@ def unit_dir_for(run_dir: Path, arm: str, seed: int) -> Path:
     return run_dir / "units" / arm / f"seed{seed}"
 
 
+def figure_model_dirs(run_dir: Path, results: dict[str, dict[int, dict]]) -> dict[str, Path]:
+    """Unit directory of the first seed of each arm whose reconstructions are drawn (SQUID, then the AE)."""
+    return {arm: unit_dir_for(run_dir, arm, sorted(results[arm])[0]) for arm in ("squid", "ae") if arm in results}
+
+
 def train_generator(
     arm: str,
     seed: int,
@@ -608,7 +613,7 @@ def train(cfg: SquidConfig) -> dict[str, Any]:
             results = load_results(run_dir, cfg)
         claims = make_claims(cfg, results)
         kinds = sorted({k for per in results.values() for r in per.values() for k in r["test"]["per_type"]})
-        figs = figures.make_all(run_dir, results, data, cfg) if results else []
+        figs = figures.make_all(run_dir, results, data, cfg, figure_model_dirs(run_dir, results)) if results else []
         summary.update(
             claims=[c.to_dict() for c in claims],
             tables=[auroc_table(results, kinds), detection_table(results), cost_table(results)] if results else [],
