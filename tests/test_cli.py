@@ -177,7 +177,7 @@ def test_report_on_a_finished_run_writes_files(capsys, tmp_path):
     out_dir = tmp_path / "rep"
     assert main(["report", str(run), "--out", str(out_dir)]) == EXIT_OK
     assert "report.html" in capsys.readouterr().out
-    assert "1 of 1 claims hold" in (out_dir / "report.md").read_text()
+    assert "1 of 1 claims of the fresh runs hold" in (out_dir / "report.md").read_text()
     assert (out_dir / "report.html").is_file()
 
 
@@ -202,3 +202,190 @@ def test_unknown_subcommand_exits_2(capsys):
     with pytest.raises(SystemExit) as ei:
         main(["frobnicate"])
     assert ei.value.code == 2
+
+
+# --------------------------------------------------------------------------- claim presets and references
+
+
+def test_list_never_cuts_recipe_or_preset_names(capsys, monkeypatch):
+    import re
+
+    from thrifty.core.config import available_presets
+    from thrifty.core.registry import RECIPES
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["list"]) == EXIT_OK
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    names = {r.name for r in RECIPES} | {p for r in RECIPES for p in available_presets(r.name)}
+    assert {"glam", "cpu", "cpu_long", "cpu_short", "ablations", "zhanglab"} <= names
+    for name in sorted(names):
+        whole = re.compile(rf"(?<![\w…]){re.escape(name)}(?![\w…])")
+        assert whole.search(out), f"{name!r} is not printed whole"
+        assert not re.search(rf"{re.escape(name[: max(len(name) - 1, 1)])}…", out), f"{name!r} is cut"
+    assert "…" not in out
+    # each ready recipe's row names its claim preset
+    rows = [line for line in lines if line.startswith("│ glam ")]
+    assert len(rows) == 1
+    assert "│ cpu " in rows[0]
+
+
+def test_show_config_claim_preset_says_so_and_is_still_yaml(capsys):
+    assert main(["show-config", "glam", "--preset", "cpu"]) == EXIT_OK
+    out = capsys.readouterr().out
+    first, *rest = out.splitlines()
+    assert first.startswith("#")
+    assert "CLAIM PRESET" in first
+    cfg = yaml.safe_load("\n".join(rest))
+    assert cfg["preset"] == "cpu"
+    assert len(cfg["seeds"]) == 5
+    assert yaml.safe_load(out) == cfg  # the first line is a YAML comment
+
+
+def test_show_config_other_preset_names_the_claim_preset(capsys):
+    from thrifty.core.registry import get
+
+    assert get("glam").claim_preset == "cpu"
+    assert main(["show-config", "glam", "--preset", "quick"]) == EXIT_OK
+    out = capsys.readouterr().out
+    first, *rest = out.splitlines()
+    assert first.startswith("#")
+    assert "CLAIM PRESET" not in first
+    assert "claim preset is cpu" in first
+    assert yaml.safe_load("\n".join(rest))["preset"] == "quick"
+
+
+@pytest.mark.parametrize("budget", ["claim", "cpu"])
+def test_reproduce_claim_budget_runs_each_recipes_claim_preset(capsys, monkeypatch, tmp_path, budget):
+    from thrifty.core import registry
+
+    calls = []
+
+    def fake_run_recipe(recipe, preset, overrides):
+        calls.append((recipe, preset, list(overrides)))
+        run_dir = tmp_path / "runs" / recipe / preset
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"recipe": recipe, "preset": preset, "claims": []}))
+        return {"run_dir": str(run_dir)}
+
+    monkeypatch.setattr("thrifty.cli.run_recipe", fake_run_recipe)
+    monkeypatch.setenv("THRIFTY_DOCS_DIR", str(tmp_path / "no-docs"))
+    out_dir = tmp_path / "runs"
+    assert main(["reproduce", "--budget", budget, "--out-dir", str(out_dir)]) == EXIT_OK
+    ready = registry.names(ready_only=True)
+    assert [(r, p) for r, p, _ in calls] == [(name, registry.get(name).claim_preset) for name in ready]
+    for _, preset, overrides in calls:
+        assert f"run_name={preset}" in overrides
+        assert f"out_dir={out_dir}" in overrides
+    md = (out_dir / "report" / "report.md").read_text()
+    for name in ready:
+        assert f"no reference yet (claim preset {registry.get(name).claim_preset})" in md
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_reproduce_named_recipe_at_claim_budget(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_recipe(recipe, preset, overrides):
+        calls.append((recipe, preset))
+        run_dir = tmp_path / recipe
+        run_dir.mkdir()
+        (run_dir / "results.json").write_text(json.dumps({"recipe": recipe, "preset": preset, "claims": []}))
+        return {"run_dir": str(run_dir)}
+
+    monkeypatch.setattr("thrifty.cli.run_recipe", fake_run_recipe)
+    monkeypatch.setenv("THRIFTY_DOCS_DIR", str(tmp_path / "no-docs"))
+    assert main(["reproduce", "glam", "--budget", "claim", "--out-dir", str(tmp_path / "out")]) == EXIT_OK
+    assert calls == [("glam", "cpu")]
+
+
+def test_reference_check_passes_on_the_repository(capsys, monkeypatch):
+    monkeypatch.delenv("THRIFTY_DOCS_DIR", raising=False)
+    assert main(["reference", "--check"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "reference(s) checked, 0 problem(s)" in captured.out
+    assert captured.err == ""
+
+
+@pytest.mark.parametrize("argv", [["reference"], ["reference", "some/run", "--check"]])
+def test_reference_needs_exactly_one_of_run_dir_or_check(capsys, argv):
+    assert main(argv) == EXIT_USAGE
+    assert "RUN_DIR or --check" in capsys.readouterr().err
+
+
+def test_reference_on_dir_without_results_exits_1(capsys, tmp_path):
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    assert main(["reference", str(empty), "--docs-dir", str(tmp_path / "docs")]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert str(empty) in err
+    assert "results.json" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "docs").exists()
+
+
+def _claim_preset_run(tmp_path, preset="cpu"):
+    from thrifty.core.claims import paired_claim
+
+    seeds = [100, 101, 102, 103, 104]
+    claim = paired_claim(
+        id="moe_beats_dense_active",
+        statement="MoE below dense-active",
+        a={s: 2.0 + 0.01 * i for i, s in enumerate(seeds)},
+        b={s: 3.0 for s in seeds},
+        direction="less",
+        paper_value="yes",
+        preset=preset,
+        baseline="dense-active",
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    results = {
+        "recipe": "glam",
+        "preset": preset,
+        "created": "2026-01-15 10:20:30",
+        "claims": [claim.to_dict()],
+        "figures": [],
+        "environment": {"commit": "a" * 40, "dirty": False, "processor": "cpu", "threads": 2},
+        "cost": {"wall_time_s": 60.0, "peak_rss_mb": 100.0},
+        "config": {"seeds": seeds},
+    }
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_reference_publishes_then_check_passes(capsys, monkeypatch, tmp_path):
+    docs = tmp_path / "docs"
+    run = _claim_preset_run(tmp_path)
+    assert main(["reference", str(run), "--docs-dir", str(docs)]) == EXIT_OK
+    assert "reference:" in capsys.readouterr().out
+    assert (docs / "glam" / "reference" / "results.json").is_file()
+    assert len((docs / "glam" / "claims_log.md").read_text().splitlines()) == 7  # header (6 lines) + 1 run
+    monkeypatch.setenv("THRIFTY_DOCS_DIR", str(docs))
+    assert main(["reference", "--check"]) == EXIT_OK
+    assert "1 reference(s) checked, 0 problem(s)" in capsys.readouterr().out
+
+
+def test_reference_check_reports_tampered_reference(capsys, monkeypatch, tmp_path):
+    docs = tmp_path / "docs"
+    assert main(["reference", str(_claim_preset_run(tmp_path)), "--docs-dir", str(docs), "--no-log"]) == EXIT_OK
+    assert not (docs / "glam" / "claims_log.md").exists()
+    path = docs / "glam" / "reference" / "results.json"
+    data = json.loads(path.read_text())
+    data["claims"][0]["holds"] = False
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("THRIFTY_DOCS_DIR", str(docs))
+    capsys.readouterr()
+    assert main(["reference", "--check"]) == EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "'moe_beats_dense_active'" in captured.err
+    assert "1 problem(s)" in captured.out
+
+
+def test_reference_of_another_preset_exits_1(capsys, tmp_path):
+    run = _claim_preset_run(tmp_path, preset="quick")
+    assert main(["reference", str(run), "--docs-dir", str(tmp_path / "docs")]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "'quick'" in err
+    assert "'cpu'" in err

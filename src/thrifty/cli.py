@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# `reproduce --budget` values that mean "each recipe's own claim preset"
+CLAIM_BUDGETS = ("claim", "cpu")
 
 EPILOG_RUN = """\
 overrides are dotted key=value pairs applied after the preset, e.g.
@@ -38,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("list", help="list the recipes, their papers and whether they are implemented")
+    sub.add_parser(
+        "list", help="list the recipes, their papers, whether they are implemented, their presets and claim preset"
+    )
 
     sc = sub.add_parser(
         "show-config",
@@ -70,13 +74,31 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="with no recipe named, every implemented recipe runs.\n"
         "  thrifty reproduce                  # all, quick budget\n"
-        "  thrifty reproduce glam --budget smoke",
+        "  thrifty reproduce --budget claim   # every recipe's claim preset (5 seeds, <= 45 min each)\n"
+        "  thrifty reproduce glam --budget smoke\n"
+        "The report opens with a summary of every recipe's works and headline claims, the fresh run beside\n"
+        "the committed reference result of its claim preset (docs/<recipe>/reference/).",
     )
     rep.add_argument("recipes", nargs="*", metavar="RECIPE")
     rep.add_argument(
-        "--budget", default="quick", help=f"preset for every recipe: {', '.join(PRESETS)} (default: quick)"
+        "--budget",
+        default="quick",
+        help=f"preset for every recipe: {', '.join(PRESETS)} (default: quick); `claim` (or `cpu`) runs each "
+        "recipe's claim preset (see `thrifty list`), where its headline claims are judged",
     )
     rep.add_argument("--out-dir", default="runs", help="root of run directories and of report/ (default: runs)")
+
+    ref = sub.add_parser(
+        "reference",
+        help="publish a finished claim-preset run as the recipe's committed reference, or check the references",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="  thrifty reference runs/glam/cpu      # copy results + figures to docs/glam/reference/, log the run\n"
+        "  thrifty reference --check            # every committed reference is well-formed and consistent",
+    )
+    ref.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a finished claim-preset run")
+    ref.add_argument("--docs-dir", type=Path, default=None, help="where docs/<recipe>/ live (default: the repo's)")
+    ref.add_argument("--no-log", action="store_true", help="do not append a line to docs/<recipe>/claims_log.md")
+    ref.add_argument("--check", action="store_true", help="check every committed reference instead")
 
     rp = sub.add_parser("report", help="render report.md and report.html from run directories")
     rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -142,27 +164,39 @@ def cmd_list() -> int:
     from thrifty.core.config import available_presets
     from thrifty.core.registry import RECIPES
 
+    # Names a user copies (recipes, presets) are never cut, at any width and when piped: their columns
+    # are as wide as the longest name and wrap only between names; the papers follow as plain lines.
     table = Table(title="thrifty recipes")
-    for col in ("recipe", "paper", "arXiv", "domain", "status", "presets"):
-        table.add_column(col)
+    longest_preset = max((len(p) for r in RECIPES for p in available_presets(r.name)), default=8)
+    table.add_column("recipe", no_wrap=True, min_width=max(len(r.name) for r in RECIPES))
+    table.add_column("status", no_wrap=True)
+    table.add_column("claim preset", no_wrap=True, min_width=longest_preset)
+    table.add_column("presets", min_width=longest_preset + 1)
+    table.add_column("domain")
     for r in RECIPES:
-        table.add_row(
-            r.name,
-            r.title,
-            r.arxiv,
-            r.domain,
-            "ready" if r.ready else "planned",
-            ", ".join(available_presets(r.name)) if r.ready else "",
-        )
-    Console().print(table)
+        presets = ", ".join(available_presets(r.name)) if r.ready else ""
+        table.add_row(r.name, "ready" if r.ready else "planned", r.claim_preset if r.ready else "", presets, r.domain)
+    console = Console()
+    console.print(table)
+    console.print("claim preset: where a recipe's headline claims are judged (5 seeds, <= 45 min on 2 cores)\n")
+    for r in RECIPES:
+        console.print(f"{r.name}: {r.title} (arXiv {r.arxiv})", highlight=False)
     return EXIT_OK
 
 
 def cmd_show_config(recipe: str, preset: str, overrides: list[str]) -> int:
     from thrifty.core.config import to_yaml
-    from thrifty.core.registry import load_config
+    from thrifty.core.registry import get, load_config
 
     _, cfg = load_config(recipe, preset, overrides)
+    claim_preset = get(recipe).claim_preset
+    if preset == claim_preset:
+        print(f"# preset {preset}: {recipe}'s CLAIM PRESET (its headline claims are judged at this preset)")
+    else:
+        print(
+            f"# preset {preset}; {recipe}'s claim preset is {claim_preset} (thrifty show-config {recipe} "
+            f"--preset {claim_preset})"
+        )
     print(to_yaml(cfg), end="")
     return EXIT_OK
 
@@ -195,14 +229,16 @@ def cmd_reproduce(recipes: list[str], budget: str, out_dir: str) -> int:
     from thrifty.core.report import render
 
     names = recipes or registry.names(ready_only=True)
+    presets = {n: registry.get(n).claim_preset if budget in CLAIM_BUDGETS else budget for n in names}
     for n in names:  # fail fast on typos before hours of work
         registry.get(n).load()
-        preset_path(n, budget)
+        preset_path(n, presets[n])
     done, failed = [], []
     for i, name in enumerate(names, 1):
-        logging.getLogger("thrifty").info("[%d/%d] reproducing %s at %s", i, len(names), name, budget)
+        preset = presets[name]
+        logging.getLogger("thrifty").info("[%d/%d] reproducing %s at %s", i, len(names), name, preset)
         try:
-            res = run_recipe(name, budget, [f"out_dir={out_dir}", f"run_name={budget}"])
+            res = run_recipe(name, preset, [f"out_dir={out_dir}", f"run_name={preset}"])
             done.append(Path(res["run_dir"]))
         except KeyboardInterrupt:
             raise
@@ -216,6 +252,28 @@ def cmd_reproduce(recipes: list[str], budget: str, out_dir: str) -> int:
     if failed:
         print(f"failed recipes: {', '.join(failed)}", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_reference(run_dir: Path | None, docs_dir: Path | None, no_log: bool, check: bool) -> int:
+    from thrifty.core import reference, registry
+
+    if check == (run_dir is not None):
+        print("thrifty: error: give either RUN_DIR or --check", file=sys.stderr)
+        return EXIT_USAGE
+    if check:
+        problems, checked = [], 0
+        for r in registry.RECIPES:
+            data = reference.load_reference(r.name)
+            if data is not None:
+                checked += 1
+                problems += reference.check_reference(data, source=f"{data['_run_dir']}/results.json")
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{checked} reference(s) checked, {len(problems)} problem(s)")
+        return EXIT_FAILED if problems else EXIT_OK
+    out = reference.publish(run_dir, docs_dir=docs_dir, log=not no_log)
+    print(f"reference: {out}" + ("" if no_log else f"  log: {out.parent / reference.LOG_NAME}"))
     return EXIT_OK
 
 
@@ -273,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from thrifty.core.checkpoint import CheckpointError
     from thrifty.core.config import ConfigError
+    from thrifty.core.reference import ReferenceError
     from thrifty.core.registry import RecipeNotReady, UnknownRecipe
     from thrifty.core.report import ReportError
     from thrifty.data.text import CorpusError
@@ -288,12 +347,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_reproduce(args.recipes, args.budget, args.out_dir)
         if args.command == "report":
             return cmd_report(args.run_dirs, args.out)
+        if args.command == "reference":
+            return cmd_reference(args.run_dir, args.docs_dir, args.no_log, args.check)
         if args.command == "score":
             return cmd_score(args.recipe, args.checkpoint, args.images, args.out, args.skip_bad)
     except (UnknownRecipe, RecipeNotReady, ConfigError) as err:
         print(f"thrifty: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (CorpusError, CheckpointError, ReportError, *_data_errors()) as err:
+    except (CorpusError, CheckpointError, ReportError, ReferenceError, *_data_errors()) as err:
         print(f"thrifty: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import statistics
 import pytest
 from scipy import stats
 
-from thrifty.core.claims import Claim, mean_ci95, paired_claim, value_claim
+from thrifty.core.claims import Claim, interval_holds, mean_ci95, paired_claim, recompute, value_claim
 
 # Student t 0.975 quantile with 2 degrees of freedom in closed form: for df=2 the CDF is
 # 1/2 + t / (2 sqrt(2 + t^2)), so t / sqrt(2 + t^2) = 0.95 and t^2 = 2 * 0.95^2 / (1 - 0.95^2).
@@ -359,3 +359,190 @@ def test_format_mean_ci_known_values():
     # mean 2, s.d. 1, n = 3: half-width t(0.975, 2) · 1 / √3 = 4.303 / 1.732 = 2.484
     assert format_mean_ci([1.0, 2.0, 3.0]) == "2.0 [-0.5, 4.5]"
     assert format_mean_ci([1.0, 2.0, 3.0], digits=2) == "2.00 [-0.48, 4.48]"
+
+
+# --------------------------------------------------------------------------- works_claim
+
+
+def _works(method, baseline_value, *, margin, direction="less"):
+    from thrifty.core.claims import works_claim
+
+    return works_claim(
+        id="w",
+        statement="the method beats the trivial baseline by the margin",
+        method=method,
+        baseline_value=baseline_value,
+        margin=margin,
+        direction=direction,
+        paper_value="works",
+        preset="cpu",
+        baseline="bigram",
+        unit="nats",
+    )
+
+
+# method - baseline: -0.3, -0.35, -0.25 (mean -0.3, sample sd 0.05);
+# half width t(0.975, 2) * 0.05 / sqrt(3) = 4.3027 * 0.05 / 1.7321 = 0.12421 -> [-0.42421, -0.17579]
+_LOSS = {0: 2.7, 1: 2.65, 2: 2.75}
+_HALF = T975_DF2 * 0.05 / math.sqrt(3)
+
+
+def test_works_claim_measured_is_mean_difference_and_threshold_is_minus_margin():
+    c = _works(_LOSS, 3.0, margin=0.1)
+    assert c.kind == "works"
+    assert c.seeds == (0, 1, 2)
+    assert c.values == pytest.approx((-0.3, -0.35, -0.25))
+    assert c.measured == pytest.approx(-0.3)
+    assert c.ci95[0] == pytest.approx(-0.3 - _HALF)
+    assert c.ci95[1] == pytest.approx(-0.3 + _HALF)
+    assert c.threshold == pytest.approx(-0.1)
+    assert c.direction == "less"
+    assert c.baseline == "bigram"
+
+
+def test_works_claim_holds_against_small_margin_but_not_large():
+    # upper bound -0.1758: below -0.1, not below -0.2 or -0.5
+    assert _works(_LOSS, 3.0, margin=0.1).holds is True
+    assert _works(_LOSS, 3.0, margin=0.2).holds is False
+    assert _works(_LOSS, 3.0, margin=0.5).holds is False
+    assert _works(_LOSS, 3.0, margin=0.0).holds is True
+    # the same numbers do not show the method higher than the baseline
+    assert _works(_LOSS, 3.0, margin=0.0, direction="greater").holds is False
+
+
+def test_works_claim_greater_threshold_is_plus_margin():
+    # AUROC 0.9, 0.85, 0.95 against 0.5: diffs 0.4, 0.35, 0.45 -> [0.27579, 0.52421]
+    auroc = {3: 0.9, 4: 0.85, 5: 0.95}
+    c = _works(auroc, 0.5, margin=0.25, direction="greater")
+    assert c.threshold == pytest.approx(0.25)
+    assert c.measured == pytest.approx(0.4)
+    assert c.ci95[0] == pytest.approx(0.4 - _HALF)
+    assert c.holds is True  # 0.2758 > 0.25
+    assert _works(auroc, 0.5, margin=0.3, direction="greater").holds is False  # 0.2758 < 0.3
+
+
+def test_works_claim_per_seed_baseline_uses_shared_seeds():
+    method = {2: 3.0, 0: 1.0, 1: 2.0, 5: 9.0}
+    base = {0: 1.5, 1: 2.25, 2: 3.5, 7: 0.0}
+    c = _works(method, base, margin=0.1)
+    assert c.seeds == (0, 1, 2)
+    assert c.values == pytest.approx((-0.5, -0.25, -0.5))
+    assert c.measured == pytest.approx(-1.25 / 3)
+    # sd of (-0.5, -0.25, -0.5): deviations -1/12, 1/6, -1/12 -> var (1/144 + 4/144 + 1/144) / 2 = 1/48
+    half = T975_DF2 * math.sqrt(1 / 48) / math.sqrt(3)
+    assert c.ci95[1] == pytest.approx(-1.25 / 3 + half)
+
+
+def test_works_claim_per_seed_baseline_without_shared_seed_raises():
+    with pytest.raises(ValueError, match="no seed"):
+        _works({0: 1.0}, {1: 1.0}, margin=0.1)
+
+
+@pytest.mark.parametrize("margin", [-0.1, -1e-9, float("nan")])
+def test_works_claim_negative_or_nan_margin_raises(margin):
+    with pytest.raises(ValueError, match="margin"):
+        _works(_LOSS, 3.0, margin=margin)
+
+
+def test_works_claim_bad_direction_raises():
+    with pytest.raises(ValueError, match="direction"):
+        _works(_LOSS, 3.0, margin=0.1, direction="lower")
+
+
+def test_works_claim_to_dict_has_kind_and_n_seeds():
+    d = _works(_LOSS, 3.0, margin=0.1).to_dict()
+    assert d["kind"] == "works"
+    assert d["n_seeds"] == 3
+    assert d["holds"] is True
+    assert d["threshold"] == pytest.approx(-0.1)
+    json.dumps(d, allow_nan=False)
+
+
+def test_n_seeds_and_kind_of_other_claims():
+    p = _paired({0: 1.0, 1: 0.9, 2: 1.1, 3: 1.0}, {0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0}).to_dict()
+    assert p["kind"] == "paired"
+    assert p["n_seeds"] == 4
+    v = value_claim(
+        id="v", statement="s", values=[1.0], seeds=[9], direction="less", threshold=0.0, paper_value=0, preset="smoke"
+    ).to_dict()
+    assert v["kind"] == "value"
+    assert v["n_seeds"] == 1
+
+
+# --------------------------------------------------------------------------- recompute and interval_holds
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        _works(_LOSS, 3.0, margin=0.1),
+        _works(_LOSS, 3.0, margin=0.5),
+        _paired({0: 1.0, 1: 0.9, 2: 1.1}, {0: 2.0, 1: 2.0, 2: 2.0}),
+        value_claim(
+            id="one", statement="s", values=[0.5], seeds=[0], direction="less", threshold=1.0, paper_value=0, preset="q"
+        ),
+    ],
+    ids=["works-holds", "works-fails", "paired", "one-seed"],
+)
+def test_recompute_reproduces_stored_numbers(claim):
+    d = json.loads(json.dumps(claim.to_dict()))  # as stored in results.json
+    again = recompute(d)
+    assert again["measured"] == pytest.approx(d["measured"])
+    assert again["holds"] == d["holds"]
+    for stored, computed in zip(d["ci95"], again["ci95"]):
+        if stored is None:
+            assert not math.isfinite(computed)
+        else:
+            assert computed == pytest.approx(stored)
+
+
+def test_recompute_uses_stored_values_not_stored_verdict():
+    d = _works(_LOSS, 3.0, margin=0.1).to_dict()
+    d["holds"] = False
+    d["measured"] = 99.0
+    again = recompute(d)
+    assert again["holds"] is True
+    assert again["measured"] == pytest.approx(-0.3)
+    # a stricter stored threshold changes the recomputed verdict
+    d["threshold"] = -0.5
+    assert recompute(d)["holds"] is False
+
+
+def test_recompute_misaligned_values_and_seeds_raise():
+    d = _works(_LOSS, 3.0, margin=0.1).to_dict()
+    d["seeds"] = d["seeds"][:2]
+    with pytest.raises(ValueError, match="align"):
+        recompute(d)
+
+
+@pytest.mark.parametrize("field", ["values", "seeds", "direction", "threshold"])
+def test_recompute_missing_field_raises_naming_it(field):
+    d = _works(_LOSS, 3.0, margin=0.1).to_dict()
+    del d[field]
+    with pytest.raises(ValueError, match=field):
+        recompute(d)
+
+
+def test_recompute_bad_direction_raises():
+    d = _works(_LOSS, 3.0, margin=0.1).to_dict()
+    d["direction"] = "below"
+    with pytest.raises(ValueError, match="direction"):
+        recompute(d)
+
+
+@pytest.mark.parametrize("direction", ["less", "greater"])
+def test_interval_holds_with_undefined_bounds_never_holds(direction):
+    for threshold in (-1e9, 0.0, 1e9):
+        assert interval_holds([None, None], direction, threshold) is False
+        assert interval_holds((-math.inf, math.inf), direction, threshold) is False
+        assert interval_holds((math.nan, math.nan), direction, threshold) is False
+    # the bound that decides the verdict is undefined
+    assert interval_holds([-5.0, None], "less", 1e9) is False
+    assert interval_holds([None, 5.0], "greater", -1e9) is False
+
+
+def test_interval_holds_strict_rule():
+    assert interval_holds([-2.0, -1.0], "less", -0.5) is True
+    assert interval_holds([-2.0, -1.0], "less", -1.0) is False
+    assert interval_holds([1.0, 2.0], "greater", 0.5) is True
+    assert interval_holds([1.0, 2.0], "greater", 1.0) is False

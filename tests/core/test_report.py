@@ -92,7 +92,7 @@ def test_render_writes_markdown_with_claims_and_verdicts(tmp_path):
     assert html_path == out / "report.html"
     md = md_path.read_text()
     assert md.startswith("# unit report")
-    assert "1 of 2 claims hold" in md
+    assert "1 of 2 claims of the fresh runs hold" in md
 
     rows = {r[1]: r for r in _table_rows(md) if len(r) == 10}
     assert rows["moe_beats_dense_active"][0] == "glam"
@@ -153,7 +153,7 @@ def test_render_several_runs_counts_all_claims(tmp_path):
     _make_run(b, recipe="other")
     md_path, _ = render([a, b], tmp_path / "out")
     md = md_path.read_text()
-    assert "2 of 4 claims hold" in md
+    assert "2 of 4 claims of the fresh runs hold" in md
     recipes = [r[0] for r in _table_rows(md) if len(r) == 10 and r[0] != "recipe"]
     assert recipes == ["glam", "glam", "other", "other"]
 
@@ -177,7 +177,7 @@ def test_single_seed_claim_shows_undefined_interval(tmp_path):
     assert row[5] == "undefined (1 seed)"
     assert row[3] == "—"
     assert row[-1] == "does not hold"
-    assert "0 of 1 claims hold" in md_path.read_text()
+    assert "0 of 1 claims of the fresh runs hold" in md_path.read_text()
 
 
 def test_missing_results_raises_report_error_naming_dir(tmp_path):
@@ -199,3 +199,199 @@ def test_invalid_results_json_raises_report_error(tmp_path):
 def test_load_results_records_run_dir(tmp_path):
     (tmp_path / "results.json").write_text('{"recipe": "glam"}')
     assert load_results(tmp_path) == {"recipe": "glam", "_run_dir": str(tmp_path)}
+
+
+# --------------------------------------------------------------------------- summary and committed reference
+
+REF_SEEDS = [100, 101, 102, 103, 104]
+
+
+def _fresh_run(run_dir: Path) -> None:
+    """``_make_run`` plus a works claim, the seeds in the config and a commit."""
+    from thrifty.core.claims import works_claim
+
+    _make_run(run_dir)
+    data = json.loads((run_dir / "results.json").read_text())
+    # method - bigram: -1.0, -0.9, -1.1 -> -1 [-1.248, -0.7516], below -0.5
+    works = works_claim(
+        id="moe_beats_bigram",
+        statement="MoE below the bigram by 0.5 nats",
+        method={0: 3.0, 1: 3.1, 2: 2.9},
+        baseline_value=4.0,
+        margin=0.5,
+        direction="less",
+        paper_value="works",
+        preset="smoke",
+        baseline="bigram",
+        unit="nats",
+    )
+    data["claims"].append(works.to_dict())
+    data["config"] = {"seeds": [0, 1, 2]}
+    data["environment"] = {"commit": "abcdef1234567890", "dirty": False}
+    (run_dir / "results.json").write_text(json.dumps(data, allow_nan=False))
+
+
+def _reference(ref_dir: Path) -> dict:
+    """A committed reference of glam at its claim preset (5 seeds), as load_reference returns it."""
+    from thrifty.core.claims import works_claim
+
+    # moe - dense-active: -0.1, -0.2, -0.3, -0.2, -0.2: mean -0.2, sd sqrt(0.02 / 4) = 0.070711,
+    # half width t(0.975, 4) * sd / sqrt(5) = 2.776445 * 0.031623 = 0.087799 -> [-0.2878, -0.1122]
+    headline = paired_claim(
+        id="moe_beats_dense_active",
+        statement="MoE test loss below dense-active",
+        a={s: 3.0 + d for s, d in zip(REF_SEEDS, [-0.1, -0.2, -0.3, -0.2, -0.2])},
+        b={s: 3.0 for s in REF_SEEDS},
+        direction="less",
+        paper_value="yes",
+        preset="cpu",
+        baseline="dense-active",
+        unit="nats",
+    )
+    # moe - bigram: -0.2, -0.25, -0.15, -0.2, -0.2: mean -0.2, sd 0.035355, half 0.0439 -> [-0.2439, -0.1561];
+    # margin 0.5: does not hold
+    works = works_claim(
+        id="moe_beats_bigram",
+        statement="MoE below the bigram by 0.5 nats",
+        method={s: 3.9 + d for s, d in zip(REF_SEEDS, [-0.1, -0.15, -0.05, -0.1, -0.1])},
+        baseline_value=4.0,
+        margin=0.5,
+        direction="less",
+        paper_value="works",
+        preset="cpu",
+        baseline="bigram",
+        unit="nats",
+    )
+    only_here = value_claim(
+        id="expert_load_balanced",
+        statement="max expert load below 2x",
+        values=[1.2, 1.3, 1.1, 1.2, 1.2],
+        seeds=REF_SEEDS,
+        direction="less",
+        threshold=2.0,
+        paper_value="balanced",
+        preset="cpu",
+    )
+    _png(ref_dir / "figures" / "ref_loss.png")
+    return {
+        "_run_dir": str(ref_dir),
+        "recipe": "glam",
+        "preset": "cpu",
+        "claims": [headline.to_dict(), works.to_dict(), only_here.to_dict()],
+        "figures": ["figures/ref_loss.png"],
+        "cost": {"wall_time_s": 2400.0, "peak_rss_mb": 812.5},
+        "config": {"seeds": REF_SEEDS},
+        "reference": {
+            "preset": "cpu",
+            "seeds": REF_SEEDS,
+            "commit": "0123456789abcdef0123",
+            "dirty": False,
+            "date": "2026-01-15 10:20:30",
+            "processor": "Some CPU @ 2.0GHz",
+            "threads": 2,
+            "wall_time_s": 2400.0,
+            "peak_rss_mb": 812.5,
+        },
+    }
+
+
+def _section_table(md: str, heading: str) -> list[list[str]]:
+    """The rows (header first) of the first table after the line ``heading``."""
+    lines = md.splitlines()
+    i = lines.index(heading) + 1
+    while not lines[i].startswith("|"):
+        i += 1
+    block = []
+    while i < len(lines) and lines[i].startswith("|"):
+        block.append(lines[i])
+        i += 1
+    return _table_rows("\n".join(block))
+
+
+FRESH_HEADLINE = "moe_beats_dense_active: -1 [-1.248, -0.7516] (3 seeds) — holds"
+FRESH_WORKS = "moe_beats_bigram: -1 [-1.248, -0.7516] (3 seeds) — holds"
+REF_HEADLINE = "moe_beats_dense_active: -0.2 [-0.2878, -0.1122] (5 seeds) — holds"
+REF_WORKS = "moe_beats_bigram: -0.2 [-0.2439, -0.1561] (5 seeds) — does not hold"
+REF_LABEL = "preset cpu, 5 seeds, commit 0123456789, 2026-01-15"
+
+
+def test_summary_shows_fresh_run_beside_committed_reference(tmp_path):
+    run = tmp_path / "runs" / "glam" / "smoke"
+    _fresh_run(run)
+    ref = _reference(tmp_path / "docs" / "glam" / "reference")
+    md_path, html_path = render([run], tmp_path / "out", references={"glam": ref})
+    md = md_path.read_text()
+
+    table = _section_table(md, "## Summary")
+    header, rows = table[0], table[1:]
+    assert header[0] == "recipe"
+    assert len(rows) == 1
+    row = dict(zip(header, rows[0]))
+    assert row["recipe"] == "glam"
+    assert row["works claim (fresh run)"] == f"{FRESH_WORKS} (at smoke)"
+    assert row["headline claim (fresh run)"] == f"{FRESH_HEADLINE} (at smoke)"
+    assert row["headline claim at the claim preset (reference)"] == f"{REF_HEADLINE} ({REF_LABEL})"
+    assert row["works claim (reference)"] == REF_WORKS
+    # 12.34 s and 2400 s
+    assert row["wall time: fresh / reference"] == "0.2 min / 40.0 min"
+    assert "2 of 3 claims of the fresh runs hold" in md  # the reference's claims are not counted
+
+
+def test_report_has_fresh_run_and_reference_section(tmp_path):
+    run = tmp_path / "runs" / "glam" / "smoke"
+    _fresh_run(run)
+    ref_dir = tmp_path / "docs" / "glam" / "reference"
+    ref = _reference(ref_dir)
+    md_path, html_path = render([run], tmp_path / "out", references={"glam": ref})
+    md = md_path.read_text()
+    assert md.count("### Fresh run and committed reference") == 1
+    assert f"Reference: `{ref_dir}`, produced on Some CPU @ 2.0GHz with 2 threads in 40.0 min" in md
+    table = _section_table(md, "### Fresh run and committed reference")
+    assert table[0] == ["claim", "fresh run (preset smoke, 3 seeds, commit abcdef1234)", f"reference ({REF_LABEL})"]
+    cells = {r[0]: r[1:] for r in table[1:]}
+    assert list(cells) == ["moe_beats_dense_active", "drop_rate_small", "moe_beats_bigram", "expert_load_balanced"]
+    assert cells["moe_beats_dense_active"] == [FRESH_HEADLINE, REF_HEADLINE]
+    assert cells["moe_beats_bigram"] == [FRESH_WORKS, REF_WORKS]
+    assert cells["drop_rate_small"][1] == "—"
+    assert cells["drop_rate_small"][0].endswith("(3 seeds) — does not hold")
+    assert cells["expert_load_balanced"][0] == "—"
+    assert cells["expert_load_balanced"][1].endswith("(5 seeds) — holds")
+    # the reference's figure is shown, labelled as the reference
+    assert "![figures/ref_loss.png (reference, preset cpu)](" in md
+    page = html_path.read_text()
+    assert "Fresh run and committed reference" in page
+    assert page.count("data:image/png;base64,") == 2
+
+
+def test_summary_without_reference_names_the_claim_preset(tmp_path):
+    run = tmp_path / "runs" / "glam" / "smoke"
+    _fresh_run(run)
+    md_path, html_path = render([run], tmp_path / "out", references={})
+    md = md_path.read_text()
+    table = _section_table(md, "## Summary")
+    row = dict(zip(table[0], table[1]))
+    assert len(table) == 2
+    assert row["headline claim (fresh run)"] == f"{FRESH_HEADLINE} (at smoke)"
+    assert row["headline claim at the claim preset (reference)"] == "no reference yet (claim preset cpu)"
+    assert row["works claim (reference)"] == "—"
+    assert row["wall time: fresh / reference"] == "0.2 min / —"
+    assert "Fresh run and committed reference" not in md
+    assert "no reference yet (claim preset cpu)" in html_path.read_text()
+
+
+def test_summary_of_run_without_works_claim_shows_dash(tmp_path):
+    run = tmp_path / "run"
+    _make_run(run)  # no works claim
+    md_path, _ = render([run], tmp_path / "out", references={})
+    row = dict(zip(*_section_table(md_path.read_text(), "## Summary")[:2]))
+    assert row["works claim (fresh run)"] == "— (at smoke)"
+    assert row["headline claim (fresh run)"].startswith("moe_beats_dense_active: -1 [-1.248, -0.7516] (3 seeds)")
+
+
+def test_summary_has_one_row_per_known_recipe(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fresh_run(a)
+    _make_run(b, recipe="not_a_recipe")
+    md_path, _ = render([a, b], tmp_path / "out", references={})
+    table = _section_table(md_path.read_text(), "## Summary")
+    assert [r[0] for r in table[1:]] == ["glam"]

@@ -18,6 +18,7 @@ from thrifty.core.run import (
     MetricsLog,
     atomic_write_text,
     data_root,
+    portable,
     prepare_run_dir,
     progress,
     resolve_device,
@@ -323,3 +324,154 @@ def test_data_root_prefers_config_then_env(tmp_path, monkeypatch):
     assert (tmp_path / "d1").is_dir()
     monkeypatch.setenv("THRIFTY_DATA", str(tmp_path / "d2"))
     assert data_root(_cfg(tmp_path)) == tmp_path / "d2"
+
+
+# --------------------------------------------------------------------------- portable results
+
+
+def test_portable_longest_root_wins():
+    # "~" listed first: the longer data root must still win for paths inside it
+    roots = {"~": "/home/u", "<data_dir>": "/home/u/.cache/thrifty", "<site-packages>": "/opt/py/site-packages"}
+    assert portable("/home/u/.cache/thrifty/text/bpe.json", roots) == "<data_dir>/text/bpe.json"
+    assert portable("/home/u/.cache/thrifty", roots) == "<data_dir>"
+    assert portable("/home/u/notes.txt", roots) == "~/notes.txt"
+    assert portable("/home/u", roots) == "~"
+    assert portable("/opt/py/site-packages/torch/nn.py", roots) == "<site-packages>/torch/nn.py"
+
+
+def test_portable_leaves_other_strings_and_non_strings_alone():
+    roots = {"<data_dir>": "/home/u/.cache/thrifty", "~": "/home/u"}
+    assert portable("/home/uv/x", roots) == "/home/uv/x"  # a prefix but not a parent directory
+    assert portable("/home/u.bak", roots) == "/home/u.bak"
+    assert portable("see /home/u/x", roots) == "see /home/u/x"  # only a leading root is replaced
+    assert portable("runs/glam/cpu", roots) == "runs/glam/cpu"
+    for v in (3, 2.5, None, True, float("inf")):
+        assert portable(v, roots) == v or portable(v, roots) is v
+
+
+def test_portable_recurses_into_dicts_and_lists():
+    roots = {"<data_dir>": "/d", "~": "/home/u"}
+    data = {
+        "a": ["/d/x", {"b": "/home/u/y", "n": 1}, ("/d", 2)],
+        "c": {"d": {"e": "/home/u"}},
+        "/home/u/key": "kept",
+    }
+    assert portable(data, roots) == {
+        "a": ["<data_dir>/x", {"b": "~/y", "n": 1}, ["<data_dir>", 2]],
+        "c": {"d": {"e": "~"}},
+        "/home/u/key": "kept",  # keys are names, not values
+    }
+    assert data["a"][0] == "/d/x"  # the input is not modified
+
+
+def test_portable_ignores_empty_and_filesystem_root():
+    roots = {"<data_dir>": "", "<root>": "/", "<cwd>": "."}
+    assert portable({"p": "/etc/passwd", "q": "./x"}, roots) == {"p": "/etc/passwd", "q": "./x"}
+
+
+def test_portable_expands_user_in_roots(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert portable(str(tmp_path / "c" / "f"), {"<data_dir>": "~/c"}) == "<data_dir>/f"
+
+
+def _isolated_machine(tmp_path, monkeypatch):
+    """A home directory and a working directory under ``tmp_path``."""
+    home, cwd = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("THRIFTY_DATA", raising=False)
+    return home, cwd
+
+
+def test_finish_run_writes_portable_results_and_returns_real_paths(tmp_path, monkeypatch):
+    import sysconfig
+    import time
+
+    from thrifty.core.reference import machine_paths
+    from thrifty.core.run import finish_run
+
+    home, cwd = _isolated_machine(tmp_path, monkeypatch)
+    data_dir = home / ".cache" / "thrifty"
+    cfg = load_config(GlamConfig, preset_path("glam", "smoke"), ["out_dir=runs", f"data_dir={data_dir}"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    site = sysconfig.get_paths()["purelib"]
+    summary = {
+        "recipe": "glam",
+        "run_dir": "runs/glam/smoke",
+        "data": {"tokenizer": str(data_dir / "text" / "bpe.json"), "files": [str(data_dir / "a"), 3]},
+        "source": f"{site}/thrifty/__init__.py",
+        "here": str(cwd / "runs" / "glam" / "smoke"),
+        "loss": 2.5,
+    }
+    returned = finish_run(summary, run_dir, cfg, t_start=time.perf_counter(), tokens_per_s={"moe": 10.0})
+
+    text = (run_dir / "results.json").read_text()
+    assert str(tmp_path) not in text
+    assert site not in text
+    written = json.loads(text)
+    assert machine_paths(written) == []
+    assert written["data"] == {"tokenizer": "<data_dir>/text/bpe.json", "files": ["<data_dir>/a", 3]}
+    assert written["source"] == "<site-packages>/thrifty/__init__.py"
+    assert written["here"] == "./runs/glam/smoke"
+    assert written["run_dir"] == "runs/glam/smoke"
+    assert written["config"]["data_dir"] == "<data_dir>"
+    assert written["config"]["out_dir"] == "runs"
+    assert written["loss"] == 2.5
+    assert written["cost"]["tokens_per_s"] == {"moe": 10.0}
+    assert {"wall_time_s", "peak_rss_mb", "world_size"} <= set(written["cost"])
+    assert {"commit", "dirty", "processor", "threads"} <= set(written["environment"])
+    # the returned summary keeps the real paths, usable on this machine
+    assert returned is summary
+    assert returned["data"]["tokenizer"] == str(data_dir / "text" / "bpe.json")
+    assert returned["config"]["data_dir"] == str(data_dir)
+    assert returned["here"] == str(cwd / "runs" / "glam" / "smoke")
+
+
+def test_finish_run_hides_absolute_out_dir(tmp_path, monkeypatch):
+    import time
+
+    from thrifty.core.run import finish_run
+
+    _isolated_machine(tmp_path, monkeypatch)
+    out_dir, data_dir = tmp_path / "runs", tmp_path / "data"
+    cfg = load_config(GlamConfig, preset_path("glam", "smoke"), [f"out_dir={out_dir}", f"data_dir={data_dir}"])
+    run_dir = out_dir / "glam" / "smoke"
+    run_dir.mkdir(parents=True)
+    finish_run({"recipe": "glam", "run_dir": str(run_dir)}, run_dir, cfg, t_start=time.perf_counter())
+    text = (run_dir / "results.json").read_text()
+    assert str(data_dir) not in text
+    assert str(tmp_path) not in text
+
+
+def test_finish_run_home_placeholder_is_accepted_by_reference_check(tmp_path, monkeypatch):
+    import time
+
+    from thrifty.core.reference import machine_paths
+    from thrifty.core.run import finish_run
+
+    home, _ = _isolated_machine(tmp_path, monkeypatch)
+    cfg = load_config(GlamConfig, preset_path("glam", "smoke"), ["out_dir=runs", f"data_dir={tmp_path / 'data'}"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    finish_run({"recipe": "glam", "log": str(home / "notes.txt")}, run_dir, cfg, t_start=time.perf_counter())
+    written = json.loads((run_dir / "results.json").read_text())
+    assert written["log"] == "<home>/notes.txt"  # what portable writes for the home directory
+    assert machine_paths(written) == []
+
+
+def test_environment_records_commit_and_dirty():
+    from thrifty.core.run import environment
+
+    env = environment(torch.device("cpu"))
+    assert {"commit", "dirty", "torch", "python", "processor", "threads", "device"} <= set(env)
+    assert env["device"] == "cpu"
+    assert isinstance(env["commit"], str)
+    if env["commit"] == "unknown":
+        assert env["dirty"] is None
+    else:
+        assert len(env["commit"]) == 40
+        assert int(env["commit"], 16) >= 0
+        assert env["dirty"] in (True, False, None)

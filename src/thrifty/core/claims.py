@@ -97,7 +97,7 @@ class Claim:
 def interval_holds(ci95: Sequence[float | None], direction: str, threshold: float) -> bool:
     """The verdict rule: the whole interval lies strictly on the claimed side of ``threshold``.
 
-    An undefined bound (``None``/infinite, one seed) never holds."""
+    An undefined deciding bound (``None``/infinite, one seed) never holds."""
     lo, hi = (math.nan if v is None else float(v) for v in ci95)
     if direction == "less":
         return bool(math.isfinite(hi) and hi < threshold)
@@ -182,7 +182,7 @@ def works_claim(
     unit: str = "",
     note: str = "",
 ) -> Claim:
-    """"The method works": it beats a trivial baseline measured on the same test data by at least ``margin``.
+    """ "The method works": it beats a trivial baseline measured on the same test data by at least ``margin``.
 
     ``measured`` is the mean over seeds of ``method − baseline`` (the baseline may be one training-free
     number or a per-seed value); ``direction="less"`` claims the method is lower by more than

@@ -8,17 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import importlib
 from types import ModuleType
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
+    """One recipe: its paper, module, and where its claims are judged.
+
+    Attributes:
+        claim_preset: the preset whose run (5 seeds, <= 45 min on 2 cores) judges the headline claims;
+            its results are committed under ``docs/<name>/reference/``.
+        headline: the claim id (a ``fnmatch`` pattern; the first match wins) the summary table shows.
+    """
+
     name: str
     title: str
     arxiv: str
     domain: str
     module: str | None  # None: planned, not implemented yet
+    claim_preset: str = "cpu"
+    headline: str = ""
+
+    def headline_claim(self, claims: list[dict]) -> dict | None:
+        """The first of ``claims`` (``results.json`` records) whose id matches :attr:`headline`."""
+        return next((c for c in claims if self.headline and fnmatch.fnmatchcase(c["id"], self.headline)), None)
 
     @property
     def ready(self) -> bool:
@@ -49,6 +64,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2112.06905",
         "text",
         "thrifty.methods.glam.train",
+        headline="moe_beats_dense_active",
     ),
     Recipe(
         "autodistill",
@@ -56,6 +72,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2201.08539",
         "text, serving",
         "thrifty.methods.autodistill.train",
+        headline="searched_student_dominates_*",
     ),
     Recipe(
         "bigssl",
@@ -63,6 +80,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2109.13226",
         "speech",
         "thrifty.methods.bigssl.train",
+        headline="pretraining_lowers_wer_*",
     ),
     Recipe(
         "genesis",
@@ -70,6 +88,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2007.06959, 2102.10680",
         "3D CT",
         "thrifty.methods.genesis.train",
+        headline="genesis_off_beats_scratch_*",
     ),
     Recipe(
         "squid",
@@ -77,6 +96,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2111.13495",
         "X-ray",
         "thrifty.methods.squid.train",
+        headline="squid_5_points_over_best_baseline",
     ),
     Recipe(
         "mt_transunet",

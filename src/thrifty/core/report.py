@@ -127,34 +127,149 @@ def _cost_rows(run: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def render(run_dirs: list[Path], out_dir: Path, *, title: str = "thrifty report") -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` for the given runs into ``out_dir``."""
+def _claim_cell(c: dict[str, Any] | None) -> str:
+    """``measured [lo, hi] unit — verdict`` of one claim record, or a dash."""
+    if c is None:
+        return "—"
+    verdict = "holds" if c.get("holds") else "does not hold"
+    n = len(c.get("seeds", []))
+    return f"{c['id']}: {_num(c['measured'])} {_ci(c['ci95'])} ({n} seeds) — {verdict}"
+
+
+def _label(run: dict[str, Any]) -> str:
+    """``preset cpu, 5 seeds, commit abc1234, 2026-12-05`` for a run or a reference."""
+    prov = run.get("reference") or {}
+    env = run.get("environment", {})
+    seeds = prov.get("seeds") or run.get("config", {}).get("seeds") or []
+    commit = str(prov.get("commit") or env.get("commit") or "unknown")[:10]
+    date = str(prov.get("date") or run.get("created") or "")[:10]
+    return f"preset {run.get('preset')}, {len(seeds)} seeds, commit {commit}" + (f", {date}" if date else "")
+
+
+def _wall(run: dict[str, Any] | None) -> str:
+    if not run:
+        return "—"
+    w = run.get("cost", {}).get("wall_time_s")
+    return "—" if not isinstance(w, int | float) else f"{w / 60:.1f} min"
+
+
+def summary_rows(runs: list[dict[str, Any]], references: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per recipe: works claim and headline claim of the fresh run and of the committed reference."""
+    from thrifty.core.registry import UnknownRecipe, get
+
+    rows = []
+    for run in runs:
+        try:
+            recipe = get(run["recipe"])
+        except UnknownRecipe:
+            continue
+        ref = references.get(run["recipe"])
+
+        def works(r: dict[str, Any] | None) -> dict[str, Any] | None:
+            return next((c for c in (r or {}).get("claims", []) if c.get("kind") == "works"), None)
+
+        rows.append(
+            [
+                run["recipe"],
+                f"{_claim_cell(works(run))} (at {run.get('preset')})",
+                _claim_cell(recipe.headline_claim(run.get("claims", []))) + f" (at {run.get('preset')})",
+                (_claim_cell(recipe.headline_claim(ref.get("claims", []))) + f" ({_label(ref)})")
+                if ref
+                else f"no reference yet (claim preset {recipe.claim_preset})",
+                (_claim_cell(works(ref)) if ref else "—"),
+                f"{_wall(run)} / {_wall(ref)}",
+            ]
+        )
+    return rows
+
+
+SUMMARY_COLUMNS = [
+    "recipe",
+    "works claim (fresh run)",
+    "headline claim (fresh run)",
+    "headline claim at the claim preset (reference)",
+    "works claim (reference)",
+    "wall time: fresh / reference",
+]
+
+
+def comparison_rows(run: dict[str, Any], ref: dict[str, Any]) -> list[list[str]]:
+    """Each claim id of the fresh run or the reference, with both measurements side by side."""
+    fresh = {c["id"]: c for c in run.get("claims", [])}
+    refd = {c["id"]: c for c in ref.get("claims", [])}
+    ids = list(fresh) + [i for i in refd if i not in fresh]
+    return [[i, _claim_cell(fresh.get(i)), _claim_cell(refd.get(i))] for i in ids]
+
+
+def _references_for(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    from thrifty.core.reference import load_reference
+
+    out = {}
+    for run in runs:
+        try:
+            ref = load_reference(run["recipe"])
+        except Exception as err:  # a broken reference must not hide the fresh results
+            ref = None
+            run.setdefault("notes", []).append(f"reference not shown: {err}")
+        if ref is not None and Path(ref["_run_dir"]).resolve() != Path(run["_run_dir"]).resolve():
+            out[run["recipe"]] = ref
+    return out
+
+
+def render(
+    run_dirs: list[Path],
+    out_dir: Path,
+    *,
+    title: str = "thrifty report",
+    references: dict[str, dict[str, Any]] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` for the given runs into ``out_dir``.
+
+    The report opens with one summary row per recipe (works claim, headline claim of the fresh run and
+    of the committed reference at the recipe's claim preset, wall times), then every claim of the fresh
+    runs, then per recipe the fresh run and its reference side by side, tables, cost and figures.
+
+    Args:
+        references: committed reference results per recipe (``results.json`` content with ``_run_dir``);
+            ``None`` loads each recipe's from ``docs/<recipe>/reference/``.
+    """
     runs = [load_results(Path(d)) for d in run_dirs]
+    refs = _references_for(runs) if references is None else references
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     all_claims = [row for run in runs for row in claim_rows(run)]
     held = sum(1 for r in all_claims if r[-1] == "holds")
+    summary = summary_rows(runs, refs)
+    intro = (
+        "A claim holds only when its whole 95% interval lies on the claimed side; comparisons are paired "
+        "differences over seeds measured on a test split touched once. Headline claims are judged at each "
+        "recipe's claim preset (5 seeds); the reference column is that run, committed with the code."
+    )
 
     md = [
         f"# {title}",
         "",
-        f"Generated {stamp}. {held} of {len(all_claims)} claims hold.",
+        f"Generated {stamp}. {held} of {len(all_claims)} claims of the fresh runs hold.",
         "",
-        "A claim holds only when its whole 95% interval lies on the claimed side; comparisons are paired "
-        "differences over seeds measured on a test split touched once.",
+        intro,
         "",
-        "## Claims",
+        "## Summary",
+        "",
+        _md_table(SUMMARY_COLUMNS, summary),
+        "",
+        "## Claims (fresh runs)",
         "",
         _md_table(CLAIM_COLUMNS, all_claims),
         "",
     ]
     body = [
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>Generated {stamp}. <b>{held} of {len(all_claims)}</b> claims hold. A claim holds only when its "
-        "whole 95% interval lies on the claimed side; comparisons are paired differences over seeds measured "
-        "on a test split touched once.</p>",
-        "<h2>Claims</h2>",
+        f"<p>Generated {stamp}. <b>{held} of {len(all_claims)}</b> claims of the fresh runs hold. "
+        f"{html.escape(intro)}</p>",
+        "<h2>Summary</h2>",
+        _html_table(SUMMARY_COLUMNS, summary),
+        "<h2>Claims (fresh runs)</h2>",
         _html_table(CLAIM_COLUMNS, all_claims, verdict_col=len(CLAIM_COLUMNS) - 1),
     ]
 
@@ -168,6 +283,28 @@ def render(run_dirs: list[Path], out_dir: Path, *, title: str = "thrifty report"
             f"<h2>{html.escape(head.replace('`', ''))}</h2>",
             f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p>",
         ]
+        ref = refs.get(run["recipe"])
+        if ref is not None:
+            cols = ["claim", f"fresh run ({_label(run)})", f"reference ({_label(ref)})"]
+            prov = ref.get("reference", {})
+            where = (
+                f"Reference: `{ref['_run_dir']}`, produced on {prov.get('processor', '?')} with "
+                f"{prov.get('threads', '?')} threads in {_wall(ref)}, peak RSS "
+                f"{_num(prov.get('peak_rss_mb'))} MiB."
+            )
+            md += [
+                "### Fresh run and committed reference",
+                "",
+                where,
+                "",
+                _md_table(cols, comparison_rows(run, ref)),
+                "",
+            ]
+            body += [
+                "<h3>Fresh run and committed reference</h3>",
+                f"<p>{html.escape(where.replace('`', ''))}</p>",
+                _html_table(cols, comparison_rows(run, ref)),
+            ]
         for table in run.get("tables", []):
             md += [f"### {table['title']}", "", _md_table(table["columns"], table["rows"]), ""]
             body += [f"<h3>{html.escape(table['title'])}</h3>", _html_table(table["columns"], table["rows"])]
@@ -176,15 +313,21 @@ def render(run_dirs: list[Path], out_dir: Path, *, title: str = "thrifty report"
         for note in run.get("notes", []):
             md += [f"> {note}", ""]
             body += [f"<p class='note'>{html.escape(note)}</p>"]
-        for rel in run.get("figures", []):
-            fig = run_dir / rel
+        figs = [(run_dir, rel, "") for rel in run.get("figures", [])]
+        if ref is not None:
+            figs += [
+                (Path(ref["_run_dir"]), rel, f" (reference, preset {ref.get('preset')})")
+                for rel in ref.get("figures", [])
+            ]
+        for base, rel, tag in figs:
+            fig = base / rel
             if not fig.is_file():
                 continue
-            md += [f"![{rel}]({os.path.relpath(fig, out_dir)})", ""]
+            md += [f"![{rel}{tag}]({os.path.relpath(fig, out_dir)})", ""]
             data = base64.b64encode(fig.read_bytes()).decode()
             body += [
-                f"<figure><img alt='{html.escape(rel)}' src='data:image/png;base64,{data}'/>"
-                f"<figcaption>{html.escape(rel)}</figcaption></figure>"
+                f"<figure><img alt='{html.escape(rel + tag)}' src='data:image/png;base64,{data}'/>"
+                f"<figcaption>{html.escape(rel + tag)}</figcaption></figure>"
             ]
 
     style = (

@@ -270,16 +270,18 @@ def portable(obj: Any, roots: dict[str, str | Path]) -> Any:
 
 
 def machine_roots(cfg: BaseConfig) -> dict[str, str]:
-    """The directories :func:`portable` hides: the data cache, site-packages, the working directory, home."""
+    """The directories :func:`portable` hides: the data cache, an absolute ``out_dir``, site-packages, the
+    working directory and home."""
     import sysconfig
 
     data = cfg.data_dir or os.environ.get("THRIFTY_DATA") or str(Path.home() / ".cache" / "thrifty")
     return {
         "<data_dir>": data,
+        "<out_dir>": cfg.out_dir if Path(cfg.out_dir).expanduser().is_absolute() else "",
         "<site-packages>": sysconfig.get_paths()["purelib"],
         "<platlib>": sysconfig.get_paths()["platlib"],
         ".": os.getcwd(),
-        "~": str(Path.home()),
+        "<home>": str(Path.home()),
     }
 
 

@@ -54,12 +54,13 @@ class KneserNeyBigram:
         """Count the adjacent pairs of each 1-D token stream (pairs never cross streams)."""
         if not 0.0 < discount <= 1.0:
             raise ValueError(f"discount must be in (0, 1], not {discount}")
-        codes = [s[:-1].astype(np.int64) * vocab_size + s[1:].astype(np.int64) for s in streams if len(s) > 1]
-        if not codes:
+        streams = [np.asarray(s) for s in streams if len(s) > 1]
+        if not streams:
             raise ValueError("KneserNeyBigram.fit needs at least one stream of two or more tokens")
-        flat = np.concatenate(codes)
-        if flat.min() < 0 or flat.max() >= vocab_size * vocab_size:
+        # checked per token: a pair code in [0, V²) can still hide an id out of range, e.g. (0, V) -> (1, 0)
+        if any(s.min() < 0 or s.max() >= vocab_size for s in streams):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
+        flat = np.concatenate([s[:-1].astype(np.int64) * vocab_size + s[1:].astype(np.int64) for s in streams])
         pair_codes, counts = np.unique(flat, return_counts=True)
         left, right = pair_codes // vocab_size, pair_codes % vocab_size
         context_counts = np.bincount(left, weights=counts, minlength=vocab_size)
@@ -124,6 +125,8 @@ def mixture_loss(
 def mixture_mean(per_source: Mapping[str, float], weights: Mapping[str, float]) -> float:
     """Mixture-weighted mean over the sources with a finite value (weights renormalised over them)."""
     present = {s: w for s, w in weights.items() if math.isfinite(per_source.get(s, math.nan))}
+    if not present:  # nothing measured: not a loss of 0
+        return math.nan
     return sum(per_source[s] * w for s, w in present.items()) / max(sum(present.values()), 1e-12)
 
 

@@ -205,9 +205,7 @@ def bigram_baseline(cfg: GlamConfig, data: LMData) -> dict[str, Any]:
     validation, scored on exactly the validation and test targets the LMs are scored on."""
     val = eval_window_sets(data.val, cfg, max_windows=cfg.data.eval_windows)
     test = eval_window_sets(data.test, cfg, max_windows=cfg.data.test_windows)
-    model, tried = bigram.fit_on_validation(
-        list(data.train.values()), val, data.weights, vocab_size=data.vocab_size
-    )
+    model, tried = bigram.fit_on_validation(list(data.train.values()), val, data.weights, vocab_size=data.vocab_size)
     return {
         "discount": model.discount,
         "val_by_discount": {str(d): v for d, v in tried.items()},
