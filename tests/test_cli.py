@@ -389,3 +389,28 @@ def test_reference_of_another_preset_exits_1(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "'quick'" in err
     assert "'cpu'" in err
+
+
+def test_run_claims_table_never_cuts_ids_or_numbers(capsys, monkeypatch):
+    """The claims table `thrifty run` prints at 80 columns keeps every claim id whole and ellipsises nothing."""
+    from thrifty.cli import _print_claims
+    from thrifty.core.claims import paired_claim
+
+    monkeypatch.setenv("COLUMNS", "80")
+    long_id = "semantic_genesis_vs_models_genesis_ncs"
+    claim = paired_claim(
+        id=long_id,
+        statement="s",
+        a={0: 0.123456, 1: 0.2, 2: 0.31},
+        b={0: 0.0, 1: 0.0, 2: 0.0},
+        direction="greater",
+        paper_value="p",
+        preset="quick",
+        baseline="b",
+        unit="IoU points (a − b)",
+    )
+    _print_claims({"recipe": "genesis", "preset": "quick", "claims": [claim.to_dict()]})
+    out = capsys.readouterr().out
+    assert long_id in out
+    assert "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80

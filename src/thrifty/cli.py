@@ -149,8 +149,9 @@ def _print_claims(results: dict[str, Any]) -> None:
     rows = claim_rows({**results, "recipe": results.get("recipe", "?")})
     table = Table(title=f"{results.get('recipe')} claims (preset {results.get('preset')})", show_lines=True)
     keep = [1, 4, 5, 6, 7, 9]
-    for i in keep:
-        table.add_column(CLAIM_COLUMNS[i])
+    longest_id = max((len(r[1]) for r in rows), default=5)
+    for i in keep:  # claim ids are never cut (a user greps results.json for them); numbers wrap instead
+        table.add_column(CLAIM_COLUMNS[i], no_wrap=i == 1, min_width=longest_id if i == 1 else None, overflow="fold")
     for r in rows:
         style = "green" if r[9] == "holds" else "red"
         table.add_row(*[r[i] for i in keep], style=style)

@@ -407,3 +407,28 @@ def test_every_committed_reference_is_consistent():
                 assert claim["n_seeds"] == 5, (recipe.name, claim["id"])
                 assert len(claim["seeds"]) == 5, (recipe.name, claim["id"])
         assert get(recipe.name).headline_claim(ref["claims"]) is not None, recipe.name
+
+
+def test_glam_reference_is_committed_and_shown_beside_a_fresh_run(tmp_path, monkeypatch):
+    """The claim-preset reference ships with the code, and a report of a fresh GLaM run shows it."""
+    from thrifty.core.report import render
+
+    monkeypatch.delenv("THRIFTY_DOCS_DIR", raising=False)
+    ref = load_reference("glam")
+    assert ref is not None, "docs/glam/reference/results.json is missing"
+    assert ref["reference"]["preset"] == get("glam").claim_preset
+    headline = get("glam").headline_claim(ref["claims"])
+    assert headline is not None and headline["n_seeds"] == 5
+    assert any(c["kind"] == "works" for c in ref["claims"])
+    assert all((Path(ref["_run_dir"]) / f).is_file() for f in ref["figures"])
+
+    run = tmp_path / "runs" / "glam" / "quick"
+    run.mkdir(parents=True)
+    fresh = {**{k: ref[k] for k in ("recipe", "claims")}, "preset": "quick", "cost": {"wall_time_s": 240.0}}
+    (run / "results.json").write_text(json.dumps(fresh))
+    md, _ = render([run], tmp_path / "report")
+    text = md.read_text()
+    summary = text.split("## Summary", 1)[1].split("##", 1)[0]
+    assert f"commit {ref['reference']['commit'][:10]}" in summary
+    assert "preset cpu, 5 seeds" in summary
+    assert "Fresh run and committed reference" in text

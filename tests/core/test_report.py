@@ -17,6 +17,12 @@ from thrifty.core.claims import paired_claim, value_claim
 from thrifty.core.report import ReportError, load_results, render
 
 
+@pytest.fixture(autouse=True)
+def _no_committed_references(tmp_path_factory, monkeypatch):
+    """render() loads the repository's committed references by default; these tests build their own."""
+    monkeypatch.setenv("THRIFTY_DOCS_DIR", str(tmp_path_factory.mktemp("no-docs")))
+
+
 def _png(path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(1.0, 1.0), dpi=20)

@@ -167,6 +167,7 @@ def provenance(results: dict[str, Any]) -> dict[str, Any]:
         "machine": env.get("machine", ""),
         "cpu_count": env.get("cpu_count"),
         "threads": env.get("threads"),
+        "cpu_capability": env.get("cpu_capability"),
         "torch": env.get("torch", ""),
         "wall_time_s": cost.get("wall_time_s"),
         "peak_rss_mb": cost.get("peak_rss_mb"),

@@ -237,6 +237,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "processor": cpu_name() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        # ATen picks its vectorised kernels by this at run time; CPU results are bitwise reproducible only
+        # on the same capability (ATEN_CPU_CAPABILITY=avx2 reproduces an AVX2 machine's numbers here)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": str(device),
         **git_commit(),
     }
