@@ -211,9 +211,14 @@ def _references_for(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         except Exception as err:  # a broken reference must not hide the fresh results
             ref = None
             run.setdefault("notes", []).append(f"reference not shown: {err}")
-        if ref is not None and Path(ref["_run_dir"]).resolve() != Path(run["_run_dir"]).resolve():
+        if ref is not None:
             out[run["recipe"]] = ref
     return out
+
+
+def _is_same(run: dict[str, Any], ref: dict[str, Any]) -> bool:
+    """The run being reported is the committed reference itself."""
+    return Path(ref["_run_dir"]).resolve() == Path(run["_run_dir"]).resolve()
 
 
 def render(
@@ -284,6 +289,8 @@ def render(
             f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p>",
         ]
         ref = refs.get(run["recipe"])
+        if ref is not None and _is_same(run, ref):
+            ref = None  # reporting the reference itself: nothing to set beside it
         if ref is not None:
             cols = ["claim", f"fresh run ({_label(run)})", f"reference ({_label(ref)})"]
             prov = ref.get("reference", {})
