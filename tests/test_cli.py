@@ -274,13 +274,18 @@ def test_reproduce_claim_budget_runs_each_recipes_claim_preset(capsys, monkeypat
     out_dir = tmp_path / "runs"
     assert main(["reproduce", "--budget", budget, "--out-dir", str(out_dir)]) == EXIT_OK
     ready = registry.names(ready_only=True)
-    assert [(r, p) for r, p, _ in calls] == [(name, registry.get(name).claim_preset) for name in ready]
+    with_claim = [n for n in ready if registry.get(n).claim_preset is not None]
+    assert with_claim, "at least one recipe has a pre-registered claim preset"
+    # `claim` runs only pre-registered claim presets; `cpu` also runs the others' cpu presets
+    expected = [(n, registry.get(n).claim_preset or "cpu") for n in (with_claim if budget == "claim" else ready)]
+    assert [(r, p) for r, p, _ in calls] == expected
     for _, preset, overrides in calls:
         assert f"run_name={preset}" in overrides
         assert f"out_dir={out_dir}" in overrides
     md = (out_dir / "report" / "report.md").read_text()
-    for name in ready:
-        assert f"no reference yet (claim preset {registry.get(name).claim_preset})" in md
+    for name, _ in expected:
+        claim_preset = registry.get(name).claim_preset
+        assert (f"no reference yet (claim preset {claim_preset})" if claim_preset else "no claim preset yet") in md
     assert "report.html" in capsys.readouterr().out
 
 
@@ -327,6 +332,8 @@ def test_reference_on_dir_without_results_exits_1(capsys, tmp_path):
 
 def _claim_preset_run(tmp_path, preset="cpu"):
     from thrifty.core.claims import paired_claim
+    from thrifty.core.config import to_dict
+    from thrifty.core.registry import load_config
 
     seeds = [100, 101, 102, 103, 104]
     claim = paired_claim(
@@ -349,10 +356,22 @@ def _claim_preset_run(tmp_path, preset="cpu"):
         "figures": [],
         "environment": {"commit": "a" * 40, "dirty": False, "processor": "cpu", "threads": 2},
         "cost": {"wall_time_s": 60.0, "peak_rss_mb": 100.0},
-        "config": {"seeds": seeds},
+        "config": {**to_dict(load_config("glam", "cpu")[1]), "out_dir": "elsewhere", "num_threads": 1},
     }
     (run / "results.json").write_text(json.dumps(results))
     return run
+
+
+def test_reference_refuses_a_run_with_overrides(capsys, tmp_path):
+    """A claim-preset run whose settings differ from the committed preset (e.g. max_steps=10) is not a reference."""
+    run = _claim_preset_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["max_steps"] = 10
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["reference", str(run), "--docs-dir", str(tmp_path / "docs")]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "max_steps" in err and "committed preset" in err
+    assert not (tmp_path / "docs").exists()
 
 
 def test_reference_publishes_then_check_passes(capsys, monkeypatch, tmp_path):

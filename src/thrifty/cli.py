@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="with no recipe named, every implemented recipe runs.\n"
         "  thrifty reproduce                  # all, quick budget\n"
-        "  thrifty reproduce --budget claim   # every recipe's claim preset (5 seeds, <= 45 min each)\n"
+        "  thrifty reproduce --budget claim   # every claim preset (pre-registered, 5 seeds, <= 45 min each)\n"
         "  thrifty reproduce glam --budget smoke\n"
         "The report opens with a summary of every recipe's works and headline claims, the fresh run beside\n"
         "the committed reference result of its claim preset (docs/<recipe>/reference/).",
@@ -83,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--budget",
         default="quick",
-        help=f"preset for every recipe: {', '.join(PRESETS)} (default: quick); `claim` (or `cpu`) runs each "
-        "recipe's claim preset (see `thrifty list`), where its headline claims are judged",
+        help=f"preset for every recipe: {', '.join(PRESETS)} (default: quick); `claim` runs each recipe's "
+        "pre-registered claim preset (see `thrifty list`), where its headline claims are judged, skipping recipes "
+        "without one; `cpu` runs the claim preset where a recipe has one and its cpu preset otherwise",
     )
     rep.add_argument("--out-dir", default="runs", help="root of run directories and of report/ (default: runs)")
 
@@ -176,10 +177,13 @@ def cmd_list() -> int:
     table.add_column("domain")
     for r in RECIPES:
         presets = ", ".join(available_presets(r.name)) if r.ready else ""
-        table.add_row(r.name, "ready" if r.ready else "planned", r.claim_preset if r.ready else "", presets, r.domain)
+        claim = (r.claim_preset or "not yet") if r.ready else ""
+        table.add_row(r.name, "ready" if r.ready else "planned", claim, presets, r.domain)
     console = Console()
     console.print(table)
-    console.print("claim preset: where a recipe's headline claims are judged (5 seeds, <= 45 min on 2 cores)\n")
+    console.print(
+        "claim preset: where a recipe's headline claims are judged (pre-registered, 5 seeds, <= 45 min on 2 cores)\n"
+    )
     for r in RECIPES:
         console.print(f"{r.name}: {r.title} (arXiv {r.arxiv})", highlight=False)
     return EXIT_OK
@@ -193,6 +197,8 @@ def cmd_show_config(recipe: str, preset: str, overrides: list[str]) -> int:
     claim_preset = get(recipe).claim_preset
     if preset == claim_preset:
         print(f"# preset {preset}: {recipe}'s CLAIM PRESET (its headline claims are judged at this preset)")
+    elif claim_preset is None:
+        print(f"# preset {preset}; {recipe} has no pre-registered claim preset yet")
     else:
         print(
             f"# preset {preset}; {recipe}'s claim preset is {claim_preset} (thrifty show-config {recipe} "
@@ -230,7 +236,18 @@ def cmd_reproduce(recipes: list[str], budget: str, out_dir: str) -> int:
     from thrifty.core.report import render
 
     names = recipes or registry.names(ready_only=True)
-    presets = {n: registry.get(n).claim_preset if budget in CLAIM_BUDGETS else budget for n in names}
+    if budget in CLAIM_BUDGETS:
+        # `cpu` keeps meaning the cpu preset for a recipe without a pre-registered claim preset; `claim` skips it
+        missing = [n for n in names if registry.get(n).claim_preset is None]
+        if missing:
+            what = "skipped" if budget == "claim" else "run at their cpu preset"
+            logging.getLogger("thrifty").warning("no claim preset yet (%s): %s", what, ", ".join(missing))
+        if budget == "claim":
+            names = [n for n in names if n not in missing]
+        if not names:
+            print("thrifty: error: none of these recipes has a claim preset yet", file=sys.stderr)
+            return EXIT_USAGE
+    presets = {n: (registry.get(n).claim_preset or budget) if budget in CLAIM_BUDGETS else budget for n in names}
     for n in names:  # fail fast on typos before hours of work
         registry.get(n).load()
         preset_path(n, presets[n])
@@ -265,7 +282,12 @@ def cmd_reference(run_dir: Path | None, docs_dir: Path | None, no_log: bool, che
     if check:
         problems, checked = [], 0
         for r in registry.RECIPES:
-            data = reference.load_reference(r.name)
+            try:
+                data = reference.load_reference(r.name)
+            except reference.ReferenceError as err:  # one unreadable reference must not hide the others
+                checked += 1
+                problems.append(str(err))
+                continue
             if data is not None:
                 checked += 1
                 problems += reference.check_reference(data, source=f"{data['_run_dir']}/results.json")

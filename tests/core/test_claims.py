@@ -421,9 +421,9 @@ def test_works_claim_greater_threshold_is_plus_margin():
     assert _works(auroc, 0.5, margin=0.3, direction="greater").holds is False  # 0.2758 < 0.3
 
 
-def test_works_claim_per_seed_baseline_uses_shared_seeds():
-    method = {2: 3.0, 0: 1.0, 1: 2.0, 5: 9.0}
-    base = {0: 1.5, 1: 2.25, 2: 3.5, 7: 0.0}
+def test_works_claim_per_seed_baseline_pairs_by_seed():
+    method = {2: 3.0, 0: 1.0, 1: 2.0}
+    base = {0: 1.5, 1: 2.25, 2: 3.5, 7: 0.0}  # a baseline seed the method lacks is ignored
     c = _works(method, base, margin=0.1)
     assert c.seeds == (0, 1, 2)
     assert c.values == pytest.approx((-0.5, -0.25, -0.5))
@@ -433,8 +433,11 @@ def test_works_claim_per_seed_baseline_uses_shared_seeds():
     assert c.ci95[1] == pytest.approx(-1.25 / 3 + half)
 
 
-def test_works_claim_per_seed_baseline_without_shared_seed_raises():
-    with pytest.raises(ValueError, match="no seed"):
+def test_works_claim_per_seed_baseline_missing_a_method_seed_raises():
+    """A method seed without a baseline value is an error, never silently dropped from the interval."""
+    with pytest.raises(ValueError, match=r"no baseline value for seed\(s\) \[5\]"):
+        _works({0: 1.0, 5: 2.0}, {0: 1.0, 1: 1.0}, margin=0.1)
+    with pytest.raises(ValueError, match="no baseline value"):
         _works({0: 1.0}, {1: 1.0}, margin=0.1)
 
 

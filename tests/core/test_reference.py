@@ -85,8 +85,17 @@ def _results(preset: str = "cpu", dirty: bool | None = False, commit: str = COMM
             "torch": "2.0",
         },
         "cost": {"wall_time_s": 2400.0, "peak_rss_mb": 812.5},
-        "config": {"seeds": SEEDS, "data_dir": "<data_dir>"},
+        "config": _preset_config("cpu", data_dir="<data_dir>"),
     }
+
+
+def _preset_config(preset: str, **changes) -> dict:
+    """GLaM's committed preset, resolved as a run records it in results.json (plus ``changes``)."""
+    from thrifty.core.config import to_dict
+    from thrifty.core.registry import load_config
+
+    _, cfg = load_config("glam", preset)
+    return {**to_dict(cfg), **changes}
 
 
 def _run(tmp_path: Path, name: str = "run", **kw) -> Path:
@@ -432,3 +441,14 @@ def test_glam_reference_is_committed_and_shown_beside_a_fresh_run(tmp_path, monk
     assert f"commit {ref['reference']['commit'][:10]}" in summary
     assert "preset cpu, 5 seeds" in summary
     assert "Fresh run and committed reference" in text
+
+
+def test_every_claim_preset_is_pre_registered_with_five_seeds():
+    """A recipe's claim preset exists as a committed file with 5 seeds; recipes without one say so (None)."""
+    from thrifty.core.registry import load_config
+
+    with_preset = [r for r in RECIPES if r.ready and r.claim_preset is not None]
+    assert [r.name for r in with_preset][:1] == ["glam"]
+    for r in with_preset:
+        _, cfg = load_config(r.name, r.claim_preset)
+        assert len(cfg.seeds) == 5 and len(set(cfg.seeds)) == 5, r.name

@@ -198,7 +198,9 @@ def works_claim(
         raise ValueError(f"claim {id!r}: margin must be >= 0, not {margin}")
     seeds = sorted(method)
     if isinstance(baseline_value, dict):
-        seeds = [s for s in seeds if s in baseline_value]
+        missing = [s for s in seeds if s not in baseline_value]
+        if missing:
+            raise ValueError(f"claim {id!r}: no baseline value for seed(s) {missing}")
         base = {s: float(baseline_value[s]) for s in seeds}
     else:
         base = {s: float(baseline_value) for s in seeds}

@@ -36,9 +36,10 @@ LOG_HEADER = (
     "| date | commit | preset | seeds | wall time | claims (measured [95% CI], verdict) |\n"
     "|---|---|---|---|---|---|\n"
 )
-# A string that looks like a path on the machine that wrote it: absolute POSIX or Windows paths, the
-# home directory, a Python installation.
-_MACHINE_PATH = re.compile(r"(^|[\s'\"(=])(/(home|root|Users|tmp|var|work|opt|mnt|private)/|~/|[A-Za-z]:\\)")
+# A string that names a path of the machine that wrote it: an absolute POSIX path of two or more parts
+# (also after ``file:``), the home directory, a Windows drive; Python installations are checked by name.
+_MACHINE_PATH = re.compile(r"(^|[\s'\"(=:,\[])(/[^/\s'\"]+/|~/|[A-Za-z]:\\)")
+_PLACEHOLDERS = ("<site-packages>", "<platlib>")
 
 
 class ReferenceError(RuntimeError):
@@ -53,7 +54,7 @@ def docs_dirs() -> list[Path]:
     """
     if env := os.environ.get("THRIFTY_DOCS_DIR"):
         return [Path(env)]
-    dirs = [Path(__file__).resolve().parents[3] / "docs"]
+    dirs = [_repo_docs()]
     dirs.append(Path(sys.prefix) / "share" / "thrifty" / "docs")
     return dirs
 
@@ -84,8 +85,10 @@ def machine_paths(obj: Any, where: str = "") -> list[str]:
     """Every string in ``obj`` that names a path of a particular machine, as ``key.path: value``."""
     found: list[str] = []
     if isinstance(obj, str):
-        # ``<site-packages>`` is the placeholder run.portable writes in place of the real directory
-        if _MACHINE_PATH.search(obj) or "site-packages" in obj.replace("<site-packages>", ""):
+        bare = obj  # the placeholders run.portable writes in place of real directories are fine
+        for placeholder in _PLACEHOLDERS:
+            bare = bare.replace(placeholder, "<dir>")
+        if _MACHINE_PATH.search(bare) or "site-packages" in bare or "dist-packages" in bare:
             found.append(f"{where or '<root>'}: {obj!r}")
     elif isinstance(obj, dict):
         for k, v in obj.items():
@@ -174,16 +177,52 @@ def provenance(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _repo_docs() -> Path:
+    """``docs/`` of the checkout this package was imported from (editable installs)."""
+    return Path(__file__).resolve().parents[3] / "docs"
+
+
 def default_docs_dir() -> Path:
-    """Where :func:`publish` writes: ``$THRIFTY_DOCS_DIR`` or the repository's ``docs/``."""
-    return Path(os.environ.get("THRIFTY_DOCS_DIR") or Path(__file__).resolve().parents[3] / "docs")
+    """Where :func:`publish` writes: ``$THRIFTY_DOCS_DIR`` or the repository's ``docs/``.
+
+    Raises:
+        ReferenceError: neither exists (an installed copy has no repository to write into).
+    """
+    if env := os.environ.get("THRIFTY_DOCS_DIR"):
+        return Path(env)
+    docs = _repo_docs()
+    if not (docs.is_dir() and (docs.parent / "pyproject.toml").is_file()):
+        raise ReferenceError("this thrifty is not a repository checkout: pass --docs-dir (or set THRIFTY_DOCS_DIR)")
+    return docs
+
+
+def _inside(base: Path, rel: str) -> bool:
+    """``rel`` is a relative path that stays inside ``base`` (no absolute path, no ``..`` escape)."""
+    if Path(rel).is_absolute():
+        return False
+    return (Path(base) / rel).resolve().is_relative_to(Path(base).resolve())
+
+
+def config_changes(results: dict[str, Any], preset: str) -> list[str]:
+    """Config keys whose value in ``results`` differs from the committed ``preset`` of its recipe.
+
+    Keys that only say where things go or how fast they run (``out_dir``, ``data_dir``, ``num_threads``,
+    ``progress``, ``resume``, ``run_name``, ``preset``, ``stages``) may differ.
+    """
+    from thrifty.core.config import diff, to_dict
+    from thrifty.core.registry import load_config
+    from thrifty.core.run import RESUMABLE_KEYS
+
+    _, cfg = load_config(results["recipe"], preset)
+    return [k for k in diff(to_dict(cfg), results.get("config", {})) if k.split(".")[0] not in RESUMABLE_KEYS]
 
 
 def publish(run_dir: Path, *, docs_dir: Path | None = None, log: bool = True) -> Path:
     """Copy a finished claim-preset run into ``docs_dir/<recipe>/reference/`` and append its log line.
 
-    Refuses a run of another preset than the recipe's claim preset, a run from uncommitted changes, or
-    one whose claims are not self-consistent. Returns the reference directory.
+    Refuses a run of another preset than the recipe's claim preset or with settings the committed preset
+    does not have (command-line overrides), a run from uncommitted changes or an unknown commit, and one
+    whose claims are not self-consistent. Returns the reference directory.
     """
     from thrifty.core.registry import get
 
@@ -198,15 +237,25 @@ def publish(run_dir: Path, *, docs_dir: Path | None = None, log: bool = True) ->
     if not recipe:
         raise ReferenceError(f"{src} names no recipe")
     claim_preset = get(recipe).claim_preset
-    docs_dir = Path(docs_dir) if docs_dir is not None else default_docs_dir()
+    if claim_preset is None:
+        raise ReferenceError(f"{recipe} has no pre-registered claim preset yet; commit one before publishing")
     if results.get("preset") != claim_preset:
         raise ReferenceError(
             f"{src} was run at preset {results.get('preset')!r}; {recipe}'s reference is its claim preset "
             f"{claim_preset!r}"
         )
+    changed = config_changes(results, claim_preset)
+    if changed:
+        raise ReferenceError(
+            f"{src} differs from the committed preset {claim_preset!r} in {', '.join(changed)}: a reference is "
+            "the pre-registered preset run as committed, without overrides"
+        )
     prov = provenance(results)
     if prov["dirty"]:
         raise ReferenceError(f"{src} was produced from uncommitted changes (commit {prov['commit']} + edits)")
+    if prov["dirty"] is None or prov["commit"] == "unknown":
+        raise ReferenceError(f"{src} was produced from an unknown commit (not a git checkout of thrifty)")
+    docs_dir = Path(docs_dir) if docs_dir is not None else default_docs_dir()
     reference = {**results, "reference": prov}
     problems = check_reference(reference, source=str(src))
     if problems:
@@ -216,6 +265,8 @@ def publish(run_dir: Path, *, docs_dir: Path | None = None, log: bool = True) ->
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
     for rel in results.get("figures", []):
+        if not _inside(Path(run_dir), rel):
+            raise ReferenceError(f"{src} lists a figure outside its run directory: {rel!r}")
         if (Path(run_dir) / rel).is_file():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(run_dir) / rel, tmp / rel)

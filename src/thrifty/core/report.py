@@ -175,7 +175,11 @@ def summary_rows(runs: list[dict[str, Any]], references: dict[str, dict[str, Any
                 _claim_cell(recipe.headline_claim(run.get("claims", []))) + f" (at {run.get('preset')})",
                 (_claim_cell(recipe.headline_claim(ref.get("claims", []))) + f" ({_label(ref)})")
                 if ref
-                else f"no reference yet (claim preset {recipe.claim_preset})",
+                else (
+                    f"no reference yet (claim preset {recipe.claim_preset})"
+                    if recipe.claim_preset
+                    else "no claim preset yet"
+                ),
                 (_claim_cell(works(ref)) if ref else "—"),
                 f"{_wall(run)} / {_wall(ref)}",
             ]
@@ -328,7 +332,8 @@ def render(
             ]
         for base, rel, tag in figs:
             fig = base / rel
-            if not fig.is_file():
+            # only files inside the run directory: a results.json must not pull other files into the page
+            if Path(rel).is_absolute() or not fig.resolve().is_relative_to(base.resolve()) or not fig.is_file():
                 continue
             md += [f"![{rel}{tag}]({os.path.relpath(fig, out_dir)})", ""]
             data = base64.b64encode(fig.read_bytes()).decode()

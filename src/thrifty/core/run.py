@@ -66,10 +66,15 @@ def configure_torch(cfg: BaseConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def data_root(cfg: BaseConfig) -> Path:
-    """Cache directory for generated data and tokenizers (``data_dir``, ``$THRIFTY_DATA`` or ~/.cache)."""
+def data_dir_path(cfg: BaseConfig) -> Path:
+    """Where generated data and tokenizers are cached (``data_dir``, ``$THRIFTY_DATA`` or ~/.cache/thrifty)."""
     root = cfg.data_dir or os.environ.get("THRIFTY_DATA") or str(Path.home() / ".cache" / "thrifty")
-    path = Path(root).expanduser()
+    return Path(root).expanduser()
+
+
+def data_root(cfg: BaseConfig) -> Path:
+    """:func:`data_dir_path`, created if missing."""
+    path = data_dir_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -211,6 +216,7 @@ def git_commit() -> dict[str, Any]:
     import subprocess
 
     here = Path(__file__).resolve().parent
+    repo = Path(__file__).resolve().parents[3]  # src/thrifty/core/run.py -> the checkout holding src/
 
     def git(*args: str) -> str | None:
         try:
@@ -219,8 +225,10 @@ def git_commit() -> dict[str, Any]:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
+    top = git("rev-parse", "--show-toplevel")
     sha = git("rev-parse", "HEAD")
-    if not sha:
+    # an installed copy inside some other checkout (a venv in a repository) is not that checkout's code
+    if not sha or not top or Path(top).resolve() != repo:
         return {"commit": "unknown", "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": sha, "dirty": bool(status) if status is not None else None}
@@ -246,10 +254,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def portable(obj: Any, roots: dict[str, str | Path]) -> Any:
-    """``obj`` with every string's machine-specific prefix replaced by a placeholder.
+    """``obj`` with every machine-specific directory in its strings replaced by a placeholder.
 
-    ``roots`` maps placeholders to directories, e.g. ``{"<data_dir>": "/home/u/.cache/thrifty"}``; the
-    longest matching root wins, so a data directory inside the home directory becomes ``<data_dir>``.
+    ``roots`` maps placeholders to directories, e.g. ``{"<data_dir>": "/home/u/.cache/thrifty"}``; a root is
+    replaced wherever it starts a path, also inside a longer string, and the longest root goes first, so a
+    data directory inside the home directory becomes ``<data_dir>``.
     Used so that a committed ``results.json`` names no path of the machine it was produced on.
     """
     pairs = sorted(
@@ -259,9 +268,8 @@ def portable(obj: Any, roots: dict[str, str | Path]) -> Any:
 
     def fix(v: Any) -> Any:
         if isinstance(v, str):
-            for root, name in pairs:
-                if v == root or v.startswith(root + os.sep):
-                    return name + v[len(root) :]
+            for root, name in pairs:  # longest first, so a data dir inside home becomes <data_dir>
+                v = name if v == root else v.replace(root + os.sep, name + os.sep)
             return v
         if isinstance(v, dict):
             return {k: fix(x) for k, x in v.items()}
@@ -277,9 +285,8 @@ def machine_roots(cfg: BaseConfig) -> dict[str, str]:
     working directory and home."""
     import sysconfig
 
-    data = cfg.data_dir or os.environ.get("THRIFTY_DATA") or str(Path.home() / ".cache" / "thrifty")
     return {
-        "<data_dir>": data,
+        "<data_dir>": str(data_dir_path(cfg)),
         "<out_dir>": cfg.out_dir if Path(cfg.out_dir).expanduser().is_absolute() else "",
         "<site-packages>": sysconfig.get_paths()["purelib"],
         "<platlib>": sysconfig.get_paths()["platlib"],

@@ -12,8 +12,9 @@ Smoothing is interpolated Kneser-Ney (Chen & Goodman 1998, one discount)::
     P_cont(w) = (N1+(·w) + 1) / (N1+(··) + V)     (continuation counts, add-one so no token has P = 0)
 
 Counts come from the training streams of every source pooled (raw token counts, not reweighted to
-the mixture); the discount ``D`` is chosen on the validation windows from a small grid. The table is
-sparse (sorted pair codes), so memory grows with the distinct pairs seen, not with ``V²``.
+the mixture; at most :data:`MAX_TOKENS_PER_STREAM` leading tokens of each); the discount ``D`` is chosen
+on the validation windows from a small grid. The table is sparse (sorted pair codes), so memory grows
+with the distinct pairs seen, not with ``V²``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 DISCOUNTS: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0)
+# Counts come from at most this many leading tokens of each training stream, so the baseline stays a few
+# seconds and a few GB at paper scale (billions of tokens); the shipped corpora (< 1.3M each) are whole.
+MAX_TOKENS_PER_STREAM = 20_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,13 +141,15 @@ def fit_on_validation(
     *,
     vocab_size: int,
     discounts: Sequence[float] = DISCOUNTS,
+    max_tokens_per_stream: int = MAX_TOKENS_PER_STREAM,
 ) -> tuple[KneserNeyBigram, dict[float, float]]:
-    """Fit the counts once and keep the discount with the lowest mixture validation loss.
+    """Fit the counts once (on each stream's first ``max_tokens_per_stream`` tokens) and keep the discount
+    with the lowest mixture validation loss.
 
     Returns:
         The chosen model and the validation loss of every discount tried.
     """
-    base = KneserNeyBigram.fit(train_streams, vocab_size=vocab_size)
+    base = KneserNeyBigram.fit([s[:max_tokens_per_stream] for s in train_streams], vocab_size=vocab_size)
     tried = {d: mixture_loss(base.with_discount(d), val_windows, weights)["overall"] for d in discounts}
     best = min(tried, key=lambda d: tried[d])
     return base.with_discount(best), tried

@@ -33,6 +33,10 @@ default because it is faster and lighter.
 Deliberate deviations (documented in the recipe README):
 * ``C`` is at least 4 (Praxis keeps ``C=1`` when ``S·cf/E < 2``), so ``C`` is always a multiple of 4.
 * Stochastic second-expert policies act only in training; evaluation uses ``all``.
+* The ``all``/``random`` runner-up is the argmax of the logits with the top choice masked (Praxis takes the
+  probabilities, which underflow to 0 together once the top logit is ~104 above the rest, so the lowest other
+  index would win), and a second choice whose gate is exactly 0 takes no capacity slot. Identical whenever no
+  probability underflows.
 """
 
 from __future__ import annotations
