@@ -171,7 +171,7 @@ def summary_rows(runs: list[dict[str, Any]], references: dict[str, dict[str, Any
         rows.append(
             [
                 run["recipe"],
-                f"{_claim_cell(works(run))} (at {run.get('preset')})",
+                f"{_claim_cell(works(run))} (at {run.get('preset')})" if works(run) else "no works claim yet",
                 _claim_cell(recipe.headline_claim(run.get("claims", []))) + f" (at {run.get('preset')})",
                 (_claim_cell(recipe.headline_claim(ref.get("claims", []))) + f" ({_label(ref)})")
                 if ref
