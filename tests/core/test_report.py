@@ -385,12 +385,12 @@ def test_summary_without_reference_names_the_claim_preset(tmp_path):
     assert "no reference yet (claim preset cpu)" in html_path.read_text()
 
 
-def test_summary_of_run_without_works_claim_shows_dash(tmp_path):
+def test_summary_of_run_without_works_claim_says_so(tmp_path):
     run = tmp_path / "run"
     _make_run(run)  # no works claim
     md_path, _ = render([run], tmp_path / "out", references={})
     row = dict(zip(*_section_table(md_path.read_text(), "## Summary")[:2]))
-    assert row["works claim (fresh run)"] == "— (at smoke)"
+    assert row["works claim (fresh run)"] == "no works claim yet"
     assert row["headline claim (fresh run)"].startswith("moe_beats_dense_active: -1 [-1.248, -0.7516] (3 seeds)")
 
 
