@@ -224,7 +224,7 @@ def run_recipe(recipe: str, preset: str, overrides: list[str]) -> dict[str, Any]
 
 def cmd_run(recipe: str, preset: str, overrides: list[str]) -> int:
     results = run_recipe(recipe, preset, overrides)
-    if results:
+    if results.get("run_dir"):  # empty on non-zero DDP ranks
         _print_claims(results)
         print(f"results: {results['run_dir']}/results.json  report: {results['run_dir']}/report.html")
     return EXIT_OK

@@ -57,7 +57,10 @@ def init(device: torch.device) -> DistInfo:
 
 
 def shutdown() -> None:
+    """Tear the process group down once every rank has reached this point (a rank that leaves while a peer
+    is still in gloo's teardown can abort that peer, seen as SIGABRT in a loaded CI run)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
