@@ -197,32 +197,36 @@ def works_claim(
     if not margin >= 0:
         raise ValueError(f"claim {id!r}: margin must be >= 0, not {margin}")
     seeds = sorted(method)
+    if not seeds:
+        raise ValueError(f"claim {id!r}: no seed has both a method and a baseline value")
     if isinstance(baseline_value, dict):
         missing = [s for s in seeds if s not in baseline_value]
         if missing:
             raise ValueError(f"claim {id!r}: no baseline value for seed(s) {missing}")
         base = {s: float(baseline_value[s]) for s in seeds}
     else:
-        base = {s: float(baseline_value) for s in seeds}
-    if not seeds:
-        raise ValueError(f"claim {id!r}: no seed has both a method and a baseline value")
-    diffs = [method[s] - base[s] for s in seeds]
-    mean, ci = mean_ci95(diffs)
-    return Claim(
+        base = dict.fromkeys(seeds, float(baseline_value))
+    return _difference_claim(
+        seeds,
+        [method[s] - base[s] for s in seeds],
+        kind="works",
+        threshold=-margin if direction == "less" else margin,
         id=id,
         statement=statement,
-        paper_value=paper_value,
-        measured=mean,
-        ci95=ci,
         direction=direction,
-        threshold=-margin if direction == "less" else margin,
-        baseline=baseline,
-        values=tuple(diffs),
-        seeds=tuple(seeds),
+        paper_value=paper_value,
         preset=preset,
+        baseline=baseline,
         unit=unit,
         note=note,
-        kind="works",
+    )
+
+
+def _difference_claim(seeds: list[int], diffs: list[float], *, kind: Kind, threshold: float, **fields: Any) -> Claim:
+    """A claim on per-seed differences (``paired`` or ``works``): their mean and Student-t interval."""
+    mean, ci = mean_ci95(diffs)
+    return Claim(
+        measured=mean, ci95=ci, threshold=threshold, values=tuple(diffs), seeds=tuple(seeds), kind=kind, **fields
     )
 
 
@@ -249,21 +253,17 @@ def paired_claim(
     seeds = sorted(set(a) & set(b))
     if not seeds:
         raise ValueError(f"claim {id!r}: the two arms share no seed")
-    diffs = [a[s] - b[s] for s in seeds]
-    mean, ci = mean_ci95(diffs)
-    return Claim(
+    return _difference_claim(
+        seeds,
+        [a[s] - b[s] for s in seeds],
+        kind="paired",
+        threshold=0.0,
         id=id,
         statement=statement,
-        paper_value=paper_value,
-        measured=mean,
-        ci95=ci,
         direction=direction,
-        threshold=0.0,
-        baseline=baseline,
-        values=tuple(diffs),
-        seeds=tuple(seeds),
+        paper_value=paper_value,
         preset=preset,
+        baseline=baseline,
         unit=unit,
         note=note,
-        kind="paired",
     )

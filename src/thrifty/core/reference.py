@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.core.claims import recompute
-from thrifty.core.run import atomic_write_text, write_json
+from thrifty.core.report import claim_cell
+from thrifty.core.run import atomic_write_text, is_inside, write_json
 
 RESULTS = "results.json"
 LOG_NAME = "claims_log.md"
@@ -40,6 +41,8 @@ LOG_HEADER = (
 # (also after ``file:``), the home directory, a Windows drive; Python installations are checked by name.
 _MACHINE_PATH = re.compile(r"(^|[\s'\"(=:,\[])(/[^/\s'\"]+/|~/|[A-Za-z]:\\)")
 _PLACEHOLDERS = ("<site-packages>", "<platlib>")
+# what every stored claim carries so that its verdict can be recomputed
+_CLAIM_KEYS = ("measured", "ci95", "n_seeds", "holds", "values", "seeds", "direction", "threshold")
 
 
 class ReferenceError(RuntimeError):
@@ -120,12 +123,11 @@ def check_reference(data: dict[str, Any], *, source: str = "reference") -> list[
         claims = []
     for c in claims:
         cid = c.get("id", "?")
-        for key in ("measured", "ci95", "n_seeds", "holds", "values", "seeds", "direction", "threshold"):
-            if key not in c:
-                problems.append(f"{source}: claim {cid!r} lacks {key!r}")
-        if any(k not in c for k in ("values", "seeds", "direction", "threshold", "holds", "measured", "ci95")):
+        missing = [k for k in _CLAIM_KEYS if k not in c]
+        problems += [f"{source}: claim {cid!r} lacks {key!r}" for key in missing]
+        if missing:
             continue
-        if c.get("n_seeds") != len(c["seeds"]):
+        if c["n_seeds"] != len(c["seeds"]):
             problems.append(f"{source}: claim {cid!r} has n_seeds {c.get('n_seeds')} but {len(c['seeds'])} seeds")
         try:
             again = recompute(c)
@@ -196,13 +198,6 @@ def default_docs_dir() -> Path:
     return docs
 
 
-def _inside(base: Path, rel: str) -> bool:
-    """``rel`` is a relative path that stays inside ``base`` (no absolute path, no ``..`` escape)."""
-    if Path(rel).is_absolute():
-        return False
-    return (Path(base) / rel).resolve().is_relative_to(Path(base).resolve())
-
-
 def config_changes(results: dict[str, Any], preset: str) -> list[str]:
     """Config keys whose value in ``results`` differs from the committed ``preset`` of its recipe.
 
@@ -265,7 +260,7 @@ def publish(run_dir: Path, *, docs_dir: Path | None = None, log: bool = True) ->
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
     for rel in results.get("figures", []):
-        if not _inside(Path(run_dir), rel):
+        if not is_inside(Path(run_dir), rel):
             raise ReferenceError(f"{src} lists a figure outside its run directory: {rel!r}")
         if (Path(run_dir) / rel).is_file():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -278,23 +273,12 @@ def publish(run_dir: Path, *, docs_dir: Path | None = None, log: bool = True) ->
     return out
 
 
-def _fmt(v: Any) -> str:
-    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
-
-
-def claim_cell(c: dict[str, Any]) -> str:
-    """``id: measured [lo, hi] (n seeds), holds | does not hold`` for tables and the log."""
-    lo, hi = (c.get("ci95") or [None, None])[:2]
-    verdict = "holds" if c.get("holds") else "does not hold"
-    return f"{c['id']}: {_fmt(c.get('measured'))} [{_fmt(lo)}, {_fmt(hi)}] ({len(c.get('seeds', []))} seeds), {verdict}"
-
-
 def log_line(reference: dict[str, Any]) -> str:
     """One Markdown table row of the claims log for a claim-preset run."""
     prov = reference.get("reference") or provenance(reference)
     wall = prov.get("wall_time_s")
     wall_s = f"{wall / 60:.1f} min" if isinstance(wall, int | float) else "—"
-    claims = "<br>".join(claim_cell(c) for c in reference.get("claims", []))
+    claims = "<br>".join(claim_cell(c, sep=", ") for c in reference.get("claims", []))
     seeds = ", ".join(str(s) for s in prov.get("seeds", []))
     commit = str(prov.get("commit", ""))[:10]
     return f"| {prov.get('date', '')} | {commit} | {prov.get('preset')} | {seeds} | {wall_s} | {claims} |"

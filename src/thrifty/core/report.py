@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from thrifty.core.run import atomic_write_text
+from thrifty.core.run import atomic_write_text, is_inside
 
 
 class ReportError(RuntimeError):
@@ -127,13 +127,14 @@ def _cost_rows(run: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _claim_cell(c: dict[str, Any] | None) -> str:
-    """``measured [lo, hi] unit — verdict`` of one claim record, or a dash."""
+def claim_cell(c: dict[str, Any] | None, *, sep: str = " — ") -> str:
+    """``id: measured [lo, hi] (n seeds){sep}verdict`` of one claim record (a dash for none), for the
+    report's tables and the claims log."""
     if c is None:
         return "—"
     verdict = "holds" if c.get("holds") else "does not hold"
     n = len(c.get("seeds", []))
-    return f"{c['id']}: {_num(c['measured'])} {_ci(c['ci95'])} ({n} seeds) — {verdict}"
+    return f"{c['id']}: {_num(c['measured'])} {_ci(c['ci95'])} ({n} seeds){sep}{verdict}"
 
 
 def _label(run: dict[str, Any]) -> str:
@@ -171,16 +172,16 @@ def summary_rows(runs: list[dict[str, Any]], references: dict[str, dict[str, Any
         rows.append(
             [
                 run["recipe"],
-                f"{_claim_cell(works(run))} (at {run.get('preset')})" if works(run) else "no works claim yet",
-                _claim_cell(recipe.headline_claim(run.get("claims", []))) + f" (at {run.get('preset')})",
-                (_claim_cell(recipe.headline_claim(ref.get("claims", []))) + f" ({_label(ref)})")
+                f"{claim_cell(works(run))} (at {run.get('preset')})" if works(run) else "no works claim yet",
+                claim_cell(recipe.headline_claim(run.get("claims", []))) + f" (at {run.get('preset')})",
+                (claim_cell(recipe.headline_claim(ref.get("claims", []))) + f" ({_label(ref)})")
                 if ref
                 else (
                     f"no reference yet (claim preset {recipe.claim_preset})"
                     if recipe.claim_preset
                     else "no claim preset yet"
                 ),
-                (_claim_cell(works(ref)) if ref else "—"),
+                (claim_cell(works(ref)) if ref else "—"),
                 f"{_wall(run)} / {_wall(ref)}",
             ]
         )
@@ -202,17 +203,17 @@ def comparison_rows(run: dict[str, Any], ref: dict[str, Any]) -> list[list[str]]
     fresh = {c["id"]: c for c in run.get("claims", [])}
     refd = {c["id"]: c for c in ref.get("claims", [])}
     ids = list(fresh) + [i for i in refd if i not in fresh]
-    return [[i, _claim_cell(fresh.get(i)), _claim_cell(refd.get(i))] for i in ids]
+    return [[i, claim_cell(fresh.get(i)), claim_cell(refd.get(i))] for i in ids]
 
 
 def _references_for(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    from thrifty.core.reference import load_reference
+    from thrifty.core.reference import ReferenceError, load_reference
 
     out = {}
     for run in runs:
         try:
             ref = load_reference(run["recipe"])
-        except Exception as err:  # a broken reference must not hide the fresh results
+        except ReferenceError as err:  # a broken reference must not hide the fresh results
             ref = None
             run.setdefault("notes", []).append(f"reference not shown: {err}")
         if ref is not None:
@@ -333,7 +334,7 @@ def render(
         for base, rel, tag in figs:
             fig = base / rel
             # only files inside the run directory: a results.json must not pull other files into the page
-            if Path(rel).is_absolute() or not fig.resolve().is_relative_to(base.resolve()) or not fig.is_file():
+            if not is_inside(base, rel) or not fig.is_file():
                 continue
             md += [f"![{rel}{tag}]({os.path.relpath(fig, out_dir)})", ""]
             data = base64.b64encode(fig.read_bytes()).decode()

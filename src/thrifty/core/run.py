@@ -215,12 +215,11 @@ def git_commit() -> dict[str, Any]:
     while a long run trains do not relabel it."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
     repo = Path(__file__).resolve().parents[3]  # src/thrifty/core/run.py -> the checkout holding src/
 
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=False)
+            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
@@ -251,6 +250,13 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         **git_commit(),
     }
+
+
+def is_inside(base: Path, rel: str) -> bool:
+    """``rel`` is a relative path that stays inside ``base`` (no absolute path, no ``..`` escape)."""
+    if Path(rel).is_absolute():
+        return False
+    return (Path(base) / rel).resolve().is_relative_to(Path(base).resolve())
 
 
 def portable(obj: Any, roots: dict[str, str | Path]) -> Any:
