@@ -32,7 +32,29 @@ def test_normal_layout_holds_one_to_nine_in_order(pools):
     lay = da.sample_normal_layout(rng, pools.images["train"])
     assert lay.digit.tolist() == list(range(1, 10))
     assert not lay.flip.any()
-    assert np.all(np.sqrt(0.6) - 1e-9 <= lay.scale) and np.all(lay.scale <= np.sqrt(1.3) + 1e-9)
+    # zoom-in only: a crop of at most the whole digit
+    assert np.all(np.sqrt(0.6) - 0.02 <= lay.scale) and np.all(lay.scale <= 1.0)
+
+
+def test_crops_follow_random_resized_crop_rule():
+    """torchvision redraws an area factor whose crop would not fit (s above ~1), so the release only zooms in:
+    the side is round(28·sqrt(s))/28 for s ~ U(0.6, 1), the crop lies inside the digit, and whole-digit crops
+    (side 1) come only from s in [0.965, 1.036), where round(28·sqrt(s)) = 28 (0.071 of the 0.436-wide accepted
+    range, 16%), not from the 43% of draws above 1."""
+    rng = np.random.default_rng(0)
+    draws = [da.draw_crop(rng, (0.6, 1.3)) for _ in range(20_000)]
+    sides = np.array([s for s, _ in draws])
+    centres = np.array([c for _, c in draws])
+    assert sides.max() == 1.0 and sides.min() >= round(28 * np.sqrt(0.6)) / 28 - 1e-12
+    assert np.allclose(sides * 28, np.round(sides * 28))  # whole-pixel crops
+    assert np.all(np.abs(centres) <= (1 - sides)[:, None] + 1e-12)  # the crop stays inside the digit
+    assert 0.14 < np.mean(sides == 1.0) < 0.19
+    # sides are sqrt(U(0.6, 1.036)) up to rounding: the mean area factor of accepted draws is ~0.82 (not ~0.95,
+    # the mean of U(0.6, 1.3))
+    assert abs(np.mean(sides**2) - 0.818) < 0.01
+    # only when every attempt fails is the whole digit used, centred
+    always_too_big = [da.draw_crop(rng, (1.2, 1.3)) for _ in range(10)]
+    assert all(s == 1.0 and not c.any() for s, c in always_too_big)
 
 
 def _cells(img: np.ndarray, cell: int) -> np.ndarray:

@@ -18,9 +18,13 @@ two splits. Training images are generated on the fly from the training pool (a f
 the official loader does); the validation and test sets are fixed, written as PNGs plus ``labels.csv`` and read
 back from those files, so what is evaluated is what is on disk.
 
-Scale: each digit is drawn with area factor s ~ U(0.6, 1.3) (the official RandomResizedCrop range, ratio 1) at a
-random position. torchvision silently falls back to the whole image when s > 1; we instead zoom out (the digit
-shrinks inside its cell), so the range is used as written. This is a documented deviation.
+Scale, as the release draws it: the official loader passes each 28×28 digit through torchvision's
+``RandomResizedCrop(28, scale=(0.6, 1.3), ratio=(1, 1))``. That transform draws an area factor s ~ U(0.6, 1.3),
+takes a square crop of side round(28·√s) at a uniformly random integer offset, and *redraws* (up to 10 times,
+then falls back to the whole digit) whenever the crop would not fit, i.e. whenever s is above ~1. So digits are
+only ever zoomed *in*, by 1.0–1.29×, and the crop's position shifts the digit inside its cell; it never zooms
+out. :func:`draw_crop` reproduces that rule draw for draw (the crop is then resampled straight to the cell size
+instead of to 28² and then ``Resize(cell)``, one interpolation instead of two).
 
 What it does not model: real anatomy, intensity drift between scanners, subtle texture anomalies.
 """
@@ -104,8 +108,8 @@ class Layout:
     Attributes:
         digit: (9,) digit class per cell, -1 for blank.
         instance: (9,) row in the split's pool of that class.
-        scale: (9,) side factor sqrt(s) of the random area scale s.
-        shift: (9, 2) translation in normalised cell coordinates.
+        scale: (9,) crop side as a fraction of the digit (≤ 1; the digit is zoomed in by 1/scale).
+        shift: (9, 2) crop centre (x, y) in normalised digit coordinates.
         flip: (9,) mirrored left-right.
     """
 
@@ -119,11 +123,30 @@ class Layout:
         return Layout(*(getattr(self, f.name).copy() for f in dataclasses.fields(self)))
 
 
+DIGIT_SIDE = 28  # MNIST
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
+
+
+def draw_crop(rng: np.random.Generator, scale_range: tuple[float, float]) -> tuple[float, np.ndarray]:
+    """One ``RandomResizedCrop(28, scale=scale_range, ratio=(1, 1))`` draw on a 28×28 digit.
+
+    Returns the crop side as a fraction of the digit (≤ 1: the digit is zoomed in by 1/side) and the crop
+    centre's offset (2,) (x, y) in normalised [-1, 1] digit coordinates. Area factors whose crop does not fit are
+    redrawn, up to 10 attempts, then the whole digit is used, as torchvision does.
+    """
+    for _ in range(CROP_ATTEMPTS):
+        side_px = int(round(DIGIT_SIDE * np.sqrt(rng.uniform(*scale_range))))
+        if 0 < side_px <= DIGIT_SIDE:
+            top, left = rng.integers(0, DIGIT_SIDE - side_px + 1, size=2)
+            half = DIGIT_SIDE / 2
+            centre = (np.array([left, top]) + side_px / 2 - half) / half
+            return side_px / DIGIT_SIDE, centre
+    return 1.0, np.zeros(2)
+
+
 def _draw_cell(rng: np.random.Generator, pool: dict[int, np.ndarray], digit: int, scale_range: tuple[float, float]):
     instance = int(rng.integers(len(pool[digit])))
-    side = float(np.sqrt(rng.uniform(*scale_range)))
-    room = abs(1.0 - side)
-    shift = rng.uniform(-room, room, size=2)
+    side, shift = draw_crop(rng, scale_range)
     return instance, side, shift
 
 
@@ -397,7 +420,7 @@ def build_digit_anatomy(
         "anomaly_types": list(anomaly_types),
         "scale_range": list(scale_range),
         "seed": seed,
-        "version": 1,
+        "version": 2,  # 2: zoom-in-only crops as the release draws them
     }
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) / f"digit_anatomy-{digest}"
