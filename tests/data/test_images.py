@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,162 @@ def test_16bit_png_keeps_its_scale(tmp_path):
     smooth = np.full((16, 16), 1000, dtype=np.uint16)
     Image.fromarray(smooth).save(tmp_path / "s16.png")
     np.testing.assert_allclose(load_image(tmp_path / "s16.png", size=4), 1000 / 65535.0, rtol=1e-4)
+
+
+# A minimal 16-bit PNG writer: Pillow cannot write 16-bit colour PNGs. Rows cycle through all five PNG filter
+# types and Adam7 interlacing is optional, so the decoder's unfiltering (which depends on the bytes per pixel)
+# and de-interlacing are exercised, not just the plain "None" filter.
+_PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> colour type: grey, grey+alpha, RGB, RGBA
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_filter_row(kind: int, cur: np.ndarray, prev: np.ndarray, bpp: int) -> bytes:
+    cur, prev = cur.astype(np.int32), prev.astype(np.int32)
+    left = np.concatenate([np.zeros(bpp, np.int32), cur[:-bpp]])
+    upleft = np.concatenate([np.zeros(bpp, np.int32), prev[:-bpp]])
+    if kind == 0:
+        pred = np.zeros_like(cur)
+    elif kind == 1:
+        pred = left
+    elif kind == 2:
+        pred = prev
+    elif kind == 3:
+        pred = (left + prev) // 2
+    else:  # Paeth
+        p = left + prev - upleft
+        pa, pb, pc = np.abs(p - left), np.abs(p - prev), np.abs(p - upleft)
+        pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+    return bytes([kind]) + ((cur - pred) % 256).astype(np.uint8).tobytes()
+
+
+def _png_scanlines(arr: np.ndarray, bpp: int) -> bytes:
+    rows = np.ascontiguousarray(arr.astype(">u2")).view(np.uint8).reshape(arr.shape[0], -1)
+    out, prev = b"", np.zeros(rows.shape[1], np.uint8)
+    for y, row in enumerate(rows):
+        out += _png_filter_row(y % 5, row, prev, bpp)
+        prev = row
+    return out
+
+
+def _png16(path: Path, arr: np.ndarray, *, interlace: bool = False) -> Path:
+    """Write ``arr`` (uint16, ``(H, W)`` or ``(H, W, C)`` with C in 2..4) as a 16-bit PNG."""
+    arr = np.asarray(arr, dtype=np.uint16)
+    h, w = arr.shape[:2]
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
+    bpp = 2 * channels
+    if interlace:
+        passes = [arr[ys::ystep, xs::xstep] for xs, ys, xstep, ystep in _ADAM7]
+        raw = b"".join(_png_scanlines(p, bpp) for p in passes if p.size)
+    else:
+        raw = _png_scanlines(arr, bpp)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, _PNG_COLOUR_TYPES[channels], 0, 0, int(interlace))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def _grey_pairs(h: int = 6, w: int = 8) -> np.ndarray:
+    """uint16 grey levels where horizontal neighbours are 256 k + 7 and 256 k + 200: equal in their high byte."""
+    k = (np.arange(h * (w // 2)).reshape(h, w // 2) * 37) % 256
+    out = np.empty((h, w), dtype=np.uint16)
+    out[:, 0::2] = 256 * k + 7
+    out[:, 1::2] = 256 * k + 200
+    return out
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_16bit_rgb_png_keeps_full_range(tmp_path, interlace):
+    grey = _grey_pairs()
+    arr = np.repeat(grey[..., None], 3, axis=2)  # R = G = B
+    arr[-1, :2] = [[65535, 300, 7], [12345, 54321, 40000]]  # two coloured pixels
+    path = _png16(tmp_path / "rgb16.png", arr, interlace=interlace)
+    with Image.open(path) as img:
+        assert img.mode == "RGB"  # Pillow's own decode is 8-bit: this is what used to be cut
+        assert np.array_equal(np.asarray(img), (arr >> 8).astype(np.uint8))
+
+    out = load_image(path)
+    assert out.dtype == np.float32 and out.shape == grey.shape
+    np.testing.assert_allclose(out[:-1], grey[:-1] / 65535.0, rtol=0, atol=1e-6)
+    diff = out[:-1, 1::2] - out[:-1, 0::2]  # same high byte, 193 apart below it
+    np.testing.assert_allclose(diff, 193 / 65535.0, rtol=0, atol=1e-6)
+    assert diff.min() > 0 and 193 / 65535.0 < 1 / 255.0  # a difference an 8-bit decode cannot show
+    expected_luma = (arr[-1, :2].astype(np.float64) @ np.array([0.299, 0.587, 0.114])) / 65535.0
+    np.testing.assert_allclose(out[-1, :2], expected_luma, rtol=0, atol=1e-6)
+
+    rgb = load_image(path, grayscale=False)
+    assert rgb.dtype == np.float32 and rgb.shape == arr.shape
+    np.testing.assert_allclose(rgb, arr / 65535.0, rtol=0, atol=1e-6)
+
+    # resizing keeps the 16-bit precision (a flat 16-bit grey that has no exact 8-bit value)
+    flat = np.full((16, 16, 3), 1000, dtype=np.uint16)
+    np.testing.assert_allclose(load_image(_png16(tmp_path / "flat.png", flat), size=4), 1000 / 65535.0, rtol=1e-5)
+
+
+def test_16bit_colour_grey_matches_the_8bit_colour_path(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb8 = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    # the same colours at 16 bits (v * 257 is v / 255 exactly): the grey must agree with 8-bit colour's luma,
+    # which PIL rounds to whole 8-bit levels
+    from16 = load_image(_png16(tmp_path / "c16.png", rgb8.astype(np.uint16) * 257))
+    from8 = load_image(_png(tmp_path / "c8.png", rgb8))
+    np.testing.assert_allclose(from16, from8, rtol=0, atol=0.5 / 255 + 1e-6)
+    # and the 8-bit colour path is unchanged: PIL's own ITU-R 601-2 luma, divided by 255
+    with Image.open(tmp_path / "c8.png") as img:
+        np.testing.assert_array_equal(from8, np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
+    np.testing.assert_array_equal(load_image(tmp_path / "c8.png", grayscale=False), rgb8.astype(np.float32) / 255.0)
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_16bit_rgba_and_grey_alpha_pngs_keep_full_range(tmp_path, interlace):
+    grey = _grey_pairs()
+    alpha = np.full(grey.shape, 1234, dtype=np.uint16)  # dropped, as in the 8-bit path
+    rgba = np.stack([grey, grey, grey, alpha], axis=-1)
+    path = _png16(tmp_path / "rgba16.png", rgba, interlace=interlace)
+    with Image.open(path) as img:
+        assert img.mode == "RGBA"
+    np.testing.assert_allclose(load_image(path), grey / 65535.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(load_image(path, grayscale=False), rgba[..., :3] / 65535.0, rtol=0, atol=1e-6)
+
+    la = np.stack([grey, alpha], axis=-1)
+    path = _png16(tmp_path / "la16.png", la, interlace=interlace)
+    out = load_image(path)
+    np.testing.assert_allclose(out, grey / 65535.0, rtol=0, atol=1e-6)
+    assert (out[:, 1::2] > out[:, 0::2]).all()
+    np.testing.assert_allclose(load_image(path, grayscale=False), np.repeat(out[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_16bit_greyscale_png_still_keeps_full_range(tmp_path, interlace):
+    grey = _grey_pairs()
+    grey[0, :2] = [0, 65535]
+    path = _png16(tmp_path / "g16.png", grey, interlace=interlace)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I;16")
+    out = load_image(path)
+    np.testing.assert_allclose(out, grey / 65535.0, rtol=0, atol=1e-6)
+    assert out[0, 0] == 0.0 and out[0, 1] == pytest.approx(1.0)
+
+
+def test_16bit_colour_png_that_cannot_be_decoded_at_full_depth_is_refused(tmp_path, monkeypatch):
+    path = _png16(tmp_path / "rgb16.png", np.repeat(_grey_pairs()[..., None], 3, axis=2))
+    # a Pillow without the low-byte unpacker: refused, naming the file, rather than silently cut to 8 bits
+    monkeypatch.setitem(images._PNG16_COLOUR_RAWMODES, "RGB;16B", "no-such-rawmode")
+    with pytest.raises(ImageDataError, match=r"rgb16\.png: 16-bit colour PNG cannot be read without losing precision"):
+        load_image(path)
+
+
+def test_truncated_16bit_colour_png_raises_naming_the_file(tmp_path):
+    path = _png16(tmp_path / "cut16.png", np.repeat(_grey_pairs(32, 32)[..., None], 3, axis=2))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageDataError, match=r"cut16\.png"):
+        load_image(path)
 
 
 def test_32bit_integer_mode_i_tiff_is_scaled_as_16bit(tmp_path):

@@ -4,8 +4,10 @@ Nothing is downloaded: every function reads files that are already on disk.
 
 * :func:`load_image` decodes one file (PNG, JPEG, BMP, TIFF) into ``float32`` in ``[0, 1]``. 8-bit, RGB(A),
   palette and 16-bit (``I;16``/``I``) inputs are converted by their own range, so a 16-bit X-ray keeps its
-  dynamic range instead of being clipped at 255. An optional ``size`` resizes the shorter side and
-  center-crops to a square (bilinear, antialiased, done in floating point).
+  dynamic range instead of being clipped at 255. 16-bit colour PNGs (RGB, RGBA, grey+alpha), which Pillow
+  opens as 8-bit ``RGB``/``RGBA``, are decoded at their full 16 bits too (see :func:`_png16_colour_channels`).
+  An optional ``size`` resizes the shorter side and center-crops to a square (bilinear, antialiased, done in
+  floating point).
 * :func:`load_images` stacks a list of :class:`ImageRecord` into an ``(N, C, size, size)`` array, either
   failing on the first bad file or skipping bad files and reporting them.
 * Scanners turn on-disk layouts into sorted, deterministic record lists:
@@ -58,6 +60,14 @@ UNCERTAIN_MODES = ("exclude", "ones", "zeros")
 ZHANGLAB_SPLITS = ("train", "test", "val")
 
 _UINT16_MAX = 65535.0
+# ITU-R 601-2 luma, the weights PIL's ``convert("L")`` uses for 8-bit colour (there in 16.16 fixed point)
+_LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Pillow opens a 16-bit colour PNG as 8-bit "RGB"/"RGBA" through these big-endian raw modes, which keep only
+# the high byte of each sample. Each maps to a raw mode of the same bits per pixel (so PNG unfiltering and
+# Adam7 de-interlacing are unchanged) that recovers the rest: the ";16L" unpackers read the samples as
+# little-endian and so keep the *low* byte of big-endian data; "RGBA" (4 bytes a pixel, like "LA;16B") keeps
+# all four bytes of a grey+alpha pixel (L high, L low, A high, A low).
+_PNG16_COLOUR_RAWMODES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
 
 
 class ImageDataError(ValueError):
@@ -115,6 +125,65 @@ def _to_float_channels(img: Image.Image, *, grayscale: bool, path: Path) -> list
     return [rgb[..., 0], rgb[..., 1], rgb[..., 2]]
 
 
+def _png16_colour_rawmode(img: Image.Image) -> str | None:
+    """The raw mode of a still-unloaded 16-bit colour PNG (see ``_PNG16_COLOUR_RAWMODES``), else ``None``.
+
+    Must be called before ``img.load()``, which clears the tile list this reads. Mirrors the 16-bit greyscale
+    check in :func:`_to_float_channels`, which can use the mode because PIL has 16-bit grey modes but no
+    16-bit colour ones.
+    """
+    if img.format != "PNG" or len(img.tile) != 1:
+        return None
+    args = img.tile[0][3]
+    rawmode = args if isinstance(args, str) else (args[0] if args else None)
+    return rawmode if rawmode in _PNG16_COLOUR_RAWMODES else None
+
+
+def _decode_png_rawmode(path: Path, rawmode: str) -> np.ndarray:
+    """Decode the PNG at ``path`` with its single tile's raw mode replaced by ``rawmode``, as a uint8 array."""
+    with Image.open(path) as img:
+        codec, extents, offset, _ = img.tile[0]
+        img.tile = [(codec, extents, offset, rawmode)]
+        img.load()
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _png16_colour_channels(img: Image.Image, rawmode: str, *, grayscale: bool, path: Path) -> list[np.ndarray]:
+    """Float32 channels in [0, 1] of a 16-bit colour PNG, at full 16-bit precision (values / 65535).
+
+    ``img`` is the opened, not yet loaded file and ``rawmode`` what :func:`_png16_colour_rawmode` returned.
+    RGB(A): PIL's own decode gives the high bytes, a second decode with the little-endian raw mode the low
+    bytes. Grey+alpha: one decode as 4-byte "RGBA" gives both bytes of grey and alpha. Alpha is dropped as
+    in the 8-bit path; colour goes to grey with the same ITU-R 601-2 luma weights as 8-bit colour, in float.
+    If this Pillow cannot decode the file so, it is refused rather than silently cut to 8 bits.
+    """
+    img.load()  # the ordinary decode first, so a truncated / corrupt file is reported as such
+    alt = _PNG16_COLOUR_RAWMODES[rawmode]
+    try:
+        other = _decode_png_rawmode(path, alt)
+    except Exception as exc:
+        raise ImageDataError(
+            f"{path}: 16-bit colour PNG cannot be read without losing precision: this Pillow "
+            f"({Image.__version__}) cannot decode it with raw mode {alt!r} ({type(exc).__name__}: {exc}); "
+            "convert it to 16-bit greyscale or 8-bit first"
+        ) from exc
+    if rawmode == "LA;16B":
+        gray = (other[..., 0].astype(np.float64) * 256.0 + other[..., 1]) / _UINT16_MAX
+        gray = gray.astype(np.float32)
+        return [gray] if grayscale else [gray, gray, gray]
+    high = np.asarray(img, dtype=np.uint8)
+    if high.shape != other.shape:
+        raise ImageDataError(
+            f"{path}: 16-bit colour PNG cannot be read without losing precision: its two decodes disagree in "
+            f"shape ({high.shape} vs {other.shape})"
+        )
+    rgb = (high[..., :3].astype(np.float64) * 256.0 + other[..., :3]) / _UINT16_MAX
+    if grayscale:
+        luma = _LUMA_WEIGHTS[0] * rgb[..., 0] + _LUMA_WEIGHTS[1] * rgb[..., 1] + _LUMA_WEIGHTS[2] * rgb[..., 2]
+        return [luma.astype(np.float32)]
+    return [rgb[..., c].astype(np.float32) for c in range(3)]
+
+
 def _resize_center_crop(channel: np.ndarray, size: int) -> np.ndarray:
     """Resize so the shorter side is ``size`` and center-crop to ``size``×``size`` in one antialiased resample."""
     h, w = channel.shape
@@ -132,7 +201,10 @@ def load_image(path: str | os.PathLike[str], *, size: int | None = None, graysca
     """Load one image as ``float32`` in ``[0, 1]``: shape ``(H, W)`` if ``grayscale`` else ``(H, W, 3)``.
 
     ``size`` resizes the shorter side to ``size`` and center-crops to ``size``×``size`` (bilinear with
-    antialiasing, computed in floating point so 16-bit precision survives). 16-bit images are divided by 65535.
+    antialiasing, computed in floating point so 16-bit precision survives). 16-bit images are divided by 65535;
+    that includes 16-bit colour PNGs (RGB, RGBA, grey+alpha), whose grey is the ITU-R 601-2 luma
+    ``0.299 R + 0.587 G + 0.114 B`` (as for 8-bit colour) computed in floating point; one this Pillow cannot
+    decode at full depth raises :class:`ImageDataError` rather than being cut to 8 bits.
     EXIF orientation is not applied (the pixels are used as stored). A missing, empty, truncated, corrupt or
     non-image file raises :class:`ImageDataError` naming the path.
     """
@@ -151,8 +223,12 @@ def load_image(path: str | os.PathLike[str], *, size: int | None = None, graysca
         raise ImageDataError(f"{path}: image file is empty (0 bytes)")
     try:
         with Image.open(path) as img:
-            img.load()  # decode now so truncated / corrupt pixel data is caught here, not later
-            channels = _to_float_channels(img, grayscale=grayscale, path=path)
+            rawmode = _png16_colour_rawmode(img)  # before load(), which clears what it reads
+            if rawmode is not None:
+                channels = _png16_colour_channels(img, rawmode, grayscale=grayscale, path=path)
+            else:
+                img.load()  # decode now so truncated / corrupt pixel data is caught here, not later
+                channels = _to_float_channels(img, grayscale=grayscale, path=path)
     except (ImageDataError, MemoryError):
         raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError, ...)
