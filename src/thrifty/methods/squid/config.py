@@ -9,8 +9,13 @@ from thrifty.core.config import BaseConfig
 from thrifty.data.digit_anatomy import ANOMALY_TYPES
 
 BASELINES = ("ae", "memae", "knn")
-ARMS = ("squid", *BASELINES)
+#: training-free baselines, computed in every run (not trained, nothing to select)
+TRIVIAL = ("mean_image", "cell_nn")
+ARMS = ("squid", *BASELINES, "ae_skip")
 ABLATIONS = ("no_queue", "no_transformer", "no_shortcut")
+#: image scores of a generator: the paper's discriminator score (SQUID only), the reconstruction MSE, and the
+#: largest per-cell reconstruction-error z-score (μ/σ per cell position from validation normals)
+SCORES = ("discriminator", "recon", "cell_zmax")
 STAGES = ("data", "train", "eval")
 SOURCES = ("digit_anatomy", "folder", "zhanglab", "chexpert")
 
@@ -61,6 +66,7 @@ class NetConfig:
     dropout: float = 0.0
     memae_slots: int = 100
     memae_shrink: float = 0.0025
+    memae_scope: str = "image"
 
 
 @dataclasses.dataclass
@@ -138,11 +144,33 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class KnnConfig:
-    """PatchCore-like detector on the AE encoder's mid-level features."""
+    """Feature kNN on the AE encoder's mid-level features.
+
+    Attributes:
+        bank_images: training normals whose features form the bank.
+        position_aware: compare each location only with the bank's features at the same location (a layout
+            anomaly such as a swap is invisible to a position-agnostic bank); False gives PatchCore's pooled
+            bank reduced by a greedy k-center coreset.
+        coreset_fraction: PatchCore's coreset fraction (pooled bank only).
+        levels: encoder levels whose maps are concatenated (0 = input conv).
+    """
 
     bank_images: int = 256
+    position_aware: bool = True
     coreset_fraction: float = 0.1
     levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+
+
+@dataclasses.dataclass
+class TrivialConfig:
+    """Training-free baselines shown in every table: ``mean_image`` (MSE to the mean of ``bank_images``
+    training normals) and ``cell_nn`` (per cell position, the distance to the nearest of ``bank_images``
+    training cells at that position, z-scored per position with ``stats_images`` other training normals; the
+    image score is the largest z). Each seed draws its own bank."""
+
+    arms: list[str] = dataclasses.field(default_factory=lambda: list(TRIVIAL))
+    bank_images: int = 1000
+    stats_images: int = 200
 
 
 @dataclasses.dataclass
@@ -152,7 +180,14 @@ class SquidConfig(BaseConfig):
     Attributes:
         stages: ``data`` (build/reuse the dataset, write PNGs + CSV), ``train``, ``eval`` (claims, tables, figures).
         arms: ``squid`` and baselines ``ae``, ``memae``, ``knn`` (kNN uses the same seed's AE encoder).
+        arms: also ``ae_skip``, the SQUID backbone without memories (patch-wise, concatenated skips), an ablation
+            of the authors' skip-free AE.
         ablations: SQUID variants: ``no_queue``, ``no_transformer``, ``no_shortcut``.
+        score: the score SQUID is selected and judged by: ``discriminator`` (the paper's), ``recon`` or
+            ``cell_zmax`` (deviations, labelled as such in every claim). Every score is reported for every
+            generator arm; baselines are always judged by their own reconstruction error.
+        arm_steps: per-arm ``max_steps`` overrides, e.g. ``{ae: 3000}`` (arms train to their own convergence).
+        final_test: False skips the test set entirely (validation-only runs such as ``long``).
         batch_size: images per step (split over DDP ranks).
         max_steps: generator steps per unit.
         eval_every: validation AUROC every this many steps; the best validation step is kept (selection on
@@ -169,6 +204,10 @@ class SquidConfig(BaseConfig):
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
+    trivial: TrivialConfig = dataclasses.field(default_factory=TrivialConfig)
+    score: str = "discriminator"
+    arm_steps: dict[str, int] = dataclasses.field(default_factory=dict)
+    final_test: bool = True
     batch_size: int = 16
     max_steps: int = 300
     eval_every: int = 50
@@ -182,6 +221,7 @@ class SquidConfig(BaseConfig):
             ("stages", STAGES, self.stages),
             ("arms", ARMS, self.arms),
             ("ablations", ABLATIONS, self.ablations),
+            ("trivial.arms", TRIVIAL, self.trivial.arms),
             ("data.anomaly_types", ANOMALY_TYPES, self.data.anomaly_types),
         ):
             bad = [v for v in values if v not in allowed]
@@ -189,6 +229,16 @@ class SquidConfig(BaseConfig):
                 raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
         if "knn" in self.arms and "ae" not in self.arms:
             raise ValueError("config key 'arms': knn scores the AE encoder's features, so it needs 'ae' too")
+        if self.score not in SCORES:
+            raise ValueError(f"config key 'score' must be one of {list(SCORES)}, got {self.score!r}")
+        if self.net.memae_scope not in ("image", "location"):
+            raise ValueError("config key 'net.memae_scope' must be 'image' (the authors' CAE) or 'location'")
+        known = {*ARMS, *(f"squid-{a}" for a in ABLATIONS)}
+        for arm, steps in self.arm_steps.items():
+            if arm not in known or arm == "knn":
+                raise ValueError(f"config key 'arm_steps': unknown trained arm {arm!r}; choose from {sorted(known)}")
+            if int(steps) < 1:
+                raise ValueError(f"config key 'arm_steps.{arm}' must be >= 1")
         if self.data.source not in SOURCES:
             raise ValueError(f"config key 'data.source' must be one of {list(SOURCES)}")
         if self.data.source != "digit_anatomy" and not self.data.root:

@@ -43,6 +43,47 @@ def roc_figure(results: dict[str, dict[int, dict]], labels: np.ndarray, path: Pa
     return save_figure(fig, path)
 
 
+def score_curves(results: dict[str, dict[int, dict]], path: Path) -> Path | None:
+    """Validation AUROC against generator steps for every score of every generator unit (one line per unit and
+    score), with the normal images' reconstruction MSE on a second axis: whether, and when, each score works."""
+    units = [(arm, seed, r) for arm, per in results.items() for seed, r in sorted(per.items()) if r["curve"]]
+    # training-free arms (no curve) are drawn as horizontal lines at their validation AUROC
+    if not units:
+        return None
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.0, 6.4), dpi=110, sharex=True, height_ratios=[2, 1])
+    styles = {"discriminator": "-", "recon": "--", "cell_zmax": ":"}
+    for arm, seed, r in units:
+        steps = [c["step"] for c in r["curve"]]
+        color = None
+        for kind, ls in styles.items():
+            if kind in r["curve"][0]:
+                label = f"{arm} seed {seed}: {kind}" + (" (paper's score)" if kind == "discriminator" else "")
+                (line,) = ax.plot(steps, [c[kind] for c in r["curve"]], ls=ls, color=color, lw=1.6, label=label)
+                color = line.get_color()
+        ax2.plot(steps, [c["recon_mse_normal"] for c in r["curve"]], color=color, lw=1.4, label=f"{arm} seed {seed}")
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    flat = [(arm, r["val_auroc"]) for arm, per in results.items() for r in per.values() if not r["curve"]]
+    for arm, per_arm in sorted({a: [v for b, v in flat if b == a] for a, _ in flat}.items()):
+        ax.axhline(float(np.mean(per_arm)), color="black", lw=1.0, ls="-." if arm == "cell_nn" else (0, (1, 3)))
+        ax.annotate(
+            f"{arm} (training-free)",
+            (1.0, float(np.mean(per_arm))),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_ylabel("validation AUROC (%)")
+    ax.set_title("Validation AUROC against training steps, per score")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax2.set_xlabel("generator step")
+    ax2.set_ylabel("recon. MSE, val normals")
+    ax2.set_yscale("log")
+    ax2.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def reconstruction_figure(
     models: dict[str, torch.nn.Module], images: torch.Tensor, captions: list[str], path: Path
 ) -> Path:
@@ -79,8 +120,12 @@ def make_all(
     fig_dir = run_dir / "figures"
     test = data.test.get("figure", "figures")
     out = [roc_figure(results, test.labels, fig_dir / "roc.png")]
+    shown = {a: p for a, p in results.items() if a in ("squid", "cell_nn", "mean_image")}
+    by_score = score_curves(shown, fig_dir / "val_auroc_by_score.png")
+    if by_score is not None:
+        out.append(by_score)
     curves = {
-        arm: [([c[0] for c in r["curve"]], [c[1] for c in r["curve"]]) for r in per.values()]
+        arm: [([c["step"] for c in r["curve"]], [c[r["score"]] for c in r["curve"]]) for r in per.values()]
         for arm, per in results.items()
         if any(r["curve"] for r in per.values())
     }
@@ -90,7 +135,7 @@ def make_all(
                 curves,
                 xlabel="generator step",
                 ylabel="validation AUROC (%)",
-                title="Validation AUROC during training (mean, min–max over seeds)",
+                title="Validation AUROC (each arm's own score) during training (mean, min–max over seeds)",
                 path=fig_dir / "val_auroc.png",
             )
         )

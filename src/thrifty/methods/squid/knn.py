@@ -1,10 +1,13 @@
-"""A PatchCore-like feature-kNN anomaly detector (Roth et al., CVPR 2022), the SQUID recipe's third baseline.
+"""Feature-kNN anomaly detectors, the SQUID recipe's third baseline: PatchCore-like (Roth et al., CVPR 2022) or
+position-aware.
 
 Features: mid-level maps of a trained encoder (here the AE's, patch-wise like SQUID's), resized to the first
 level's resolution, concatenated and averaged over each 3×3 neighbourhood (PatchCore's locally aware patch
 features). The memory bank holds the feature vectors of normal training images, reduced by greedy k-center
 coreset selection. An image's score is the largest, over its locations, of the distance to the nearest bank
-vector. Unlike SQUID it has no notion of *where* a feature belongs, so it cannot see swapped digits.
+vector. That pooled bank has no notion of *where* a feature belongs, so it cannot see swapped digits; the
+position-aware variant (:class:`PositionKNN`, the default on DigitAnatomy, whose anomalies are about position)
+keeps one bank per location and compares a location only with the bank's features at that same location.
 """
 
 from __future__ import annotations
@@ -61,4 +64,28 @@ class PatchKNN:
             b, n, c = feats.shape
             nearest = torch.cdist(feats.reshape(-1, c), self.bank).min(dim=1).values.view(b, n)
             out.append(nearest.max(dim=1).values)
+        return torch.cat(out)
+
+
+class PositionKNN:
+    """One bank per location: ``bank`` (L, N, C) holds the locally aware features of N normal images at each of
+    L locations; ``score(maps)`` → (B,) the largest, over locations, of the distance to the nearest bank feature
+    *at the same location*."""
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        self.bank = bank
+
+    @classmethod
+    def fit(cls, maps: list[torch.Tensor]) -> PositionKNN:
+        return cls(locally_aware(maps).transpose(0, 1).contiguous())  # (L, N, C)
+
+    def score(self, maps: list[torch.Tensor], *, chunk: int = 16) -> torch.Tensor:
+        """(B,) scores, ``chunk`` images at a time."""
+        out = []
+        for i in range(0, maps[0].shape[0], chunk):
+            feats = locally_aware([m[i : i + chunk] for m in maps]).transpose(0, 1)  # (L, b, C)
+            if feats.shape[0] != self.bank.shape[0]:
+                raise ValueError(f"images give {feats.shape[0]} locations, the bank has {self.bank.shape[0]}")
+            nearest = torch.cdist(feats, self.bank).min(dim=2).values  # (L, b)
+            out.append(nearest.max(dim=0).values)
         return torch.cat(out)

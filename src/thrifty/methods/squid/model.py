@@ -10,9 +10,14 @@
   (``MemoryMatrixBlockV3``: top-k shrinkage, masked shortcut), and a sigmoid output. A *teacher* decoder with
   its own weights decodes the detached, un-inpainted bottleneck with detached skips; the distillation loss is
   the sum over levels of MSE(student, teacher) features.
-- **AE**: the same encoder/decoder with no memory, in-painting or teacher (scored by reconstruction error).
-- **MemAE-style**: the AE with one learned memory read by every bottleneck feature vector, hard shrinkage
-  λ = 0.0025 (MemAE's default) and MemAE's entropy loss.
+- **AE** (the authors' baseline ``CAE`` of ``MrGiovanni/SimSID`` ``models/baseline.py``): the same blocks on the
+  whole image (one "patch"), no skip connections (every decoder op ``none``), no memory, in-painting or teacher;
+  scored by reconstruction error.
+- **MemAE-style**: that AE with one learned memory read by the flattened bottleneck of the whole image (the
+  authors' CAE memory; ``memae_scope="location"`` reads it per bottleneck location as the MemAE paper's
+  2-D models do), hard shrinkage λ = 0.0025 (MemAE's default) and MemAE's entropy loss.
+- **AE with skips** (``ae_skip``, an ablation): SQUID's patch-wise backbone with its concatenated skips and no
+  memories. Trained long enough it learns the identity, anomalies included.
 
 Shapes: images (B, 1, H, W) with H = W = N·cell; patches (B·P, C, h, w) with P = N², ordered row-major.
 """
@@ -54,6 +59,8 @@ class NetSettings:
         teacher: add the teacher decoder and the distillation loss.
         bottleneck_memory: MemAE: one learned memory over bottleneck feature vectors.
         memae_slots, memae_shrink: its slots and hard-shrink threshold.
+        memae_scope: ``image`` (one query per image: the flattened bottleneck) or ``location`` (one per
+            bottleneck location).
         num_heads: heads of the neighbour attention.
         dropout: dropout in the in-painting FFN.
     """
@@ -77,6 +84,7 @@ class NetSettings:
     bottleneck_memory: bool = False
     memae_slots: int = 100
     memae_shrink: float = 0.0025
+    memae_scope: str = "image"
     num_heads: int = 8
     dropout: float = 0.0
 
@@ -249,16 +257,19 @@ class PatchMemoryBlock(nn.Module):
 
 
 class BottleneckMemory(nn.Module):
-    """MemAE-style: one learned memory (S, C) read by every bottleneck feature vector with hard shrinkage."""
+    """MemAE-style: one learned memory read with hard shrinkage, by the whole flattened bottleneck of each image
+    (``scope="image"``, slots of C·h·w) or by every bottleneck feature vector (``scope="location"``, slots of C)."""
 
-    def __init__(self, s: NetSettings, channels: int) -> None:
+    def __init__(self, s: NetSettings, channels: int, spatial: int) -> None:
         super().__init__()
-        self.memory = LearnedMemory(
-            num_positions=1, num_slots=s.memae_slots, dim=channels, shrink=float(s.memae_shrink)
-        )
+        self.scope = s.memae_scope
+        dim = channels * spatial * spatial if self.scope == "image" else channels
+        self.memory = LearnedMemory(num_positions=1, num_slots=s.memae_slots, dim=dim, shrink=float(s.memae_shrink))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        if self.scope == "image":
+            return self.memory(x.reshape(b, 1, c * h * w)).view(b, c, h, w)
         q = x.permute(0, 2, 3, 1).reshape(-1, 1, c)
         return self.memory(q).view(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -298,7 +309,7 @@ class PatchUNet(nn.Module):
         self.decoder_memory = nn.ModuleDict(
             {str(j): PatchMemoryBlock(s, f[j], s.cell // 2**j) for j in s.decoder_memory}
         )
-        self.bottleneck_memory = BottleneckMemory(s, f[L]) if s.bottleneck_memory else None
+        self.bottleneck_memory = BottleneckMemory(s, f[L], bottleneck_side) if s.bottleneck_memory else None
         if s.teacher:
             self.teacher_up = up_blocks()
             self.teacher_out = nn.Conv2d(f[0], s.in_channels, 1)

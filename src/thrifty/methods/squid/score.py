@@ -11,7 +11,8 @@ safetensors only; nothing is unpickled.
     result["score"], result["anomalous"], result["heatmap"]
 
 The heat-map is |x − x̂| (the in-painted reconstruction's error), smoothed over 3×3; for SQUID the image
-score is the standardised discriminator score, for the AE/MemAE the reconstruction MSE.
+score is the one the unit was selected by (``scoring.json``'s ``score_kind``): the standardised discriminator
+score by default, the reconstruction MSE for the AE/MemAE.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model
 
 from thrifty.data import images as imgio
+from thrifty.methods.squid.config import SCORES
 from thrifty.methods.squid.losses import reconstruction_error, standardised_score
 from thrifty.methods.squid.model import Discriminator, NetSettings, PatchUNet, patchify
 
@@ -44,23 +46,24 @@ def raw_scores(
     batch_size: int,
     device: torch.device,
     *,
+    grid: int,
     keep_recon: bool = False,
 ) -> dict[str, Any]:
     """Eval-mode pass over (N, 1, H, W) images: discriminator logits on the reconstruction (SQUID), the
-    per-image reconstruction error and the per-patch error (N, P) for localisation (all generators); with
-    ``keep_recon`` also the reconstructions (N, 1, H, W) under ``"recon"``."""
+    per-image reconstruction error and the per-cell error (N, grid²) on a ``grid``×``grid`` layout (SQUID's
+    patches, whatever the arm's own patching), for localisation and the cell z-max score; with ``keep_recon``
+    also the reconstructions (N, 1, H, W) under ``"recon"``."""
     model.eval()
     if disc is not None:
         disc.eval()
     logits, errors, cells, recons = [], [], [], []
-    n = model.s.num_patches
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(device)
         recon = model(x)["recon"]
         if keep_recon:
             recons.append(recon.cpu())
         errors.append(reconstruction_error(recon, x).cpu())
-        cells.append(patchify((recon - x).pow(2), n).flatten(1).mean(1).view(len(x), n * n).cpu())
+        cells.append(patchify((recon - x).pow(2), grid).flatten(1).mean(1).view(len(x), grid * grid).cpu())
         if disc is not None:
             logits.append(disc(recon).cpu())
     out = {"recon_error": torch.cat(errors).numpy(), "cell_error": torch.cat(cells).numpy()}
@@ -71,13 +74,49 @@ def raw_scores(
     return out
 
 
-def anomaly_score(raw: dict[str, np.ndarray], calib: dict[str, float] | None) -> np.ndarray:
-    """SQUID: the standardised discriminator score (or −logit before calibration); others: recon error."""
-    if "d_logit" not in raw:
+def available_scores(raw: dict[str, Any]) -> list[str]:
+    """The image scores ``raw`` supports: the discriminator score only where there is a discriminator."""
+    return [k for k in SCORES if k != "discriminator" or "d_logit" in raw]
+
+
+def calibrate(raw: dict[str, Any], labels: np.ndarray) -> dict[str, Any]:
+    """Statistics of held-out *normal* images (``labels == 0``) that the scores standardise with: μ/σ of the
+    discriminator logit (SQUID) and μ/σ of each cell's reconstruction error."""
+    normal = np.asarray(labels) == 0
+    if normal.sum() < 2:
+        raise ScoringError("calibration needs at least two normal images")
+    cells = raw["cell_error"][normal]
+    calib: dict[str, Any] = {
+        "cell_mu": cells.mean(0).tolist(),
+        "cell_sigma": (cells.std(0, ddof=1) + 1e-12).tolist(),
+    }
+    if "d_logit" in raw:
+        logits = raw["d_logit"][normal]
+        calib.update(mu=float(logits.mean()), sigma=float(logits.std(ddof=1) + 1e-8))
+    return calib
+
+
+def anomaly_score(raw: dict[str, Any], calib: dict[str, Any] | None, kind: str) -> np.ndarray:
+    """(N,) image scores, higher = more anomalous.
+
+    ``discriminator``: 1 − σ((D(x̂) − μ)/σ) (−D(x̂) before calibration, same ranking); ``recon``: the image's
+    reconstruction MSE; ``cell_zmax``: the largest over cells of (cell error − μ_cell)/σ_cell, μ/σ from
+    :func:`calibrate` (a deviation from the paper, which scores with the discriminator).
+    """
+    if kind == "recon":
         return raw["recon_error"]
-    if calib is None:
-        return -raw["d_logit"]
-    return standardised_score(torch.from_numpy(raw["d_logit"]), calib["mu"], calib["sigma"]).numpy()
+    if kind == "discriminator":
+        if "d_logit" not in raw:
+            raise ScoringError("score 'discriminator' needs a discriminator (SQUID arms only)")
+        if calib is None:
+            return -raw["d_logit"]
+        return standardised_score(torch.from_numpy(raw["d_logit"]), calib["mu"], calib["sigma"]).numpy()
+    if kind == "cell_zmax":
+        if calib is None:
+            raise ScoringError("score 'cell_zmax' needs calibration statistics from normal images")
+        z = (raw["cell_error"] - np.asarray(calib["cell_mu"])) / np.asarray(calib["cell_sigma"])
+        return z.max(1)
+    raise ScoringError(f"unknown score {kind!r}; choose from {list(SCORES)}")
 
 
 @dataclasses.dataclass
@@ -118,10 +157,12 @@ class Scorer:
             raise ScoringError(
                 f"expected images of shape (N, 1, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
             )
-        raw = raw_scores(self.model, self.disc, images, batch_size, images.device, keep_recon=True)
+        raw = raw_scores(
+            self.model, self.disc, images, batch_size, images.device, grid=int(self.meta["grid"]), keep_recon=True
+        )
         recon = raw["recon"]
         heat = F.avg_pool2d((images - recon).abs(), 3, stride=1, padding=1)[:, 0]
-        score = anomaly_score(raw, self.meta["calibration"])
+        score = anomaly_score(raw, self.meta["calibration"], self.meta["score_kind"])
         return {
             "score": score,
             "anomalous": score >= self.meta["threshold"],
