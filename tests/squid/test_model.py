@@ -143,9 +143,24 @@ def _one_step_grads(arm_kw: dict) -> tuple[PatchUNet, Discriminator]:
         {"queue": False},
         {"transformer": False},
         {"inpaint": False, "decoder_memory": [], "teacher": False},
-        {"inpaint": False, "decoder_memory": [], "teacher": False, "bottleneck_memory": True},
+        {"inpaint": False, "decoder_memory": [], "teacher": False, "num_patches": 1, "ops": ["none"] * 3},
+        {
+            "inpaint": False,
+            "decoder_memory": [],
+            "teacher": False,
+            "num_patches": 1,
+            "ops": ["none"] * 3,
+            "bottleneck_memory": True,
+        },
+        {
+            "inpaint": False,
+            "decoder_memory": [],
+            "teacher": False,
+            "bottleneck_memory": True,
+            "memae_scope": "location",
+        },
     ],
-    ids=["squid", "no_queue", "no_transformer", "ae", "memae"],
+    ids=["squid", "no_queue", "no_transformer", "ae_skip", "ae", "memae", "memae_location"],
 )
 def test_every_parameter_gets_a_gradient(arm_kw):
     _one_step_grads(arm_kw)
@@ -238,3 +253,33 @@ def test_queue_changes_only_after_update_in_a_training_step():
 def test_discriminator_output_shape_for_paper_and_quick_sizes():
     for size in (24, 48, 96):
         assert Discriminator(image_size=size)(torch.rand(3, 1, size, size)).shape == (3,)
+
+
+def test_skip_free_ae_reconstruction_depends_only_on_the_bottleneck():
+    """The authors' CAE has no skips: changing the encoder's intermediate maps (but not the bottleneck) cannot change
+    the output, while SQUID's skip backbone passes them through."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 24, 24)
+    for ops, same in ((["none"] * 3, True), (["concat", "concat", "none"], False)):
+        model = PatchUNet(small(inpaint=False, decoder_memory=[], teacher=False, num_patches=1, ops=ops)).eval()
+        z, skips = model.encode(x)
+        recon, _ = model._decode(z, skips, model.up, model.out_conv, memories=False)
+        noisy = [s + torch.randn_like(s) for s in skips]
+        recon2, _ = model._decode(z, noisy, model.up, model.out_conv, memories=False)
+        assert torch.equal(recon, recon2) == same
+
+
+def test_memae_image_scope_reads_one_slot_vector_per_image():
+    model = PatchUNet(
+        small(inpaint=False, decoder_memory=[], teacher=False, num_patches=1, ops=["none"] * 3, bottleneck_memory=True)
+    )
+    c, side = model.s.filters()[3], 24 // 8
+    assert model.bottleneck_memory.memory.memory.shape == (1, model.s.memae_slots, c * side * side)
+    model(torch.rand(5, 1, 24, 24))
+    w = model.bottleneck_memory.memory.last_weights
+    assert w.shape == (5, 1, model.s.memae_slots)  # one read per image
+    loc = PatchUNet(
+        small(inpaint=False, decoder_memory=[], teacher=False, bottleneck_memory=True, memae_scope="location")
+    )
+    loc(torch.rand(5, 1, 24, 24))
+    assert loc.bottleneck_memory.memory.last_weights.shape[0] == 5 * 9 * 1  # every location of every patch

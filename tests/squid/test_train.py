@@ -35,29 +35,60 @@ def test_smoke_run_writes_results_tables_claims_and_figures(smoke_run):
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk["claims"] == results["claims"]
     ids = {c["id"] for c in results["claims"]}
-    assert {"squid_beats_ae", "squid_beats_memae", "squid_beats_knn", "squid_5_points_over_best_baseline"} <= ids
+    assert {
+        "squid_beats_ae",
+        "squid_beats_memae",
+        "squid_beats_knn",
+        "squid_5_points_over_best_baseline",
+        "squid_works",
+        "squid_recon_score_beats_ae",
+        "squid_cell_zmax_score_beats_ae",
+    } <= ids
+    assert {f"squid_beats_ae_on_{k}" for k in ("missing", "swap", "flip", "zero")} <= ids
+    works = next(c for c in results["claims"] if c["id"] == "squid_works")
+    assert works["kind"] == "works" and works["baseline"] == "cell_nn" and works["threshold"] == 2.0
+    # every claim but the paper-score ones names its score; deviations say so
+    assert all("deviation" in c["statement"] for c in results["claims"] if "_score_beats_" in c["id"])
     for c in results["claims"]:
         lo, hi = c["ci95"]
         assert lo <= c["measured"] <= hi
         assert c["holds"] == (lo > c["threshold"] if c["direction"] == "greater" else hi < c["threshold"])
         assert len(c["seeds"]) == 2
     auroc = results["tables"][0]
-    assert [r[0] for r in auroc["rows"]] == ["squid", "ae", "memae", "knn"]
-    assert auroc["columns"][:3] == ["arm", "seeds", "overall"]
+    assert [r[0] for r in auroc["rows"]] == [
+        "squid (discriminator score)",
+        "ae (recon score)",
+        "memae (recon score)",
+        "knn (position-aware bank)",
+        "mean_image (training-free)",
+        "cell_nn (training-free)",
+    ]
+    assert auroc["columns"][:3] == ["arm (score)", "seeds", "overall"]
+    scores = results["tables"][1]
+    assert scores["columns"] == ["arm", "selected by", "discriminator", "recon", "cell_zmax"]
+    assert [r[:2] for r in scores["rows"]] == [["squid", "discriminator"], ["ae", "recon"], ["memae", "recon"]]
+    assert scores["rows"][1][2] == ""  # no discriminator score for the AE
     assert set(auroc["columns"][3:]) == {"missing", "swap", "flip", "zero"}
-    for fig in ("roc.png", "val_auroc.png", "auroc_per_type.png", "reconstructions.png"):
+    for fig in ("roc.png", "val_auroc.png", "val_auroc_by_score.png", "auroc_per_type.png", "reconstructions.png"):
         assert (run_dir / "figures" / fig).stat().st_size > 2000
-    for arm in ("squid", "ae", "memae", "knn"):
+    for arm in ("squid", "ae", "memae", "knn", "mean_image", "cell_nn"):
         for seed in (0, 1):
             res = json.loads((run_dir / "units" / arm / f"seed{seed}" / "result.json").read_text())
             t = res["test"]
             assert 0 <= t["auroc"] <= 100 and 0 <= t["auprc"] <= 100
             assert len(res["test_scores"]) == 40
             assert set(t["per_type"]) == {"missing", "swap", "flip", "zero"}
-            if arm != "knn":
+            if arm in ("squid", "ae", "memae"):
                 assert 0 <= res["test_localisation_auroc"] <= 100
     squid0 = json.loads((run_dir / "units" / "squid" / "seed0" / "result.json").read_text())
-    assert squid0["d_bce_end"] >= 0 and 0 <= squid0["test_recon_error_auroc"] <= 100
+    assert squid0["d_bce_end"] >= 0
+    assert set(squid0["test_auroc_by_score"]) == {"discriminator", "recon", "cell_zmax"}
+    assert squid0["test_auroc_by_score"]["discriminator"] == squid0["test"]["auroc"]
+    assert all(
+        sorted(c) == sorted(["step", "recon_mse_normal", "discriminator", "recon", "cell_zmax"])
+        for c in squid0["curve"]
+    )
+    assert sorted(squid0["curve"][0]) == sorted(["step", "recon_mse_normal", "discriminator", "recon", "cell_zmax"])
 
 
 def test_dataset_pngs_and_csv_are_written(smoke_run):
@@ -82,7 +113,7 @@ def test_no_test_image_touches_selection_calibration_or_threshold(smoke_run):
     assert {e["purpose"] for e in test_reads} <= {"final_test", "figure"}
     assert {e["purpose"] for e in entries if e["split"] == "val"} <= {"selection", "calibration", "threshold"}
     units = {e["unit"] for e in entries if e["unit"] != "figures"}
-    assert len(units) == 8  # 4 arms x 2 seeds
+    assert len(units) == 12  # (4 arms + 2 training-free baselines) x 2 seeds
     for unit in units:
         mine = [e for e in entries if e["unit"] == unit]
         first_test = min(e["index"] for e in mine if e["split"] == "test")
@@ -204,7 +235,12 @@ def test_arm_settings_and_schedules():
     assert arm_settings("squid-no_shortcut", cfg).shortcut_ratio == 1.0
     ae = arm_settings("ae", cfg)
     assert not (ae.inpaint or ae.teacher or ae.decoder_memory or ae.bottleneck_memory)
-    assert arm_settings("memae", cfg).bottleneck_memory
+    # the authors' CAE: the whole image, no skips
+    assert ae.num_patches == 1 and set(ae.ops) == {"none"}
+    memae = arm_settings("memae", cfg)
+    assert memae.bottleneck_memory and memae.num_patches == 1 and memae.memae_scope == "image"
+    skip = arm_settings("ae_skip", cfg)
+    assert skip.num_patches == 3 and "concat" in skip.ops and not skip.inpaint
     assert generator_lr(0, cfg) == pytest.approx(cfg.optim.lr)
     t_max = int(cfg.optim.t_max_epochs * cfg.optim.steps_per_epoch)
     assert generator_lr(t_max, cfg) == pytest.approx(cfg.optim.eta_min)
@@ -215,8 +251,40 @@ def test_arm_settings_and_schedules():
 
 @pytest.mark.parametrize(
     ("override", "match"),
-    [("arms=[knn]", "needs 'ae'"), ("data.anomaly_types=[rotate]", "rotate"), ("data.source=zhanglab", "data.root")],
+    [
+        ("arms=[knn]", "needs 'ae'"),
+        ("data.anomaly_types=[rotate]", "rotate"),
+        ("data.source=zhanglab", "data.root"),
+        ("score=entropy", "'score'"),
+        ("arm_steps.knn=5", "arm_steps"),
+        ("arm_steps.ae=0", "arm_steps.ae"),
+        ("trivial.arms=[median]", "trivial.arms"),
+        ("net.memae_scope=pixel", "memae_scope"),
+    ],
 )
 def test_bad_config_is_a_clear_error(override, match, tmp_path, capsys):
     assert main(["run", "squid", "--preset", "smoke", f"out_dir={tmp_path}", override]) == EXIT_USAGE
     assert match in capsys.readouterr().err
+
+
+def test_validation_only_run_never_reads_the_test_set(tmp_path, data_dir):
+    """``final_test=false`` (the long preset): curves per score, a validation table, and no test read at all;
+    ``arm_steps`` gives an arm its own budget."""
+    res = train(
+        smoke(tmp_path, data_dir, "arms=[squid,ae]", "seeds=[0]", "final_test=false", "arm_steps.ae=3", "eval_every=1")
+    )
+    run_dir = tmp_path / "squid" / "smoke"
+    entries = [json.loads(x) for x in (run_dir / "access_log.jsonl").read_text().splitlines()]
+    assert entries and all(e["split"] == "val" for e in entries)
+    assert res["claims"] == []
+    table = res["tables"][0]
+    assert table["columns"][:3] == ["arm", "seed", "steps"]
+    assert {r[0]: r[2] for r in table["rows"]} == {
+        "squid": 2,
+        "ae": 3,
+        "mean_image": "training-free",
+        "cell_nn": "training-free",
+    }
+    ae = json.loads((run_dir / "units" / "ae" / "seed0" / "result.json").read_text())
+    assert [c["step"] for c in ae["curve"]] == [1, 2, 3] and "test" not in ae
+    assert (run_dir / "figures" / "val_auroc_by_score.png").stat().st_size > 2000

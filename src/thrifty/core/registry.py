@@ -98,6 +98,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2111.13495",
         "X-ray",
         "thrifty.methods.squid.train",
+        claim_preset="cpu",
         headline="squid_5_points_over_best_baseline",
     ),
     Recipe(

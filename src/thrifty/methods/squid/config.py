@@ -197,7 +197,7 @@ class SquidConfig(BaseConfig):
     """
 
     stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
-    arms: list[str] = dataclasses.field(default_factory=lambda: list(ARMS))
+    arms: list[str] = dataclasses.field(default_factory=lambda: ["squid", *BASELINES])
     ablations: list[str] = dataclasses.field(default_factory=list)
     net: NetConfig = dataclasses.field(default_factory=NetConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

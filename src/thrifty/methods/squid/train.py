@@ -644,7 +644,10 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
 
 def arm_label(arm: str, per: dict[int, dict]) -> str:
     """Table row name: the arm and the score it is judged by (labelled when it is not the paper's)."""
-    kind = next(iter(per.values())).get("score", "")
+    first = next(iter(per.values()))
+    kind = first.get("score", "")
+    if arm == "knn":
+        return f"knn ({'position-aware' if first.get('position_aware') else 'pooled'} bank)"
     if arm in TRIVIAL:
         return f"{arm} (training-free)"
     if is_gan(arm):
@@ -710,21 +713,23 @@ def detection_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
 
 
 def validation_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    """For validation-only runs: per generator unit, the best validation AUROC of each score and its step."""
+    """For validation-only runs: per generator unit, the best validation AUROC of each score and its step; the
+    training-free baselines' validation AUROC in the last column."""
     rows = []
     for arm, per in results.items():
         for seed, r in sorted(per.items()):
             if not r["curve"]:
+                rows.append([arm, seed, "training-free", *([""] * len(SCORES)), f"{r['val_auroc']:.1f}"])
                 continue
             row: list[Any] = [arm, seed, r["steps"]]
             for k in SCORES:
                 pts = [(c[k], c["step"]) for c in r["curve"] if k in c]
                 row.append(f"{max(pts)[0]:.1f} @ {max(pts)[1]}; last {pts[-1][0]:.1f}" if pts else "")
-            rows.append(row)
+            rows.append([*row, ""])
     return {
         "title": "Validation AUROC (%) per score: best (at step) and at the last step (validation-only run; the test "
         "set was not read)",
-        "columns": ["arm", "seed", "steps", *SCORES],
+        "columns": ["arm", "seed", "steps", *SCORES, "training-free"],
         "rows": rows,
     }
 
