@@ -19,9 +19,10 @@ def _raw(with_disc: bool) -> dict:
 def test_calibration_uses_normal_images_only_and_cell_zmax_known_values():
     raw, labels = _raw(True), np.array([0, 0, 1, 1])
     calib = calibrate(raw, labels)
-    # normals are rows 0, 1: cell means (2, 2), sample std (sqrt 2, 0 -> epsilon), logit mean 2, std sqrt 2
+    # normals are rows 0, 1: cell means (2, 2), sample std (sqrt 2, 0 -> floored at 1% of the mean), logit mean 2,
+    # std sqrt 2
     np.testing.assert_allclose(calib["cell_mu"], [2.0, 2.0])
-    assert calib["cell_sigma"][0] == pytest.approx(np.sqrt(2.0)) and calib["cell_sigma"][1] < 1e-9
+    assert calib["cell_sigma"][0] == pytest.approx(np.sqrt(2.0)) and calib["cell_sigma"][1] == pytest.approx(0.02)
     assert calib["mu"] == pytest.approx(2.0) and calib["sigma"] == pytest.approx(np.sqrt(2.0))
     z = anomaly_score(
         {**raw, "cell_error": raw["cell_error"][:, :1]},

@@ -239,6 +239,7 @@ def test_arm_settings_and_schedules():
     assert ae.num_patches == 1 and set(ae.ops) == {"none"}
     memae = arm_settings("memae", cfg)
     assert memae.bottleneck_memory and memae.num_patches == 1 and memae.memae_scope == "image"
+    assert memae.memae_shrink == 0.0 and cfg.loss.memae_entropy_w == 0.0  # the CAE's softmax read, no entropy
     skip = arm_settings("ae_skip", cfg)
     assert skip.num_patches == 3 and "concat" in skip.ops and not skip.inpaint
     assert generator_lr(0, cfg) == pytest.approx(cfg.optim.lr)

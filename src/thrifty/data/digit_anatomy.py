@@ -22,7 +22,7 @@ Scale, as the release draws it: the official loader passes each 28×28 digit thr
 ``RandomResizedCrop(28, scale=(0.6, 1.3), ratio=(1, 1))``. That transform draws an area factor s ~ U(0.6, 1.3),
 takes a square crop of side round(28·√s) at a uniformly random integer offset, and *redraws* (up to 10 times,
 then falls back to the whole digit) whenever the crop would not fit, i.e. whenever s is above ~1. So digits are
-only ever zoomed *in*, by 1.0–1.29×, and the crop's position shifts the digit inside its cell; it never zooms
+only ever zoomed *in*, by 1.0–1.27× (28/22), and the crop's position shifts the digit inside its cell; it never zooms
 out. :func:`draw_crop` reproduces that rule draw for draw (the crop is then resampled straight to the cell size
 instead of to 28² and then ``Resize(cell)``, one interpolation instead of two).
 
@@ -135,7 +135,7 @@ def draw_crop(rng: np.random.Generator, scale_range: tuple[float, float]) -> tup
     redrawn, up to 10 attempts, then the whole digit is used, as torchvision does.
     """
     for _ in range(CROP_ATTEMPTS):
-        side_px = int(round(DIGIT_SIDE * np.sqrt(rng.uniform(*scale_range))))
+        side_px = round(DIGIT_SIDE * float(np.sqrt(rng.uniform(*scale_range))))
         if 0 < side_px <= DIGIT_SIDE:
             top, left = rng.integers(0, DIGIT_SIDE - side_px + 1, size=2)
             half = DIGIT_SIDE / 2

@@ -1,7 +1,7 @@
 """Feature-kNN anomaly detectors, the SQUID recipe's third baseline: PatchCore-like (Roth et al., CVPR 2022) or
 position-aware.
 
-Features: mid-level maps of a trained encoder (here the AE's, patch-wise like SQUID's), resized to the first
+Features: mid-level maps of a trained encoder (here the skip-free AE's, on the whole image), resized to the first
 level's resolution, concatenated and averaged over each 3×3 neighbourhood (PatchCore's locally aware patch
 features). The memory bank holds the feature vectors of normal training images, reduced by greedy k-center
 coreset selection. An image's score is the largest, over its locations, of the distance to the nearest bank

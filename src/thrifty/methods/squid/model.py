@@ -10,12 +10,14 @@
   (``MemoryMatrixBlockV3``: top-k shrinkage, masked shortcut), and a sigmoid output. A *teacher* decoder with
   its own weights decodes the detached, un-inpainted bottleneck with detached skips; the distillation loss is
   the sum over levels of MSE(student, teacher) features.
-- **AE** (the authors' baseline ``CAE`` of ``MrGiovanni/SimSID`` ``models/baseline.py``): the same blocks on the
-  whole image (one "patch"), no skip connections (every decoder op ``none``), no memory, in-painting or teacher;
-  scored by reconstruction error.
-- **MemAE-style**: that AE with one learned memory read by the flattened bottleneck of the whole image (the
-  authors' CAE memory; ``memae_scope="location"`` reads it per bottleneck location as the MemAE paper's
-  2-D models do), hard shrinkage λ = 0.0025 (MemAE's default) and MemAE's entropy loss.
+- **AE**: the authors' baseline ``CAE`` (``MrGiovanni/SimSID`` ``models/baseline.py``) without its memory: the
+  same blocks on the whole image (one "patch"), no skip connections (every decoder op ``none``), no memory,
+  in-painting or teacher; scored by reconstruction error.
+- **MemAE** (memory variant): the authors' ``CAE`` itself, one learned memory read by the flattened bottleneck
+  of the whole image with a softmax (``memae_shrink = 0``, no entropy loss, as the CAE). The MemAE paper's
+  options are settings: ``memae_shrink = 0.0025`` (hard shrinkage on the logits), ``loss.memae_entropy_w``,
+  ``memae_scope="location"`` (one read per bottleneck location). The CAE's own code indexes the memory's
+  returned tuple as a dict and cannot run as published; we read it as intended.
 - **AE with skips** (``ae_skip``, an ablation): SQUID's patch-wise backbone with its concatenated skips and no
   memories. Trained long enough it learns the identity, anomalies included.
 
@@ -58,7 +60,7 @@ class NetSettings:
         decoder_slots: slots of each decoder memory.
         teacher: add the teacher decoder and the distillation loss.
         bottleneck_memory: MemAE: one learned memory over bottleneck feature vectors.
-        memae_slots, memae_shrink: its slots and hard-shrink threshold.
+        memae_slots, memae_shrink: its slots and read (0 = softmax as the authors' CAE; > 0 hard-shrink threshold).
         memae_scope: ``image`` (one query per image: the flattened bottleneck) or ``location`` (one per
             bottleneck location).
         num_heads: heads of the neighbour attention.
@@ -83,7 +85,7 @@ class NetSettings:
     teacher: bool = True
     bottleneck_memory: bool = False
     memae_slots: int = 100
-    memae_shrink: float = 0.0025
+    memae_shrink: float = 0.0
     memae_scope: str = "image"
     num_heads: int = 8
     dropout: float = 0.0

@@ -88,7 +88,8 @@ def calibrate(raw: dict[str, Any], labels: np.ndarray) -> dict[str, Any]:
     cells = raw["cell_error"][normal]
     calib: dict[str, Any] = {
         "cell_mu": cells.mean(0).tolist(),
-        "cell_sigma": (cells.std(0, ddof=1) + 1e-12).tolist(),
+        # floored at 1% of the mean so a cell that is (nearly) constant on normals cannot blow z up
+        "cell_sigma": np.maximum(cells.std(0, ddof=1), 0.01 * cells.mean(0) + 1e-12).tolist(),
     }
     if "d_logit" in raw:
         logits = raw["d_logit"][normal]
@@ -158,11 +159,18 @@ class Scorer:
                 f"expected images of shape (N, 1, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
             )
         raw = raw_scores(
-            self.model, self.disc, images, batch_size, images.device, grid=int(self.meta["grid"]), keep_recon=True
+            self.model,
+            self.disc,
+            images,
+            batch_size,
+            images.device,
+            grid=int(self.meta.get("grid", self.model.s.num_patches)),  # units written before scores existed
+            keep_recon=True,
         )
         recon = raw["recon"]
         heat = F.avg_pool2d((images - recon).abs(), 3, stride=1, padding=1)[:, 0]
-        score = anomaly_score(raw, self.meta["calibration"], self.meta["score_kind"])
+        kind = self.meta.get("score_kind", "discriminator" if self.disc is not None else "recon")
+        score = anomaly_score(raw, self.meta["calibration"], kind)
         return {
             "score": score,
             "anomalous": score >= self.meta["threshold"],

@@ -5,8 +5,10 @@ has not learned the anatomy (SQUID, Xiang et al., CVPR 2023, arXiv 2111.13495, r
 
 - :func:`mean_image_scores`: the squared distance to the mean normal image (per-pixel MSE).
 - :class:`CellNN`: per cell of a ``grid``×``grid`` layout, the distance to the nearest bank cell *at the same
-  position* (per-pixel MSE), standardised per position with statistics of other normal images; the image score
-  is the largest standardised distance, so one odd cell is not diluted by eight normal ones.
+  position* (per-pixel MSE), standardised per position with statistics of held-out normal images (the recipe
+  uses the validation normals, as for SQUID's per-cell score; images that share digit instances with the bank
+  would sit closer to it than new images do); the image score is the largest standardised distance, so one odd
+  cell is not diluted by eight normal ones.
 
 Shapes: images (N, 1, H, W) float in [0, 1] with H = W divisible by ``grid``.
 """
@@ -34,12 +36,14 @@ class CellNN:
     """Nearest normal cell at the same position; ``score(images)`` → (N,) largest per-cell z-score."""
 
     def __init__(self, bank: torch.Tensor, grid: int, stats_images: torch.Tensor) -> None:
-        """``bank`` and ``stats_images`` are normal images (not the same ones): the bank is searched, the
-        others give each position's mean and standard deviation of the nearest-cell distance."""
+        """``bank`` and ``stats_images`` are normal images (held out from each other): the bank is searched, the
+        others give each position's mean and standard deviation of the nearest-cell distance (σ floored at 1% of
+        the mean)."""
         self.grid = grid
         self.bank = cell_vectors(bank, grid)  # (P, N, D)
         d = self.distances(stats_images)
-        self.mu, self.sigma = d.mean(0), d.std(0) + 1e-12
+        self.mu = d.mean(0)
+        self.sigma = torch.maximum(d.std(0), 0.01 * self.mu + 1e-12)
 
     def distances(self, images: torch.Tensor, *, chunk: int = 64) -> torch.Tensor:
         """(N, grid²) per-pixel MSE to the nearest bank cell at the same position."""
