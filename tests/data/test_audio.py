@@ -309,8 +309,28 @@ def test_validate_fills_durations_and_skips_bad(tmp_path: Path, caplog: pytest.L
     assert [p for p, _ in bad] == [str(files["random"]), str(files["header_only"])]
     assert "not a readable audio file" in bad[0][1] and "header_only.wav" in bad[1][1]
     assert "2 of 4" in caplog.text
-    # a FLAC corrupted after its header passes the header check, not a full decode
+    # a FLAC cut after its header: the duration check decodes its last sample and names it, as a full decode does
     flac = [Utterance("f", str(files["flac_cut"]), None, None)]
-    assert len(validate(flac)[0]) == 1
+    with pytest.raises(AudioError, match=r"cut\.flac: truncated"):
+        validate(flac)
     with pytest.raises(AudioError, match=r"cut\.flac"):
         validate(flac, decode=True)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.999])
+def test_truncated_flac_is_named_when_durations_are_read(tmp_path: Path, fraction: float) -> None:
+    """A FLAC cut short keeps its full-length header: audio_info and librispeech(with_durations=True) decode the
+    last declared sample and name the file before any training starts."""
+    root = fake_librispeech(tmp_path)
+    victim = root / "train-clean-100" / "19" / "198" / "19-198-0001.flac"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: int(len(data) * fraction)])
+    assert sf.info(str(victim)).frames > 0  # the header still declares every sample
+    with pytest.raises(AudioError, match=r"19-198-0001\.flac: truncated"):
+        audio_info(victim)
+    with pytest.raises(AudioError, match=r"19-198-0001\.flac: truncated"):
+        librispeech(root, ["train-clean-100"], with_durations=True)
+    kept = librispeech(root, ["train-clean-100"], with_durations=True, skip_bad=True)
+    assert len(kept) == 7 and "19-198-0001" not in {u.id for u in kept}
+    intact = root / "train-clean-100" / "19" / "198" / "19-198-0000.flac"
+    assert audio_info(intact)[1] == pytest.approx(0.1)

@@ -93,11 +93,30 @@ def _check_wav_not_truncated(path: Path) -> None:
         raise AudioError(f"{path}: cannot read the file ({e})") from None
 
 
-def audio_info(path: str | os.PathLike[str]) -> tuple[int, float]:
-    """(sample rate in Hz, duration in seconds) of an audio file, from its header only.
+def _check_tail_decodes(path: Path, frames: int, fmt: str) -> None:
+    """Seek to the last sample the header declares and decode it: a FLAC (or other compressed file) cut short
+    anywhere keeps its full-length header, so only decoding its end shows the truncation. One seek and one frame's
+    decode, not the whole file."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            if not f.seekable():
+                return
+            f.seek(frames - 1)
+            got = len(f.read(1, dtype="float32"))
+    except _SOUNDFILE_ERRORS as e:
+        raise AudioError(
+            f"{path}: truncated or corrupt {fmt} file (the header declares {frames} samples, but its end cannot be "
+            f"decoded: {e})"
+        ) from None
+    if got != 1:
+        raise AudioError(f"{path}: truncated {fmt} file (the header declares {frames} samples, fewer are there)")
 
-    Raises :class:`AudioError` naming the file when it is missing, not a readable audio file, truncated (WAV) or
-    has no samples.
+
+def audio_info(path: str | os.PathLike[str]) -> tuple[int, float]:
+    """(sample rate in Hz, duration in seconds) of an audio file, from its header, checked against the data.
+
+    Raises :class:`AudioError` naming the file when it is missing, not a readable audio file, truncated (WAV: from
+    the chunk sizes; FLAC and other compressed formats: the last declared sample must decode) or has no samples.
     """
     p = Path(path)
     _check_exists(p)
@@ -111,6 +130,8 @@ def audio_info(path: str | os.PathLike[str]) -> tuple[int, float]:
         raise AudioError(f"{p}: empty audio file (0 samples)")
     if info.format in _RIFF_FORMATS:
         _check_wav_not_truncated(p)
+    else:
+        _check_tail_decodes(p, int(info.frames), str(info.format))
     return int(info.samplerate), info.frames / info.samplerate
 
 
@@ -447,8 +468,9 @@ def unlabelled_folder(
 def validate(
     utterances: Iterable[Utterance], *, skip_bad: bool = False, decode: bool = False
 ) -> tuple[list[Utterance], list[tuple[str, str]]]:
-    """Open every utterance's header (and decode the whole file with ``decode=True``, which also finds corruption
-    after the header) and fill missing durations.
+    """Check every utterance with :func:`audio_info` (its header, and for FLAC and other compressed files that the
+    last declared sample decodes, so a file cut short is found here) and fill missing durations; ``decode=True``
+    also decodes the whole file, which finds corruption in the middle of a file.
 
     Returns (good utterances, [(path, reason), …] of bad ones). A bad file (missing, unreadable, truncated, empty)
     raises :class:`AudioError` naming it, unless ``skip_bad=True``: then it is left out and listed, and the count is
