@@ -93,23 +93,22 @@ def _check_wav_not_truncated(path: Path) -> None:
         raise AudioError(f"{path}: cannot read the file ({e})") from None
 
 
-def _check_tail_decodes(path: Path, frames: int, fmt: str) -> None:
-    """Seek to the last sample the header declares and decode it: a FLAC (or other compressed file) cut short
-    anywhere keeps its full-length header, so only decoding its end shows the truncation. One seek and one frame's
-    decode, not the whole file."""
+def _check_tail_decodes(f: sf.SoundFile, path: Path) -> None:
+    """Seek an open file to the last sample its header declares and decode it: a FLAC (or other compressed file)
+    cut short anywhere keeps its full-length header, so only decoding its end shows the truncation. One seek and
+    one frame's decode, not the whole file."""
+    if not f.seekable():
+        return
     try:
-        with sf.SoundFile(str(path)) as f:
-            if not f.seekable():
-                return
-            f.seek(frames - 1)
-            got = len(f.read(1, dtype="float32"))
+        f.seek(f.frames - 1)
+        got = len(f.read(1, dtype="float32"))
     except _SOUNDFILE_ERRORS as e:
         raise AudioError(
-            f"{path}: truncated or corrupt {fmt} file (the header declares {frames} samples, but its end cannot be "
-            f"decoded: {e})"
+            f"{path}: truncated or corrupt {f.format} file (the header declares {f.frames} samples, but its end "
+            f"cannot be decoded: {e})"
         ) from None
     if got != 1:
-        raise AudioError(f"{path}: truncated {fmt} file (the header declares {frames} samples, fewer are there)")
+        raise AudioError(f"{path}: truncated {f.format} file (the header declares {f.frames} samples, fewer are there)")
 
 
 def audio_info(path: str | os.PathLike[str]) -> tuple[int, float]:
@@ -121,18 +120,20 @@ def audio_info(path: str | os.PathLike[str]) -> tuple[int, float]:
     p = Path(path)
     _check_exists(p)
     try:
-        info = sf.info(str(p))
+        f = sf.SoundFile(str(p))
     except _SOUNDFILE_ERRORS as e:
         raise AudioError(f"{p}: not a readable audio file ({e})") from None
-    if info.samplerate <= 0:
-        raise AudioError(f"{p}: invalid sample rate {info.samplerate} in the header")
-    if info.frames <= 0:
-        raise AudioError(f"{p}: empty audio file (0 samples)")
-    if info.format in _RIFF_FORMATS:
+    with f:
+        rate, frames, fmt = f.samplerate, f.frames, f.format
+        if rate <= 0:
+            raise AudioError(f"{p}: invalid sample rate {rate} in the header")
+        if frames <= 0:
+            raise AudioError(f"{p}: empty audio file (0 samples)")
+        if fmt not in _RIFF_FORMATS:
+            _check_tail_decodes(f, p)
+    if fmt in _RIFF_FORMATS:
         _check_wav_not_truncated(p)
-    else:
-        _check_tail_decodes(p, int(info.frames), str(info.format))
-    return int(info.samplerate), info.frames / info.samplerate
+    return int(rate), frames / rate
 
 
 def read_audio(path: str | os.PathLike[str], *, sample_rate: int = 16000) -> np.ndarray:

@@ -133,7 +133,7 @@ def servable_encoder(encoder: nn.Module) -> nn.Module:
 def export_student(student: Student, tokenizer: Any, out_dir: Path, *, name: str, record: dict[str, Any]) -> Path:
     """Write the student to ``out_dir`` (see the module docstring); ``record`` feeds the model card."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    served = servable_encoder(copy.deepcopy(student.encoder).cpu())
+    served = servable_encoder(student.encoder)  # a new CPU model; the student is left as it is
     served.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     head = student.head

@@ -62,12 +62,15 @@ def score_curves(results: dict[str, dict[int, dict]], path: Path) -> Path | None
                 color = line.get_color()
         ax2.plot(steps, [c["recon_mse_normal"] for c in r["curve"]], color=color, lw=1.4, label=f"{arm} seed {seed}")
     ax.axhline(50, color="grey", lw=0.8, ls="--")
-    flat = [(arm, r["val_auroc"]) for arm, per in results.items() for r in per.values() if not r["curve"]]
-    for arm, per_arm in sorted({a: [v for b, v in flat if b == a] for a, _ in flat}.items()):
-        ax.axhline(float(np.mean(per_arm)), color="black", lw=1.0, ls="-." if arm == "cell_nn" else (0, (1, 3)))
+    for arm, per in sorted(results.items()):
+        flat = [r["val_auroc"] for r in per.values() if not r["curve"]]
+        if not flat:
+            continue
+        level = float(np.mean(flat))
+        ax.axhline(level, color="black", lw=1.0, ls="-." if arm == "cell_nn" else (0, (1, 3)))
         ax.annotate(
             f"{arm} (training-free)",
-            (1.0, float(np.mean(per_arm))),
+            (1.0, level),
             xycoords=("axes fraction", "data"),
             ha="right",
             va="bottom",

@@ -19,6 +19,7 @@ Deviations from the release, on purpose (see the recipe README):
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -486,14 +487,9 @@ def _auroc(results: dict[str, dict[int, dict]], arm: str, kind: str | None = Non
     return {s: r["test"]["per_type"][kind]["auroc"] for s, r in per.items() if kind in r["test"]["per_type"]}
 
 
-ARM_NAMES = {
-    "squid": "SQUID",
+BASELINE_NAMES = {
     "ae": "skip-free convolutional AE (the authors' CAE without its memory)",
     "memae": "memory AE (the authors' CAE with its bottleneck memory)",
-    "knn": "position-aware feature kNN",
-    "ae_skip": "AE with SQUID's skips (ablation)",
-    "mean_image": "distance to the mean normal image (training-free)",
-    "cell_nn": "per-cell nearest normal cell (training-free)",
 }
 WORKS_MARGIN = 2.0  # AUROC points SQUID must clear above the per-cell nearest-neighbour baseline
 
@@ -513,20 +509,23 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
         return claims
     squid = _auroc(results, "squid")
     how = score_label(cfg.score)
-    names = {"knn": "position-aware feature kNN" if cfg.knn.position_aware else "PatchCore-like feature kNN"}
+    # every comparison here is paired over seeds in test AUROC points at this preset
+    paired = functools.partial(paired_claim, preset=cfg.preset, unit="AUROC points")
+    names = {
+        **BASELINE_NAMES,
+        "knn": "position-aware feature kNN" if cfg.knn.position_aware else "PatchCore-like feature kNN",
+    }
     for arm in BASELINES:
         if arm in results:
             claims.append(
-                paired_claim(
+                paired(
                     id=f"squid_beats_{arm}",
-                    statement=f"SQUID ({how}) has a higher test AUROC than the {names.get(arm, ARM_NAMES[arm])}",
+                    statement=f"SQUID ({how}) has a higher test AUROC than the {names[arm]}",
                     a=squid,
                     b=_auroc(results, arm),
                     direction="greater",
                     paper_value="SQUID above AE, MemAE and 11 other methods on ZhangLab and CheXpert",
-                    preset=cfg.preset,
                     baseline=arm,
-                    unit="AUROC points",
                 )
             )
     if "cell_nn" in results:
@@ -569,16 +568,14 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
             a, b = _auroc(results, "squid", kind), _auroc(results, "ae", kind)
             if a and b:
                 claims.append(
-                    paired_claim(
+                    paired(
                         id=f"squid_beats_ae_on_{kind}",
                         statement=f"on '{kind}' anomalies, SQUID ({how}) has a higher test AUROC than the AE",
                         a=a,
                         b=b,
                         direction="greater",
                         paper_value="card expectation: the largest gains on swapped and missing digits",
-                        preset=cfg.preset,
                         baseline="ae",
-                        unit="AUROC points",
                     )
                 )
         for kind in SCORES:
@@ -588,7 +585,7 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
             }
             if kind != cfg.score and ae_same:
                 claims.append(
-                    paired_claim(
+                    paired(
                         id=f"squid_{kind}_score_beats_ae",
                         statement=f"diagnostic: scored by {score_label(kind)}, SQUID (the units selected by "
                         f"{cfg.score}) has a higher test AUROC than the AE under the same score",
@@ -596,9 +593,7 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
                         b=ae_same,
                         direction="greater",
                         paper_value="not reported",
-                        preset=cfg.preset,
                         baseline="ae",
-                        unit="AUROC points",
                         note="separates the memory/in-painting from the score",
                     )
                 )
@@ -606,16 +601,14 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
         arm = f"squid-{ab}"
         if arm in results:
             claims.append(
-                paired_claim(
+                paired(
                     id=f"{ab}_lowers_auroc",
                     statement=f"removing the {ab.removeprefix('no_')} lowers SQUID's test AUROC",
                     a=_auroc(results, arm),
                     b=squid,
                     direction="less",
                     paper_value="each component helps (paper's ablation; exact numbers unverified)",
-                    preset=cfg.preset,
                     baseline="squid",
-                    unit="AUROC points",
                 )
             )
     if "ae" in results:
@@ -630,7 +623,7 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
                 return {s: float(np.mean([b[s] - a[s] for a, b in zip(ae, sq)])) for s in both}
 
             claims.append(
-                paired_claim(
+                paired(
                     id="gains_largest_on_swap_and_missing",
                     statement="SQUID's AUROC gain over the AE is larger on swapped/missing digits than on "
                     "flipped/zero digits",
@@ -638,9 +631,7 @@ def make_claims(cfg: SquidConfig, results: dict[str, dict[int, dict]]) -> list[C
                     b=gain(easy),
                     direction="greater",
                     paper_value="card expectation (position-aware memory sees layout anomalies)",
-                    preset=cfg.preset,
                     baseline="gain on flip/zero",
-                    unit="AUROC points",
                 )
             )
     return [c for c in claims if len(c.seeds) >= 2]
