@@ -218,23 +218,31 @@ def test_tampered_measured_is_reported(tmp_path):
     assert any("measured" in p for p in problems)
 
 
-@pytest.mark.parametrize("bound", [0, 1])
-def test_tampered_ci_bound_is_reported(tmp_path, bound):
-    ref = _published(tmp_path)
-    ref["claims"][1]["ci95"][bound] -= 1e-3
-    problems = check_reference(ref)
-    assert len(problems) == 1
-    assert "'moe_beats_bigram'" in problems[0]
-    assert "ci95" in problems[0]
+def _lower_bound(c: dict) -> None:
+    c["ci95"][0] -= 1e-3
 
 
-def test_tampered_n_seeds_is_reported(tmp_path):
+def _upper_bound(c: dict) -> None:
+    c["ci95"][1] -= 1e-3
+
+
+def _seed_count(c: dict) -> None:
+    c["n_seeds"] = 4
+
+
+@pytest.mark.parametrize(
+    ("index", "field", "tamper"),
+    [(1, "ci95", _lower_bound), (1, "ci95", _upper_bound), (0, "n_seeds", _seed_count)],
+    ids=["ci_lower", "ci_upper", "n_seeds"],
+)
+def test_tampered_interval_or_seed_count_is_reported(tmp_path, index, field, tamper):
     ref = _published(tmp_path)
-    ref["claims"][0]["n_seeds"] = 4
+    cid = ref["claims"][index]["id"]
+    tamper(ref["claims"][index])
     problems = check_reference(ref)
     assert len(problems) == 1
-    assert "'moe_beats_dense_active'" in problems[0]
-    assert "n_seeds" in problems[0]
+    assert f"'{cid}'" in problems[0]
+    assert field in problems[0]
 
 
 def test_tampered_values_are_reported(tmp_path):
