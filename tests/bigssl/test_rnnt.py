@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thrifty.methods.bigssl.rnnt import Joint, Predictor, rnnt_greedy, rnnt_loss, rnnt_loss_chunked
+from thrifty.methods.bigssl.rnnt import Joint, Predictor, TransducerModel, rnnt_greedy, rnnt_loss, rnnt_loss_chunked
 
 
 def brute_force_nll(log_probs: torch.Tensor, target: list[int], blank: int = 0) -> float:
@@ -160,3 +160,59 @@ def test_greedy_respects_lengths_and_max_symbols() -> None:
         joint.out.bias.copy_(torch.tensor([-10.0, 5.0, 0.0, 0.0, 0.0]))
     hyps = rnnt_greedy(torch.randn(2, 4, 3), predictor, joint, torch.tensor([4, 1]), max_symbols_per_step=2)
     assert hyps == [[1] * 8, [1] * 2]
+
+
+class _Encoder(torch.nn.Module):
+    """A stand-in for the Conformer: per-frame Linear, lengths unchanged (what TransducerModel reads of it)."""
+
+    def __init__(self, feat: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.proj = torch.nn.Linear(feat, dim)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(hidden=self.proj(feats), lengths=lengths)
+
+
+def test_transducer_model_loss_is_the_per_label_mean_and_reaches_every_parameter() -> None:
+    torch.manual_seed(0)
+    model = TransducerModel(encoder=_Encoder(5, 8), vocab_size=6, pred_dim=4, pred_hidden=8, joint_dim=12, chunk_size=1)
+    x, lengths = torch.randn(2, 7, 5), torch.tensor([7, 4])
+    targets = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+    loss = model.loss(x, lengths, targets)
+    enc = model.encoder(x, lengths).hidden
+    padded = torch.tensor([[1, 2, 3], [4, 0, 0]])
+    lp = F.log_softmax(model.joint(enc, model.predictor(padded)), dim=-1)
+    per = rnnt_loss(lp, padded, lengths, torch.tensor([3, 1]), reduction="none")
+    torch.testing.assert_close(loss, (per / torch.tensor([3.0, 1.0])).mean())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_greedy_path_score_is_the_sum_of_the_chosen_log_probabilities() -> None:
+    torch.manual_seed(1)
+    vocab = 5
+    predictor = Predictor(vocab_size=vocab, dim=4, hidden=6, num_layers=1)
+    joint = Joint(enc_dim=3, pred_dim=6, joint_dim=8, vocab_size=vocab)
+    with torch.no_grad():
+        joint.out.bias.copy_(torch.tensor([0.5, 0.8, 0.0, 0.0, 0.0]))  # emits some labels, then blanks
+    enc, lengths = torch.randn(2, 4, 3), torch.tensor([4, 2])
+    scores: list[float] = []
+    hyps = rnnt_greedy(enc, predictor, joint, lengths, max_symbols_per_step=3, scores=scores)
+    for b in range(2):  # replay one utterance alone, frame by frame, summing each choice's log-probability
+        torch.set_grad_enabled(False)
+        expected, out, state, emitted = 0.0, *predictor.step(torch.tensor([0])), []
+        for t in range(int(lengths[b])):
+            for _ in range(3):
+                lp = F.log_softmax(joint.step(enc[b : b + 1, t], out), dim=-1)[0]
+                k = int(lp.argmax())
+                expected += float(lp[k])
+                if k == 0:
+                    break
+                emitted.append(k)
+                out, state = predictor.step(torch.tensor([k]), state)
+        torch.set_grad_enabled(True)
+        assert hyps[b] == emitted
+        assert scores[b] == pytest.approx(expected, abs=1e-5)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from thrifty.core.registry import load_config
 
@@ -80,9 +81,11 @@ def test_test_sets_are_read_once_per_model_and_never_for_selection(smoke) -> Non
         per_unit[(e["unit"], e["split"])] = per_unit.get((e["unit"], e["split"]), 0) + 1
     assert set(per_unit.values()) == {1}
     models = len(_units(run_dir, "finetune")) + len(_units(run_dir, "nst"))
-    assert len(per_unit) == 2 * models  # test_in and test_ood, once each per trained model
+    # test_in and test_ood, once each per trained model, and once for the training-free baselines
+    assert len(per_unit) == 2 * (models + 1)
+    assert {s for u, s in per_unit if u == "baseline/trivial"} == {"test_in", "test_ood"}
     # every test read comes after that unit's last dev read
-    for unit in {e["unit"] for e in tests}:
+    for unit in {e["unit"] for e in tests} - {"baseline/trivial"}:
         last_dev = max(e["index"] for e in entries if e["unit"] == unit and e["split"] == "dev")
         first_test = min(e["index"] for e in tests if e["unit"] == unit)
         assert first_test > last_dev
@@ -220,3 +223,39 @@ def test_two_noisy_student_generations_chain_teachers(tmp_path: Path, data_dir: 
     assert res["wer"]["pretrained+nst"]["1.0"]["test_in"] == pytest.approx(sum(gen2.values()) / 200)
     nst_table = next(t for t in res["tables"] if t["columns"][1] == "generation")
     assert [row[1] for row in nst_table["rows"]] == [0, 1, 2]
+
+
+def test_rnnt_fine_tuning_runs_end_to_end(tmp_path: Path, data_dir: Path) -> None:
+    """``finetune.decoder=rnnt``: transducer fine-tuning from scratch and from the pre-trained encoder, greedy
+    decoding, WER on both test sets, kept weights that load back as a transducer, and a noisy-student generation
+    taught by a transducer."""
+    from thrifty.methods.bigssl.finetune import load_model
+    from thrifty.methods.bigssl.rnnt import TransducerModel
+
+    res, run_dir = _run(tmp_path, data_dir, "finetune.decoder=rnnt", "seeds=[0]", "finetune.fractions=[1.0]")
+    units = _units(run_dir, "finetune")
+    assert len(units) == 2  # scratch and pre-trained
+    for unit in [*units.values(), *_units(run_dir, "nst").values()]:
+        assert set(unit["test"]) == {"test_in", "test_ood"} and unit.get("fusion") is None
+        assert all(s["greedy_wer"] >= 0 and "lm_wer" not in s for s in unit["test"].values())
+    nst = _units(run_dir, "nst")
+    assert len(nst) == 1 and next(iter(nst.values()))["decoded"] > 0
+    labels = [
+        json.loads(x)
+        for x in next((run_dir / "units" / "nst").rglob("pseudo_labels.jsonl")).read_text().split("\n")
+        if x
+    ]
+    assert labels and all(isinstance(p["score"], float) and p["score"] <= 0 for p in labels)
+    _, cfg = load_config("bigssl", "smoke", ["finetune.decoder=rnnt"])
+    unit_dir = next((run_dir / "units" / "finetune").glob("pretrained-*"))
+    assert isinstance(load_model(unit_dir, cfg, torch.device("cpu")), TransducerModel)
+    assert res["wer"]["scratch"]["1.0"]["test_in"] >= 0
+
+
+def test_calibration_mode_reads_no_test_utterance(tmp_path: Path, data_dir: Path) -> None:
+    res, run_dir = _run(
+        tmp_path, data_dir, "stages=[data,finetune]", "finetune.inits=[scratch]", "finetune.test=false", "seeds=[0]"
+    )
+    entries = [json.loads(line) for line in (run_dir / "access_log.jsonl").read_text().splitlines()]
+    assert entries and not [e for e in entries if e["split"].startswith("test")]
+    assert all(u["test"] == {} and u["dev_wer"] >= 0 for u in _units(run_dir, "finetune").values())

@@ -825,10 +825,10 @@ def test_librispeech_source_end_to_end(tmp_path: Path, data_dir: Path):
 
 def test_freeze_steps_keep_the_encoder_fixed_while_the_head_learns(smoke_data: SpeechData, tmp_path: Path, data_dir):
     from thrifty.core.run import MetricsLog
-    from thrifty.methods.bigssl.finetune import build_ctc_model, fit_ctc
+    from thrifty.methods.bigssl.finetune import build_model, fit
 
     _, cfg = smoke(tmp_path, data_dir, "finetune.eval_every=3")
-    model = build_ctc_model(cfg, None)
+    model = build_model(cfg, None)
     encoder0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head0 = model.head.weight.detach().clone()
     train = smoke_data.labelled_fraction(1.0)
@@ -840,12 +840,12 @@ def test_freeze_steps_keep_the_encoder_fixed_while_the_head_learns(smoke_data: S
         "metrics": MetricsLog(tmp_path / "m.jsonl"),
         "device": torch.device("cpu"),
     }
-    fit_ctc(model, train, dev, max_steps=3, out=tmp_path, augment=None, freeze_steps=3, **kw)
+    fit(model, train, dev, max_steps=3, out=tmp_path, augment=None, freeze_steps=3, **kw)
     params = {k: v for k, v in model.encoder.state_dict().items() if "running" not in k and "num_batches" not in k}
     assert all(torch.equal(v, encoder0[k]) for k, v in params.items())
     assert not torch.equal(model.head.weight, head0)
     (tmp_path / "b").mkdir()
-    fit_ctc(model, train, dev, max_steps=3, out=tmp_path / "b", augment=None, freeze_steps=1, **kw)
+    fit(model, train, dev, max_steps=3, out=tmp_path / "b", augment=None, freeze_steps=1, **kw)
     assert any(not torch.equal(v, encoder0[k]) for k, v in params.items())
 
 
@@ -858,3 +858,50 @@ def test_tri_stage_rises_holds_then_decays_to_the_final_scale():
     assert all(b < a for a, b in itertools.pairwise(tail))
     assert tail[-1] == pytest.approx(0.05)
     assert tail[25] == pytest.approx(0.05**0.5)  # exponential: halfway in steps is the geometric mean
+
+
+def test_trivial_baselines_score_blank_and_the_most_frequent_word() -> None:
+    from thrifty.methods.bigssl.train import trivial_baselines
+
+    labelled = ["one two two", "two oh", "go left two"]  # "two" is the most frequent word
+    refs = {"a": ["two one", "nine"], "b": ["two"]}
+    out = trivial_baselines(labelled, refs)
+    assert out["blank"] == {"a": 1.0, "b": 1.0}  # every reference word deleted
+    # "two" for "two one": one deletion; for "nine": one substitution -> 2 errors / 3 words
+    assert out["most_frequent_word"]["a"] == pytest.approx(2 / 3)
+    assert out["most_frequent_word"]["b"] == 0.0
+
+
+def test_best_cell_is_chosen_on_mean_dev_wer_and_the_works_claim_uses_its_test_wer() -> None:
+    from thrifty.methods.bigssl.config import BigSSLConfig
+    from thrifty.methods.bigssl.train import best_cell, make_claims
+
+    def unit(dev: float, test: float) -> dict:
+        return {"dev_wer": dev, "test": {"test_in": {"greedy_wer": test, "greedy_cer": test / 2}}}
+
+    results = {
+        "scratch": {1.0: {0: unit(0.40, 0.30), 1: unit(0.42, 0.31)}},
+        "pretrained": {1.0: {0: unit(0.20, 0.90), 1: unit(0.22, 0.95)}},  # best on dev, bad on test
+    }
+    assert best_cell(results) == ("pretrained", 1.0)
+    cfg = BigSSLConfig(preset="test", seeds=[0, 1])
+    cfg.finetune.fractions = [1.0]
+    trivial = {"blank": {"test_in": 1.0}, "most_frequent_word": {"test_in": 0.97}}
+    works = next(c for c in make_claims(cfg, results, ["test_in"], trivial) if c.id == "best_model_works")
+    assert works.measured == pytest.approx(92.5 - 97.0)  # the dev-chosen cell's test WER minus the better baseline
+    assert works.baseline == "trivial output" and not works.holds  # 4.5 points is not more than 50
+
+
+def test_adamw_scales_the_encoder_learning_rate_and_keeps_decay_off_1d_parameters() -> None:
+    from thrifty.methods.bigssl.loop import adamw
+
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Linear(3, 4))
+    model.add_module("head", torch.nn.Linear(4, 2))
+    opt = adamw(model, lr=1e-3, weight_decay=0.1, scales={"encoder.": 0.25})
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    enc_w, enc_b = model.encoder.weight, model.encoder.bias
+    assert by_param[id(enc_w)]["lr"] == pytest.approx(2.5e-4) and by_param[id(enc_w)]["weight_decay"] == 0.1
+    assert by_param[id(enc_b)]["lr"] == pytest.approx(2.5e-4) and by_param[id(enc_b)]["weight_decay"] == 0.0
+    assert by_param[id(model.head.weight)]["lr"] == pytest.approx(1e-3)
+    assert len(by_param) == 4  # every parameter in exactly one group

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -344,3 +345,58 @@ def test_missing_flite_changes_only_the_flite_utterances(monkeypatch: pytest.Mon
             assert a == b  # same text, voice, speed, pitch and corruptions
         else:
             assert a.split == "test_ood" and b.voice.accent == TINY.held_out_accent and a.text == b.text
+
+
+# --- the digits task -------------------------------------------------------------------------------------------
+
+DIGITS_VOCAB = {*speech.DIGIT_WORDS, *speech.COMMAND_VERBS, *speech.COMMAND_DIRECTIONS}
+
+
+def test_digit_phrases_are_distinct_closed_vocabulary_and_in_range():
+    texts = speech.digit_phrases(3000, min_words=2, max_words=6, seed=3)
+    assert len(texts) == len(set(texts)) == 3000
+    words = [t.split() for t in texts]
+    assert all(2 <= len(w) <= 6 for w in words)
+    assert {x for w in words for x in w} == DIGITS_VOCAB  # every word of the vocabulary occurs, nothing else
+    commands = [w for w in words if w[0] in speech.COMMAND_VERBS]
+    assert all(w[1] in speech.COMMAND_DIRECTIONS and set(w[2:]) <= set(speech.DIGIT_WORDS) for w in commands)
+    assert 0.4 < len(commands) / len(words) < 0.6  # command_share 0.5
+    assert {len(w) for w in words if w[0] in speech.DIGIT_WORDS} == {2, 3, 4, 5, 6}
+
+
+def test_digit_phrases_extend_as_a_prefix_and_depend_on_the_seed():
+    short = speech.digit_phrases(50, seed=1)
+    assert speech.digit_phrases(400, seed=1)[:50] == short  # the LM's texts come after the corpus's prefix
+    assert speech.digit_phrases(50, seed=2) != short
+
+
+def test_digit_phrases_refuse_impossible_requests():
+    with pytest.raises(ValueError, match="at most"):
+        speech.digit_phrases(100, min_words=1, max_words=1, command_share=0.0)  # 11 one-digit strings exist
+    with pytest.raises(ValueError, match="min_words"):
+        speech.digit_phrases(5, min_words=1, max_words=3)  # a command needs a verb and a direction
+    with pytest.raises(ValueError, match="task"):
+        SpeechCorpusSpec(task="poems")
+
+
+def test_sentence_corpora_keep_the_cache_hash_they_had_before_the_task_field():
+    # values computed with the previous release of this module (before `task` existed), so caches stay valid
+    assert speech.spec_hash(SpeechCorpusSpec()) == "e8c34d1313d9"
+    tiny = SpeechCorpusSpec(unlabelled=20, labelled=12, dev=6, test_in=6, test_ood=6, max_words=8)
+    assert speech.spec_hash(tiny) == "51a700bab9d0"
+    assert speech.spec_hash(dataclasses.replace(tiny, task="digits")) != "51a700bab9d0"
+
+
+@needs_espeak
+def test_digits_corpus_speaks_disjoint_digit_phrases(tmp_path):
+    spec = SpeechCorpusSpec(
+        unlabelled=6, labelled=4, dev=2, test_in=2, test_ood=2, task="digits", min_words=2, max_words=4
+    )
+    manifests = speech.build_corpus(tmp_path, spec, workers=1, progress=False)
+    rows = {s: speech.read_manifest(p) for s, p in manifests.items()}
+    texts = [r["text"] for rs in rows.values() for r in rs]
+    assert len(texts) == len(set(texts)) == spec.total
+    assert all(set(t.split()) <= DIGITS_VOCAB for t in texts)
+    for rs in rows.values():
+        for r in rs:
+            assert sf.info(r["path"]).frames > 0.3 * 16000  # at least two spoken words

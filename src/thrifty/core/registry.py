@@ -82,6 +82,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2109.13226",
         "speech",
         "thrifty.methods.bigssl.train",
+        claim_preset="cpu",
         headline="pretraining_lowers_wer_*",
     ),
     Recipe(

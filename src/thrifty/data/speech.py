@@ -1,8 +1,15 @@
 """Offline synthetic English speech corpus for the BigSSL recipe (espeak-ng and flite, cached WAV + JSONL).
 
-What it models: read English sentences (Shakespeare, the King James Bible, Debian ``fortunes``; 5–15 words,
-normalised to a–z, apostrophe and space with :func:`~thrifty.data.transcripts.normalize_transcript`) spoken
-by rule-based synthesisers:
+What it models: one of two tasks (``SpeechCorpusSpec.task``), spoken by rule-based synthesisers:
+
+* ``sentences`` — read English sentences (Shakespeare, the King James Bible, Debian ``fortunes``; 5–15 words,
+  normalised to a–z, apostrophe and space with :func:`~thrifty.data.transcripts.normalize_transcript`): an open
+  vocabulary of tens of thousands of words;
+* ``digits`` — connected digit strings as in TIDIGITS (``zero``/``oh``, ``one`` … ``nine``) and short command
+  phrases from the Speech Commands vocabulary (``go left four two``), see :func:`digit_phrases`: a closed
+  vocabulary of 23 words in which the voices, accents, speaking rates and pitches are the nuisance.
+
+The synthesisers:
 
 * **espeak-ng** (formant synthesis): 8 English accents (``en-us``, ``en-gb``, ``en-gb-scotland``, ...) × ~100
   voice *variants* (``m3``, ``f2``, ``Alex``, ...; each changes formants, pitch contour, breathiness), with
@@ -72,6 +79,10 @@ from thrifty.data.transcripts import normalize_transcript
 log = logging.getLogger(__name__)
 
 SPLITS = ("unlabelled", "labelled", "dev", "test_in", "test_ood")
+TASKS = ("sentences", "digits")
+DIGIT_WORDS = ("zero", "oh", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # TIDIGITS
+COMMAND_VERBS = ("go", "move", "turn", "look")
+COMMAND_DIRECTIONS = ("up", "down", "left", "right", "forward", "backward", "on", "off")  # Speech Commands words
 ENGLISH_ACCENTS = (
     "en-us",
     "en-gb",
@@ -160,6 +171,66 @@ def sentences(
     if not 1 <= min_words <= max_words:
         raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}..{max_words}")
     return list(_sentences(tuple(dict.fromkeys(sources)), min_words, max_words))
+
+
+def digit_phrases(
+    count: int, *, min_words: int = 2, max_words: int = 6, seed: int = 0, command_share: float = 0.5
+) -> list[str]:
+    """``count`` distinct utterance texts of the ``digits`` task, ``min_words``..``max_words`` words each.
+
+    Each text is, with probability ``command_share``, a command phrase (a verb of :data:`COMMAND_VERBS`, a
+    direction of :data:`COMMAND_DIRECTIONS`, then the remaining words as digits: ``turn left three oh``), else a
+    connected digit string (``four oh seven two``) in the TIDIGITS tradition. Word counts are uniform in the range.
+    Texts are drawn in a fixed order from ``seed`` and repeats are skipped, so the first ``k`` texts are the same
+    whatever ``count`` is (a longer list extends a shorter one): the corpus takes a prefix, the LM the texts after it.
+
+    Raises:
+        ValueError: an empty or too short word range, or more texts requested than the range can hold.
+    """
+    if not 1 <= min_words <= max_words:
+        raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}..{max_words}")
+    if command_share > 0 and min_words < 2:
+        raise ValueError("command phrases have at least 2 words (verb, direction): set min_words >= 2")
+    digits = len(DIGIT_WORDS)
+    capacity = sum(digits**n for n in range(min_words, max_words + 1))
+    if command_share > 0:
+        capacity += sum(
+            len(COMMAND_VERBS) * len(COMMAND_DIRECTIONS) * digits ** (n - 2) for n in range(min_words, max_words + 1)
+        )
+    if count > capacity // 2:  # beyond half the space, rejection sampling slows down and the texts stop looking random
+        raise ValueError(
+            f"{count} distinct digit phrases of {min_words}-{max_words} words requested; at most {capacity // 2}"
+        )
+    rng = np.random.default_rng([seed, 0x6469])
+    seen: set[str] = set()
+    out: list[str] = []
+    while len(out) < count:
+        n = int(rng.integers(min_words, max_words + 1))
+        if rng.random() < command_share:
+            words = [
+                COMMAND_VERBS[rng.integers(len(COMMAND_VERBS))],
+                COMMAND_DIRECTIONS[rng.integers(len(COMMAND_DIRECTIONS))],
+            ]
+            words += [DIGIT_WORDS[i] for i in rng.integers(digits, size=n - 2)]
+        else:
+            words = [DIGIT_WORDS[i] for i in rng.integers(digits, size=n)]
+        text = " ".join(words)
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def task_texts(
+    task: str, count: int, *, sources: Sequence[str], min_words: int, max_words: int, seed: int
+) -> list[str]:
+    """The first ``count`` texts of a task's fixed order (``sentences`` or ``digits``); the corpus takes a prefix of
+    it in its own permutation, so a language model may use any text of the task that no split speaks."""
+    if task == "sentences":
+        return sentences(sources, min_words=min_words, max_words=max_words)
+    if task == "digits":
+        return digit_phrases(count, min_words=min_words, max_words=max_words, seed=seed)
+    raise ValueError(f"unknown speech task {task!r}; expected one of {list(TASKS)}")
 
 
 # --- voices and engines ---------------------------------------------------------------------------------------
@@ -407,9 +478,12 @@ class SpeechCorpusSpec:
     use_flite: bool = True
     sample_rate: int = 16000
     seed: int = 0
+    task: str = "sentences"
 
     def __post_init__(self) -> None:
         put = functools.partial(object.__setattr__, self)
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
         for split in SPLITS:
             if int(getattr(self, split)) < 0:
                 raise ValueError(f"{split} must be a non-negative utterance count")
@@ -438,7 +512,10 @@ class SpeechCorpusSpec:
 
 def spec_hash(spec: SpeechCorpusSpec) -> str:
     """12 hex digits of a SHA-256 over the spec's fields (and the generation format version)."""
-    payload = json.dumps({"format": _FORMAT_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    fields = dataclasses.asdict(spec)
+    if fields["task"] == "sentences":
+        del fields["task"]  # the task field came later: sentence corpora keep the hash they were cached under
+    payload = json.dumps({"format": _FORMAT_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -490,7 +567,9 @@ def _voice_pools(spec: SpeechCorpusSpec) -> dict[str, list[tuple[str, str]]]:
 
 def _plan(spec: SpeechCorpusSpec) -> tuple[list[_Job], dict[str, Any]]:
     """Every utterance's text, voice and corruption, decided before any audio is made."""
-    pool = sentences(spec.sources, min_words=spec.min_words, max_words=spec.max_words)
+    pool = task_texts(
+        spec.task, spec.total, sources=spec.sources, min_words=spec.min_words, max_words=spec.max_words, seed=spec.seed
+    )
     if len(pool) < spec.total:
         raise ValueError(
             f"the text sources {list(spec.sources)} have {len(pool)} distinct sentences of "

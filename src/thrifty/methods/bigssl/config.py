@@ -12,6 +12,7 @@ import dataclasses
 from typing import ClassVar
 
 from thrifty.core.config import BaseConfig
+from thrifty.data.speech import TASKS
 from thrifty.methods.bigssl.features import SpecAugmentConfig
 from thrifty.methods.bigssl.model import SIZES, ConformerSize
 
@@ -19,21 +20,25 @@ STAGES = ("data", "pretrain", "finetune", "nst", "evaluate")
 INITS = ("scratch", "pretrained")
 OBJECTIVES = ("wav2vec2", "w2v_bert")
 SOURCES = ("synthetic", "librispeech", "manifest")
+DECODERS = ("ctc", "rnnt")
 
 
 @dataclasses.dataclass
 class DataConfig:
     """Where the speech comes from.
 
-    ``synthetic`` (default) speaks sentences of the shipped texts with espeak-ng (and flite for the out-of-domain
-    test set), see :mod:`thrifty.data.speech`; the counts below are its split sizes. ``librispeech`` reads the
+    ``synthetic`` (default) speaks ``task`` texts with espeak-ng (and flite for the out-of-domain test set), see
+    :mod:`thrifty.data.speech`; the counts below are its split sizes. ``task=digits`` (the calibrated miniature:
+    connected digit strings and command phrases, a 23-word vocabulary) or ``task=sentences`` (read sentences of
+    the shipped texts, an open vocabulary: too hard for the CPU budgets, see the README). ``librispeech`` reads the
     LibriSpeech layout under ``root`` (``labelled_splits``, ``dev_split``, ``test_splits``) and unlabelled audio
     from ``unlabelled_dir`` (Libri-Light style folders) or ``unlabelled_splits`` of LibriSpeech with their
     transcripts hidden. ``manifest`` reads JSONL/CSV/TSV manifests (``labelled_manifest`` …).
 
     Attributes:
+        task: ``digits`` or ``sentences`` (synthetic source only).
         unlabelled, labelled, dev, test_in, test_ood: synthetic split sizes (utterances).
-        min_words, max_words: sentence length range; speed (wpm) and pitch ranges of the espeak voices.
+        min_words, max_words: utterance length range in words; speed (wpm) and pitch ranges of the espeak voices.
         noise_prob, snr_db, reverb_prob: optional corruptions of the synthetic audio.
         held_out_accent: the espeak accent only the out-of-domain test set speaks.
         use_flite: add flite voices to the out-of-domain test set when flite is installed.
@@ -44,13 +49,14 @@ class DataConfig:
     """
 
     source: str = "synthetic"
+    task: str = "digits"
     unlabelled: int = 1200
     labelled: int = 300
     dev: int = 60
     test_in: int = 100
     test_ood: int = 60
-    min_words: int = 5
-    max_words: int = 10
+    min_words: int = 2
+    max_words: int = 6
     speed: list[int] = dataclasses.field(default_factory=lambda: [130, 200])
     pitch: list[int] = dataclasses.field(default_factory=lambda: [30, 70])
     noise_prob: float = 0.0
@@ -173,6 +179,11 @@ class FinetuneConfig:
             early steps — at the first ``cpu`` run the kept models' test CER ranged 62–114% at one setting.
         freeze_steps: a pre-trained encoder stays frozen for this many steps while the new CTC head learns
             (wav2vec 2.0's fine-tuning freezes the encoder for its first updates), then everything trains.
+        encoder_lr_scale: a pre-trained encoder's learning rate is ``lr`` times this (the new head keeps ``lr``).
+        decoder: ``ctc`` (a linear head, the CPU default) or ``rnnt`` (LSTM prediction network + joint, the paper's
+            Conformers; see :class:`RNNTConfig`). RNN-T decodes greedily; LM fusion applies to CTC only.
+        test: score the test sets after training. ``false`` for calibration pilots: dev only, and the access log
+            shows that no test utterance was read.
     """
 
     inits: list[str] = dataclasses.field(default_factory=lambda: list(INITS))
@@ -188,6 +199,26 @@ class FinetuneConfig:
     specaugment: bool = True
     select_metric: str = "cer"
     freeze_steps: int = 0
+    encoder_lr_scale: float = 1.0
+    test: bool = True
+    decoder: str = "ctc"
+
+
+@dataclasses.dataclass
+class RNNTConfig:
+    """The transducer of ``finetune.decoder=rnnt`` (*Pushing the Limits*: a 2-layer LSTM of 640 and a 640 joint).
+
+    Attributes:
+        pred_dim: label embedding size; pred_hidden, pred_layers: the LSTM prediction network.
+        joint_dim: the joint's hidden size (``Linear(tanh(W_e enc + W_p pred))``).
+        chunk_size: utterances per chunk of the joint in the loss (the B×T×(U+1)×V tensor of one chunk at a time).
+    """
+
+    pred_dim: int = 64
+    pred_hidden: int = 256
+    pred_layers: int = 1
+    joint_dim: int = 256
+    chunk_size: int = 8
 
 
 @dataclasses.dataclass
@@ -261,6 +292,7 @@ class BigSSLConfig(BaseConfig):
     specaugment: SpecAugmentConfig = dataclasses.field(default_factory=SpecAugmentConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    rnnt: RNNTConfig = dataclasses.field(default_factory=RNNTConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     nst: NSTConfig = dataclasses.field(default_factory=NSTConfig)
 
@@ -274,8 +306,12 @@ class BigSSLConfig(BaseConfig):
         for init in [*self.finetune.inits, *([self.finetune.init] if self.finetune.init else [])]:
             if init not in INITS:
                 raise ValueError(f"finetune.init(s) must be in {list(INITS)}, got {init!r}")
+        if self.finetune.decoder not in DECODERS:
+            raise ValueError(f"finetune.decoder must be one of {list(DECODERS)}, got {self.finetune.decoder!r}")
         if self.finetune.select_metric not in ("wer", "cer"):
             raise ValueError(f"finetune.select_metric must be 'wer' or 'cer', got {self.finetune.select_metric!r}")
+        if self.data.task not in TASKS:
+            raise ValueError(f"data.task must be one of {list(TASKS)}, got {self.data.task!r}")
         if self.data.source not in SOURCES:
             raise ValueError(f"data.source must be one of {list(SOURCES)}, got {self.data.source!r}")
         if not self.finetune.fractions or any(not 0 < f <= 1 for f in self.finetune.fractions):

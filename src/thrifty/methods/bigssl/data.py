@@ -145,6 +145,7 @@ def _synthetic_spec(cfg: BigSSLConfig) -> speech.SpeechCorpusSpec:
         held_out_accent=d.held_out_accent,
         use_flite=d.use_flite,
         seed=d.seed,
+        task=d.task,
     )
 
 
@@ -269,7 +270,16 @@ def _lm_texts(cfg: BigSSLConfig, used: set[str], labelled: list[str]) -> list[st
     labelled transcripts (dev and test transcripts are never LM text)."""
     if cfg.data.source != "synthetic":
         return list(labelled)
-    pool = speech.sentences(min_words=cfg.data.min_words, max_words=cfg.data.max_words)
+    d = cfg.data
+    spec = _synthetic_spec(cfg)
+    pool = speech.task_texts(
+        d.task,
+        spec.total + cfg.decode.lm_sentences,
+        sources=spec.sources,
+        min_words=d.min_words,
+        max_words=d.max_words,
+        seed=d.seed,
+    )
     return [s for s in pool if s not in used][: cfg.decode.lm_sentences]
 
 

@@ -1,9 +1,11 @@
-"""CTC fine-tuning and evaluation of the BigSSL recipe (the card's default loss; RNN-T is in :mod:`.rnnt`).
+"""Fine-tuning and evaluation of the BigSSL recipe: CTC (the CPU default) or RNN-T (``finetune.decoder``).
 
-:func:`fit_ctc` trains a :class:`~thrifty.methods.bigssl.model.CTCModel` on one labelled split with SpecAugment,
-scores greedy dev WER every ``eval_every`` steps and keeps the best step (dev chooses; nothing else does). It is
-shared by the fine-tuning units and the noisy-student students. :func:`evaluate` then tunes the LM fusion weights
-(λ, β) on dev and reads each test set once: greedy and fused-beam WER/CER with ``jiwer``.
+:func:`fit` trains a :class:`~thrifty.methods.bigssl.model.CTCModel` or a
+:class:`~thrifty.methods.bigssl.rnnt.TransducerModel` on one labelled split with SpecAugment, scores greedy dev
+WER/CER every ``eval_every`` steps and keeps the best step (dev chooses; nothing else does). It is shared by the
+fine-tuning units and the noisy-student students. :func:`evaluate` then tunes the LM fusion weights (λ, β) on dev
+(CTC only: the prefix beam search with shallow fusion is a CTC decoder) and reads each test set once: greedy (and for
+CTC fused-beam) WER/CER with ``jiwer``.
 """
 
 from __future__ import annotations
@@ -27,19 +29,67 @@ from thrifty.methods.bigssl.features import SpecAugmentConfig, spec_augment
 from thrifty.methods.bigssl.lm import CharNGramLM
 from thrifty.methods.bigssl.loop import StepBatches, adamw, build_encoder, finetune_dir, pretrain_dir, tri_stage
 from thrifty.methods.bigssl.model import CTCModel, ctc_loss
+from thrifty.methods.bigssl.rnnt import TransducerModel
+from thrifty.methods.bigssl.tokens import decode as decode_ids
 
 log = logging.getLogger(__name__)
+ASRModel = CTCModel | TransducerModel
 
 
-def build_ctc_model(cfg: BigSSLConfig, init: Path | None) -> CTCModel:
-    """A fresh CTC model; ``init`` (a pre-training unit directory) loads its exported encoder."""
-    model = CTCModel(encoder=build_encoder(cfg))
+def build_model(cfg: BigSSLConfig, init: Path | None) -> ASRModel:
+    """A fresh fine-tuning model of ``finetune.decoder``; ``init`` (a pre-training unit directory) loads its
+    exported encoder."""
+    encoder = build_encoder(cfg)
     if init is not None:
         state = load_file(str(init / "encoder.safetensors"))
-        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{init / 'encoder.safetensors'} does not fit the encoder: {missing[:3]} {unexpected[:3]}")
-    return model
+    if cfg.finetune.decoder == "ctc":
+        return CTCModel(encoder=encoder)
+    r = cfg.rnnt
+    return TransducerModel(
+        encoder=encoder,
+        pred_dim=r.pred_dim,
+        pred_hidden=r.pred_hidden,
+        pred_layers=r.pred_layers,
+        joint_dim=r.joint_dim,
+        chunk_size=r.chunk_size,
+    )
+
+
+def training_loss(model: ASRModel, x: torch.Tensor, lengths: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+    """The fine-tuning loss of a batch: CTC or the transducer NLL, each per label and averaged over utterances."""
+    if isinstance(model, TransducerModel):
+        return model.loss(x, lengths, targets)
+    log_probs, out_lengths = model(x, lengths)
+    return ctc_loss(log_probs, out_lengths, targets)
+
+
+@torch.no_grad()
+def transducer_decode(
+    model: TransducerModel, split: Split, *, device: torch.device, batch_size: int = 32
+) -> list[tuple[str, float]]:
+    """Greedy RNN-T (text, path log-probability) per utterance in eval mode, in the split's order."""
+    was = model.training
+    model.eval()
+    order = sorted(range(len(split)), key=split.lengths.__getitem__)
+    out: list[tuple[str, float] | None] = [None] * len(split)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x, lengths = split.batch(idx)
+        hyps, scores = model.greedy(x.to(device), lengths.to(device))
+        for row, i in enumerate(idx):
+            out[i] = (decode_ids(hyps[row]), scores[row])
+    model.train(was)
+    return out  # type: ignore[return-value]
+
+
+def greedy_hypotheses(model: ASRModel, split: Split, *, device: torch.device) -> list[str]:
+    """Greedy transcripts of a split (CTC best path, or greedy transducer search)."""
+    if isinstance(model, TransducerModel):
+        return [text for text, _ in transducer_decode(model, split, device=device)]
+    return greedy(frame_log_probs(model, split, device=device))
 
 
 @torch.no_grad()
@@ -86,8 +136,8 @@ def tune_fusion(
     return best["lm_weight"], best["length_bonus"], grid
 
 
-def fit_ctc(
-    model: CTCModel,
+def fit(
+    model: ASRModel,
     train: Split,
     dev: Split,
     *,
@@ -100,14 +150,15 @@ def fit_ctc(
     device: torch.device,
     augment: SpecAugmentConfig | None,
     freeze_steps: int = 0,
+    encoder_lr_scale: float = 1.0,
 ) -> dict[str, Any]:
-    """Train with CTC; every ``eval_every`` steps score greedy dev WER and CER and keep the weights that are best on
-    ``finetune.select_metric``
-    (``out/model.safetensors``). The encoder gets no update during the first ``freeze_steps`` steps (a pre-trained
-    encoder under a random head). Resumable from ``out/checkpoints``. Returns the training record."""
+    """Train with CTC or RNN-T; every ``eval_every`` steps score greedy dev WER and CER and keep the weights that are
+    best on ``finetune.select_metric`` (``out/model.safetensors``). The encoder gets no update during the first
+    ``freeze_steps`` steps (a pre-trained encoder under a random head) and learns at ``encoder_lr_scale`` × the
+    head's rate. Resumable from ``out/checkpoints``. Returns the training record."""
     f = cfg.finetune
     model.to(device)
-    optimizer = adamw(model, lr=f.lr, weight_decay=f.weight_decay)
+    optimizer = adamw(model, lr=f.lr, weight_decay=f.weight_decay, scales={"encoder.": encoder_lr_scale})
     warmup = max(1, round(f.warmup * max_steps))
     hold = round(f.hold * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tri_stage(warmup, hold, max_steps))
@@ -130,8 +181,7 @@ def fit_ctc(
         if augment is not None:
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
             x = spec_augment(x, lengths, augment, generator=g)
-        log_probs, out_lengths = model(x.to(device), lengths.to(device))
-        loss = ctc_loss(log_probs, out_lengths, train.targets(idx))
+        loss = training_loss(model, x.to(device), lengths.to(device), train.targets(idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if step < freeze_steps:
@@ -143,7 +193,7 @@ def fit_ctc(
         frames += int(lengths.sum())
         metrics.log({"unit": unit, "step": step + 1, "loss": float(loss.detach()), "grad_norm": grad_norm})
         if (step + 1) % f.eval_every == 0 or step + 1 == max_steps:
-            hyps = greedy(frame_log_probs(model, dev, device=device))
+            hyps = greedy_hypotheses(model, dev, device=device)
             wer = word_error_rate(refs, hyps)
             cer = char_error_rate(refs, hyps)
             curve.append({"step": step + 1, "dev_wer": wer, "dev_cer": cer, "loss": float(loss.detach())})
@@ -168,13 +218,14 @@ def fit_ctc(
 
 
 def evaluate(
-    model: CTCModel, data: SpeechData, lm: CharNGramLM | None, cfg: BigSSLConfig, *, unit: str, device: torch.device
+    model: ASRModel, data: SpeechData, lm: CharNGramLM | None, cfg: BigSSLConfig, *, unit: str, device: torch.device
 ) -> dict[str, Any]:
-    """Tune (λ, β) on dev, then score every test set once: greedy and (with an LM) fused beam search."""
-    dev = data.dev.get("tune", unit)
+    """Tune (λ, β) on dev (CTC with an LM), then score every test set once: greedy and fused beam search."""
     res: dict[str, Any] = {"test": {}}
     fusion = None
-    if lm is not None and cfg.decode.use_lm:
+    ctc = isinstance(model, CTCModel)
+    if ctc and lm is not None and cfg.decode.use_lm:
+        dev = data.dev.get("tune", unit)
         dev_lp = frame_log_probs(model, dev, device=device)
         lm_weight, bonus, grid = tune_fusion(dev_lp, [t or "" for t in dev.texts], lm, cfg)
         fusion = {"lm_weight": lm_weight, "length_bonus": bonus}
@@ -182,10 +233,10 @@ def evaluate(
     for name, guarded in data.tests.items():
         split = guarded.get("test", unit)
         refs = [t or "" for t in split.texts]
-        lp = frame_log_probs(model, split, device=device)
-        hyps = greedy(lp)
+        lp = frame_log_probs(model, split, device=device) if ctc else None
+        hyps = greedy(lp) if lp is not None else greedy_hypotheses(model, split, device=device)
         scores = {"greedy_wer": word_error_rate(refs, hyps), "greedy_cer": char_error_rate(refs, hyps)}
-        if fusion is not None:
+        if fusion is not None and lp is not None:
             fused = [h.text for h in beam(lp, lm, width=cfg.decode.beam, **fusion)]
             scores.update(lm_wer=word_error_rate(refs, fused), lm_cer=char_error_rate(refs, fused))
         scores["examples"] = [{"ref": r, "greedy": h} for r, h in list(zip(refs, hyps))[:3]]
@@ -213,9 +264,9 @@ def finetune(
     unit = f"finetune/{init}/{fraction:g}/s{seed}"
     seed_everything(seed)
     source = pretrain_dir(run_dir, cfg.pretrain.objective, cfg.pretrain.seed) if init == "pretrained" else None
-    model = build_ctc_model(cfg, source)
+    model = build_model(cfg, source)
     train = data.labelled_fraction(fraction)
-    record = fit_ctc(
+    record = fit(
         model,
         train,
         data.dev.get("select", unit),
@@ -228,20 +279,16 @@ def finetune(
         device=device,
         augment=cfg.specaugment if cfg.finetune.specaugment else None,
         freeze_steps=cfg.finetune.freeze_steps if source is not None else 0,
+        encoder_lr_scale=cfg.finetune.encoder_lr_scale if source is not None else 1.0,
     )
-    result = {
-        "init": init,
-        "fraction": fraction,
-        "seed": seed,
-        **record,
-        **evaluate(model, data, lm, cfg, unit=unit, device=device),
-    }
+    scores = evaluate(model, data, lm, cfg, unit=unit, device=device) if cfg.finetune.test else {"test": {}}
+    result = {"init": init, "fraction": fraction, "seed": seed, **record, **scores}
     write_json(done, result)
     return result
 
 
-def load_model(path: Path, cfg: BigSSLConfig, device: torch.device) -> CTCModel:
+def load_model(path: Path, cfg: BigSSLConfig, device: torch.device) -> ASRModel:
     """A fine-tuned model's kept weights (``model.safetensors`` of a unit)."""
-    model = build_ctc_model(cfg, None)
+    model = build_model(cfg, None)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.to(device)

@@ -55,12 +55,23 @@ def tri_stage(warmup: int, hold: int, max_steps: int, *, final_scale: float = 0.
     return factor
 
 
-def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without decay on biases, norms and other 1-D parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def adamw(
+    model: torch.nn.Module, *, lr: float, weight_decay: float, scales: dict[str, float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW without decay on biases, norms and other 1-D parameters. ``scales`` maps a parameter-name prefix (e.g.
+    ``"encoder."``) to a learning-rate multiplier for the parameters under it (the first matching prefix wins)."""
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((v for k, v in (scales or {}).items() if name.startswith(k)), 1.0)
+        groups.setdefault((scale, p.dim() >= 2), []).append(p)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+        [
+            {"params": ps, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
+            for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
+        ],
+        lr=lr,
     )
 
 

@@ -5,7 +5,7 @@ A generation: the teacher decodes the **clean** unlabelled audio (no SpecAugment
 each pseudo-label gets a length-normalised confidence → the confident ones are kept (:func:`filter_pseudo_labels`)
 → optionally balanced to the labelled length distribution (:func:`balance`) → mixed with the labelled subset
 (:func:`mix`) → a student, initialised from the pre-trained checkpoint, trains on the mix **with** SpecAugment
-(:func:`~thrifty.methods.bigssl.finetune.fit_ctc`) and teaches the next generation.
+(:func:`~thrifty.methods.bigssl.finetune.fit`) and teaches the next generation.
 
 The filter (the card's form, unverified against the paper): fit ``s ≈ a·ℓ + b`` by least squares on the teacher's
 dev scores (ℓ = characters of the hypothesis), let σ be the standard deviation of ``(s − aℓ − b)/√ℓ`` on dev, and
@@ -29,11 +29,20 @@ from thrifty.core.run import MetricsLog, atomic_write_text, seed_everything, wri
 from thrifty.methods.bigssl.config import BigSSLConfig
 from thrifty.methods.bigssl.data import SpeechData, Split
 from thrifty.methods.bigssl.decode import word_error_rate
+from thrifty.methods.bigssl.finetune import (
+    ASRModel,
+    build_model,
+    evaluate,
+    fit,
+    frame_log_probs,
+    greedy,
+    load_model,
+    transducer_decode,
+)
 from thrifty.methods.bigssl.finetune import beam as beam_search
-from thrifty.methods.bigssl.finetune import build_ctc_model, evaluate, fit_ctc, frame_log_probs, greedy, load_model
 from thrifty.methods.bigssl.lm import CharNGramLM
 from thrifty.methods.bigssl.loop import finetune_dir, nst_dir, pretrain_dir
-from thrifty.methods.bigssl.model import CTCModel
+from thrifty.methods.bigssl.rnnt import TransducerModel
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,22 @@ def decode_scores(
     if fusion is not None and lm is not None:
         return [(h.text, float(h.score)) for h in beam_search(log_probs, lm, width=beam, **fusion)]
     return [(text, float(lp.max(axis=1).sum())) for text, lp in zip(greedy(log_probs), log_probs)]
+
+
+def teacher_decode(
+    teacher: ASRModel,
+    split: Split,
+    lm: CharNGramLM | None,
+    *,
+    fusion: dict[str, float] | None,
+    beam: int,
+    device: torch.device,
+) -> list[tuple[str, float]]:
+    """(text, score) per utterance of ``split``: :func:`decode_scores` for a CTC teacher; greedy transducer search
+    and its path log-probability for an RNN-T teacher (no LM fusion: the fused beam search is a CTC decoder)."""
+    if isinstance(teacher, TransducerModel):
+        return transducer_decode(teacher, split, device=device)
+    return decode_scores(frame_log_probs(teacher, split, device=device), lm, fusion=fusion, beam=beam)
 
 
 def fit_length_normaliser(scores: list[float], lengths: list[int]) -> tuple[float, float, float]:
@@ -158,7 +183,7 @@ def generation(
     unit = f"nst/{fraction:g}/s{seed}/gen{gen}"
     source = teacher_dir(run_dir, fraction, seed, gen)
     teacher_result = json.loads((source / "result.json").read_text())
-    teacher: CTCModel = load_model(source, cfg, device)
+    teacher = load_model(source, cfg, device)
     fusion = teacher_result.get("fusion") if cfg.nst.fusion else None
     fusion = {"lm_weight": fusion["lm_weight"], "length_bonus": fusion["length_bonus"]} if fusion else None
 
@@ -166,9 +191,9 @@ def generation(
     unl = data.unlabelled
     if cfg.nst.max_unlabelled and len(unl) > cfg.nst.max_unlabelled:
         unl = unl.subset(list(range(cfg.nst.max_unlabelled)))
-    decoded = decode_scores(frame_log_probs(teacher, unl, device=device), lm, fusion=fusion, beam=cfg.decode.beam)
+    decoded = teacher_decode(teacher, unl, lm, fusion=fusion, beam=cfg.decode.beam, device=device)
     dev = data.dev.get("nst_filter", unit)
-    dev_decoded = decode_scores(frame_log_probs(teacher, dev, device=device), lm, fusion=fusion, beam=cfg.decode.beam)
+    dev_decoded = teacher_decode(teacher, dev, lm, fusion=fusion, beam=cfg.decode.beam, device=device)
     a, b, sigma = fit_length_normaliser([s for _, s in dev_decoded], [max(len(t), 1) for t, _ in dev_decoded])
 
     # 2. filter, balance, cap
@@ -205,9 +230,9 @@ def generation(
 
     # 4. the student: pre-trained initialisation, labelled + pseudo-labelled audio, SpecAugment
     seed_everything(seed + 7919 * gen)
-    student = build_ctc_model(cfg, pretrain_dir(run_dir, cfg.pretrain.objective, cfg.pretrain.seed))
+    student = build_model(cfg, pretrain_dir(run_dir, cfg.pretrain.objective, cfg.pretrain.seed))
     train = mix(labelled, unl, kept)
-    record = fit_ctc(
+    record = fit(
         student,
         train,
         data.dev.get("select", unit),
@@ -220,6 +245,7 @@ def generation(
         device=device,
         augment=cfg.specaugment,
         freeze_steps=cfg.finetune.freeze_steps,
+        encoder_lr_scale=cfg.finetune.encoder_lr_scale,
     )
     result = {
         "fraction": fraction,

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from thrifty.methods.bigssl.tokens import BLANK, VOCAB_SIZE
 
-__all__ = ["Joint", "Predictor", "rnnt_greedy", "rnnt_loss", "rnnt_loss_chunked"]
+__all__ = ["Joint", "Predictor", "TransducerModel", "rnnt_greedy", "rnnt_loss", "rnnt_loss_chunked"]
 
 Reduction = Literal["mean", "sum", "none"]
 _NEG = -1.0e30  # finite "minus infinity": keeps logaddexp gradients free of NaN on unreachable lattice cells
@@ -207,10 +207,13 @@ def rnnt_greedy(
     lengths: Tensor,
     *,
     max_symbols_per_step: int = 5,
+    scores: list[float] | None = None,
 ) -> list[list[int]]:
     """Greedy transducer decoding: at each frame emit the argmax label until blank (at most ``max_symbols_per_step``).
 
     ``encoder_out``: (B, T, D); ``lengths``: (B,) valid frames. Returns label ids per utterance (blanks excluded).
+    When ``scores`` is a list, it receives each utterance's path log-probability: the sum of the log-softmax of
+    every choice made, blanks included (a frame that hits the symbol limit adds no blank).
     """
     bsz, max_t, _ = encoder_out.shape
     device = encoder_out.device
@@ -219,13 +222,16 @@ def rnnt_greedy(
     token = torch.full((bsz,), blank, dtype=torch.long, device=device)
     pred_out, state = predictor.step(token)
     hyps: list[list[int]] = [[] for _ in range(bsz)]
+    total = torch.zeros(bsz, dtype=torch.float64, device=device)
     for t in range(max_t):
         active = lengths > t
         if not bool(active.any()):
             break
         frame = encoder_out[:, t]
         for _ in range(max_symbols_per_step):
-            best = joint.step(frame, pred_out).argmax(dim=-1)
+            log_probs = F.log_softmax(joint.step(frame, pred_out).float(), dim=-1)
+            top, best = log_probs.max(dim=-1)
+            total += torch.where(active, top.double(), torch.zeros_like(total))
             emit = active & (best != blank)
             if not bool(emit.any()):
                 break
@@ -236,4 +242,58 @@ def rnnt_greedy(
             pred_out = torch.where(keep, new_out, pred_out)
             state = (torch.where(keep[None], h, state[0]), torch.where(keep[None], c, state[1]))
             active = emit  # only utterances that just emitted may emit again on this frame
+    if scores is not None:
+        scores[:] = total.tolist()
     return hyps
+
+
+class TransducerModel(nn.Module):
+    """Conformer encoder + LSTM prediction network + joint: the RNN-T fine-tuning model (*Pushing the Limits*).
+
+    ``loss(feats (B, T, n_mels), lengths (B,), targets [(U_b,)]) -> ()``: the transducer NLL divided by each target's
+    length, averaged over the batch (the same normalisation as :func:`~thrifty.methods.bigssl.model.ctc_loss`),
+    with the joint evaluated ``chunk_size`` utterances at a time (:func:`rnnt_loss_chunked`).
+    ``greedy(feats, lengths) -> (label ids per utterance, path log-probabilities)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module,
+        vocab_size: int = VOCAB_SIZE,
+        pred_dim: int = 64,
+        pred_hidden: int = 256,
+        pred_layers: int = 1,
+        joint_dim: int = 256,
+        chunk_size: int = 8,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = Predictor(vocab_size=vocab_size, dim=pred_dim, hidden=pred_hidden, num_layers=pred_layers)
+        self.joint = Joint(enc_dim=encoder.dim, pred_dim=pred_hidden, joint_dim=joint_dim, vocab_size=vocab_size)
+        self.chunk_size = chunk_size
+
+    def loss(self, feats: Tensor, lengths: Tensor, targets: list[Tensor]) -> Tensor:
+        out = self.encoder(feats, lengths)
+        target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long, device=feats.device)
+        padded = nn.utils.rnn.pad_sequence([t.to(feats.device) for t in targets], batch_first=True)
+        if padded.shape[1] == 0:
+            padded = padded.new_zeros(len(targets), 1)
+        per_utt = rnnt_loss_chunked(
+            self.joint,
+            out.hidden,
+            self.predictor(padded),
+            padded,
+            out.lengths,
+            target_lengths,
+            chunk_size=self.chunk_size,
+            reduction="none",
+        )
+        return (per_utt / target_lengths.clamp(min=1)).mean()
+
+    @torch.no_grad()
+    def greedy(self, feats: Tensor, lengths: Tensor) -> tuple[list[list[int]], list[float]]:
+        out = self.encoder(feats, lengths)
+        scores: list[float] = []
+        hyps = rnnt_greedy(out.hidden, self.predictor, self.joint, out.lengths, scores=scores)
+        return hyps, scores
