@@ -253,9 +253,11 @@ def test_rnnt_fine_tuning_runs_end_to_end(tmp_path: Path, data_dir: Path) -> Non
 
 
 def test_calibration_mode_reads_no_test_utterance(tmp_path: Path, data_dir: Path) -> None:
-    res, run_dir = _run(
-        tmp_path, data_dir, "stages=[data,finetune]", "finetune.inits=[scratch]", "finetune.test=false", "seeds=[0]"
-    )
+    """``finetune.test=false`` with every stage: units, noisy student and the evaluate stage run on dev alone."""
+    res, run_dir = _run(tmp_path, data_dir, "finetune.test=false", "seeds=[0]")
     entries = [json.loads(line) for line in (run_dir / "access_log.jsonl").read_text().splitlines()]
     assert entries and not [e for e in entries if e["split"].startswith("test")]
-    assert all(u["test"] == {} and u["dev_wer"] >= 0 for u in _units(run_dir, "finetune").values())
+    units = [*_units(run_dir, "finetune").values(), *_units(run_dir, "nst").values()]
+    assert len(units) == 2 * 2 + 2 and all(u["test"] == {} and u["dev_wer"] >= 0 for u in units)
+    assert res["claims"] == [] and res["trivial_baselines"] is None
+    assert res["tables"][0]["rows"] and res["tables"][0]["columns"][-1] == "dev WER (selected)"

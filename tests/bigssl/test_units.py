@@ -515,6 +515,11 @@ def test_step_batches_ranks_are_disjoint_within_an_epoch():
         (["pretrain.objective=w2v_bert", "pretrain.contrastive_layers=5"], "pretrain.contrastive_layers"),
         (["pretrain.objective=w2v_bert", "pretrain.contrastive_layers=0"], "pretrain.contrastive_layers"),
         (["pretrain.objective=w2v_bert", "model.size=smoke"], "pretrain.contrastive_layers"),
+        (["finetune.decoder=lstm"], "finetune.decoder"),
+        (["finetune.encoder_lr_scale=0"], "finetune.encoder_lr_scale"),
+        (["rnnt.chunk_size=0"], "rnnt.chunk_size"),
+        (["data.task=poems"], "data.task"),
+        (["data.min_words=1"], "data.min_words"),
     ],
 )
 def test_config_validation_names_the_key(overrides: list[str], key: str, tmp_path: Path):
@@ -522,7 +527,7 @@ def test_config_validation_names_the_key(overrides: list[str], key: str, tmp_pat
         load_config("bigssl", "smoke", [f"out_dir={tmp_path}", *overrides])
     assert key in str(err.value), str(err.value)
     bad_value = overrides[0].split("=", 1)[1].strip("[]").split(",")[-1]
-    if key in ("stages", "pretrain.objective", "finetune.init", "data.source"):
+    if key in ("stages", "pretrain.objective", "finetune.init", "data.source", "finetune.decoder", "data.task"):
         assert bad_value in str(err.value)
 
 
@@ -534,6 +539,8 @@ def test_config_validation_names_the_key(overrides: list[str], key: str, tmp_pat
         ["pretrain.objective=wav2vec2", "pretrain.contrastive_layers=9"],  # ignored by wav2vec 2.0
         ["nst.fractions=[0.5]", "finetune.fractions=[0.5,1.0]"],
         ["data.source=librispeech", "stages=[data,finetune]", "finetune.init=scratch"],
+        ["data.task=sentences", "data.min_words=1", "data.max_words=8"],
+        ["finetune.decoder=rnnt", "rnnt.pred_layers=2", "finetune.encoder_lr_scale=0.25"],
     ],
 )
 def test_config_validation_accepts_valid_settings(overrides: list[str], tmp_path: Path):

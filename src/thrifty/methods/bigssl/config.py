@@ -1,7 +1,7 @@
 """Configuration of the BigSSL recipe; defaults = the ``quick`` miniature of the method card.
 
-Arms: ``scratch`` (CTC from random weights), ``pretrained`` (wav2vec 2.0 or w2v-BERT on the unlabelled audio, then
-CTC) and ``pretrained+nst`` (noisy-student generations on top of ``pretrained``), each at every label fraction and
+Arms: ``scratch`` (CTC or RNN-T from random weights), ``pretrained`` (wav2vec 2.0 or w2v-BERT on the unlabelled audio,
+then CTC or RNN-T) and ``pretrained+nst`` (noisy-student generations on top of ``pretrained``), each at every label fraction and
 seed. ``stages``, ``pretrain.objective``, ``finetune.init(s)``, ``finetune.fractions``, ``nst.fractions`` and
 ``nst.generations`` are selectors: they choose which units run, so they may change when a run resumes.
 """
@@ -160,7 +160,7 @@ class PretrainConfig:
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    """CTC fine-tuning on a fraction of the labelled pool.
+    """Fine-tuning (CTC, or RNN-T with ``decoder=rnnt``) on a fraction of the labelled pool.
 
     Attributes:
         inits: which starting points to fine-tune (``scratch``, ``pretrained``).
@@ -168,15 +168,16 @@ class FinetuneConfig:
         fractions: nested shares of the labelled pool (the same utterances for every arm and seed); the first is
             the "low" fraction of the claims.
         max_steps: optimiser steps per unit (the same for every fraction: a small fraction is seen for more epochs).
-        max_frames, lr, weight_decay: as in pre-training; the pre-trained encoder gets ``lr``, the new CTC head too.
+        max_frames, lr, weight_decay: as in pre-training; the new head (CTC, or prediction network + joint) gets
+            ``lr``, the encoder ``lr`` (from scratch) or ``lr × encoder_lr_scale`` (pre-trained).
         warmup, hold: wav2vec 2.0's tri-stage schedule as shares of ``max_steps``: linear warm-up, the peak held,
             then exponential decay to 5% of the peak (the release: 0.1, 0.4). A schedule that decays over the whole
             of a short run left CTC in its blank-only phase after 150 steps; holding the peak lets it out.
         eval_every: greedy dev WER every this many steps; the best step is kept (dev chooses, test is read once).
         specaugment: SpecAugment on the training features.
         select_metric: the dev metric that chooses the kept step, ``wer`` (the papers) or ``cer``. The miniatures
-            use ``cer``: their dev WER sits near 100% for most of training, so WER picked arbitrary (often blank-only)
-            early steps — at the first ``cpu`` run the kept models' test CER ranged 62–114% at one setting.
+            use ``cer``: on the open-vocabulary corpus dev WER sat near 100% for most of training, so WER picked
+            arbitrary (often blank-only) early steps — the kept models' test CER ranged 62–114% at one setting.
         freeze_steps: a pre-trained encoder stays frozen for this many steps while the new CTC head learns
             (wav2vec 2.0's fine-tuning freezes the encoder for its first updates), then everything trains.
         encoder_lr_scale: a pre-trained encoder's learning rate is ``lr`` times this (the new head keeps ``lr``).
@@ -308,6 +309,20 @@ class BigSSLConfig(BaseConfig):
                 raise ValueError(f"finetune.init(s) must be in {list(INITS)}, got {init!r}")
         if self.finetune.decoder not in DECODERS:
             raise ValueError(f"finetune.decoder must be one of {list(DECODERS)}, got {self.finetune.decoder!r}")
+        if not self.finetune.encoder_lr_scale > 0:
+            raise ValueError(f"finetune.encoder_lr_scale must be > 0, got {self.finetune.encoder_lr_scale}")
+        small = [k for k, v in dataclasses.asdict(self.rnnt).items() if v < 1]
+        if small:
+            raise ValueError(f"rnnt.{small[0]} must be >= 1, got {getattr(self.rnnt, small[0])}")
+        if (
+            self.data.source == "synthetic"
+            and self.data.task == "digits"
+            and not 2 <= self.data.min_words <= self.data.max_words
+        ):
+            raise ValueError(
+                f"data.task=digits needs 2 <= data.min_words <= data.max_words (a command is a verb and a direction), "
+                f"got {self.data.min_words}..{self.data.max_words}"
+            )
         if self.finetune.select_metric not in ("wer", "cer"):
             raise ValueError(f"finetune.select_metric must be 'wer' or 'cer', got {self.finetune.select_metric!r}")
         if self.data.task not in TASKS:

@@ -270,6 +270,8 @@ def _lm_texts(cfg: BigSSLConfig, used: set[str], labelled: list[str]) -> list[st
     labelled transcripts (dev and test transcripts are never LM text)."""
     if cfg.data.source != "synthetic":
         return list(labelled)
+    if not (cfg.decode.use_lm or cfg.nst.fusion):
+        return []  # no stage decodes with the LM
     d = cfg.data
     spec = _synthetic_spec(cfg)
     pool = speech.task_texts(

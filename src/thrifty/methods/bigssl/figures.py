@@ -127,7 +127,10 @@ def make_all(run_dir: Path, metrics: MetricsLog, summary: dict[str, Any]) -> lis
     figs = run_dir / "figures"
     out: list[Path | None] = []
     if summary["finetune"]:
-        out.append(wer_vs_labels(summary["finetune"], summary["tests"], summary["hours"], figs / "wer_vs_labels.png"))
+        if summary["tests"]:  # a calibration pilot (finetune.test=false) has dev curves only
+            out.append(
+                wer_vs_labels(summary["finetune"], summary["tests"], summary["hours"], figs / "wer_vs_labels.png")
+            )
         curves: dict[str, list[tuple[list[float], list[float]]]] = {}
         for arm, per_fraction in summary["finetune"].items():
             for fraction, per_seed in sorted(per_fraction.items()):
@@ -142,6 +145,6 @@ def make_all(run_dir: Path, metrics: MetricsLog, summary: dict[str, Any]) -> lis
                 metrics, summary["pretrain_unit"], figs / "pretrain.png", max_perplexity=summary["max_perplexity"]
             )
         )
-    if summary.get("nst"):
+    if summary.get("nst") and summary["tests"]:
         out.append(nst_figure(summary["nst"], summary["tests"][0], figs / "nst.png"))
     return [p for p in out if p is not None]
