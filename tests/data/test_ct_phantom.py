@@ -107,8 +107,16 @@ def test_clean_volume_agrees_with_the_label_map(clean):
         assert np.all(vol[lab == cp.AIRWAY] == -1000)
         assert abs(np.median(vol[lab == cp.LUNG]) + 850) < 30
         for n in p.nodules:
-            core = vol[_ball(p.shape, n.center, 0.8 * n.radius - 0.5)]
-            assert np.allclose(core, n.hu, atol=1e-3) and 0 <= n.hu <= 100
+            if n.attachment == "pleural":  # the chest wall cuts it: its ball reaches outside the lung
+                continue
+            inner = _ball(p.shape, n.center, 0.8 * n.radius - 0.5)
+            if n.type == "part_solid":
+                assert vol[n.center] == pytest.approx(n.core_hu, abs=1e-3) and -700 <= n.hu <= -300
+                inner &= ~_ball(p.shape, n.center, n.core_radius + 0.5)
+            if n.attachment == "vascular":
+                inner &= lab == cp.NODULE  # a touching vessel may reach into the ball
+            assert np.allclose(vol[inner], n.hu, atol=1e-3)
+            assert (0 <= n.hu <= 100) if n.type == "solid" else (-700 <= n.hu <= -300)
 
 
 def test_anatomy_is_laid_out_like_a_chest(cohort):
@@ -168,10 +176,11 @@ def test_nodules_are_in_the_lungs(cohort):
         lab, n = ndimage.label(p.nodule_mask)
         assert n >= len(p.nodules)
         for nod in p.nodules:
-            assert 2.0 <= nod.radius <= 5.0 and 0 <= nod.hu <= 100
+            assert 1.5 <= nod.radius <= 5.0 and nod.type in cp.NODULE_TYPES and nod.attachment in cp.ATTACHMENTS
             assert p.nodule_mask[nod.center]
             blob = lab == lab[nod.center]
-            assert blob.sum() >= 0.6 * 4 / 3 * np.pi * nod.radius**3
+            if nod.attachment != "pleural":  # a juxta-pleural nodule is cut by the chest wall
+                assert blob.sum() >= 0.6 * 4 / 3 * np.pi * nod.radius**3
             extent = np.abs(np.argwhere(blob) - np.array(nod.center)).max()
             assert extent <= (2.2 if nod.spiculated else 1.3) * nod.radius + 1
             kinds.add(nod.spiculated)
@@ -191,11 +200,11 @@ def test_candidates_mark_nodules_and_false_positives(cohort):
             seen.add(c.kind)
             assert c.kind in cp.CANDIDATE_KINDS and c.kind != "nodule"
             assert p.lung_mask[c.center] and not p.nodule_mask[c.center]
-            if c.kind in ("bifurcation", "crossing", "vessel"):
+            if c.kind in ("bifurcation", "crossing", "vessel", "blob"):
                 assert p.labels[c.center] == cp.VESSEL
             for n in p.nodules:
                 assert np.linalg.norm(np.subtract(c.center, n.center)) > 2 * n.radius
-    assert {"bifurcation", "vessel", "crossing", "pleura"} <= seen
+    assert {"bifurcation", "vessel", "crossing", "blob", "pleura"} <= seen
 
 
 def test_crop_cube_pads_with_air():
@@ -307,3 +316,54 @@ def test_other_shapes_and_bad_arguments():
     assert cp.PhantomConfig.from_dict(cp.PhantomConfig().to_dict()) == cp.PhantomConfig()
     with pytest.raises(cp.PhantomError, match="unknown"):
         cp.PhantomConfig.from_dict({"colour": 1})
+
+
+# --- hard candidates (issue 17): nodule types and attachments, vessel blobs ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many() -> list[cp.Patient]:
+    return cp.generate_cohort(30, seed=5)
+
+
+def test_every_nodule_type_and_attachment_occurs_with_its_intensity_and_contact(many):
+    nodules = [(p, n) for p in many for n in p.nodules]
+    assert {n.type for _, n in nodules} == set(cp.NODULE_TYPES)
+    assert {n.attachment for _, n in nodules} == set(cp.ATTACHMENTS)
+    assert any(n.radius <= 2.5 for _, n in nodules)  # small nodules, barely thicker than the largest vessels
+    for p, n in nodules:
+        shell = ndimage.binary_dilation(p.labels == cp.NODULE, iterations=2) & (p.labels != cp.NODULE)
+        blob = ndimage.label(p.nodule_mask)[0]
+        own = ndimage.binary_dilation(blob == blob[n.center], iterations=2) & shell
+        if n.attachment == "vascular":
+            assert np.any(p.labels[own] == cp.VESSEL), "a juxta-vascular nodule touches a vessel"
+        if n.attachment == "pleural":
+            assert np.any(~p.lung_mask[own]), "a juxta-pleural nodule touches the lung's edge"
+        if n.type == "ground_glass":
+            assert -700 <= n.hu <= -300 and n.core_radius == 0
+        if n.type == "part_solid":
+            assert 0.3 * n.radius - 1e-3 <= n.core_radius <= 0.6 * n.radius + 1e-3 and 0 <= n.core_hu <= 100
+
+
+def test_blobs_are_thick_vessel_false_positives(many):
+    blobs = [(p, c) for p in many for c in p.candidates if c.kind == "blob"]
+    assert len(blobs) >= len(many)
+    for p, c in blobs:
+        assert c.label == 0 and p.labels[c.center] == cp.VESSEL
+        # at least radius 2 around the centre is vessel: a 3x3x3 core of vessel voxels (before blur and noise)
+        box = tuple(slice(v - 1, v + 2) for v in c.center)
+        core = p.labels[box]
+        parenchyma = np.isin(core, (cp.LUNG, cp.VESSEL))  # airways, walls and the lung's edge may cut a blob
+        assert (core[parenchyma] == cp.VESSEL).mean() >= 0.9
+
+
+def test_new_fields_round_trip_and_bad_values_are_refused(many, tmp_path):
+    p = next(q for q in many if any(n.type == "part_solid" for n in q.nodules))
+    path = cp.write_cohort(tmp_path, [p])[0]
+    assert cp.read_patient(path).nodules == p.nodules
+    with pytest.raises(cp.PhantomError, match="ground_glass_hu"):
+        cp.PhantomConfig(ground_glass_hu=(-300.0, 100.0))
+    with pytest.raises(cp.PhantomError, match="juxta"):
+        cp.PhantomConfig(juxta_vascular_fraction=0.7, juxta_pleural_fraction=0.5)
+    with pytest.raises(cp.PhantomError, match="blob"):
+        cp.PhantomConfig(blob_radius=(0.5, 2.0))

@@ -31,10 +31,15 @@ What is modelled, per patient (anatomy, pose, intensities and noise all vary, th
 - the heart (myocardium ≈ 40 HU, blood pool ≈ 50 HU), the aorta (ascending, arch, descending left of the spine);
 - the spine (vertebral bodies of cancellous bone 400–700 HU with a 1000 HU cortex, discs, canal, arch, spinous
   and transverse processes), ribs (≈ 700 HU) as inclined curved tubes around the thorax, and a sternum;
-- optional solid nodules (0–100 HU, radius 2–5 voxels, mildly lobulated; some spiculated with thin spikes),
-  inside the lungs and mostly clear of vessels;
+- optional nodules (radius 1.5–5 voxels, mildly lobulated; some spiculated with thin spikes): solid (0–100 HU),
+  ground-glass (−700 to −300 HU) or part-solid (ground glass around a solid core of 30–60 % of the radius);
+  free in the parenchyma, juxta-vascular (touching a vessel) or juxta-pleural (cut by the chest wall);
+- blob-like vessel segments: short thick capsules (radius 2–3) at bifurcations, the nodule mimics of real CT;
 - nodule candidates for false-positive reduction: every nodule centre (label 1) and false positives (label 0)
-  at vessel bifurcations, vessel crossings, vessel segments, intrapulmonary bronchi and the pleura;
+  at vessel bifurcations, vessel crossings, vessel segments, vessel blobs, intrapulmonary bronchi and the
+  pleura. The hard ones exist so that no training-free rule solves the task: the mean of the central 3×3×3
+  voxels, 99.9 test AUC on version 1 of this phantom, gives 71.9 AUC on the Genesis recipe's validation
+  patients (:mod:`thrifty.methods.genesis.trivial`; a test keeps it at or below 80);
 - a Gaussian blur (σ 0.5 voxel) standing in for the scanner's point-spread function and spatially correlated
   Gaussian noise (σ 20 HU ± 25 % per patient).
 
@@ -42,8 +47,8 @@ What it does not model: real anatomy or its statistics (organ shapes are ellipse
 domes; no liver, stomach, oesophagus, great veins, lymph nodes, scapulae, clavicles, fissures or lobes),
 real parenchymal or bone texture, partial-volume effects beyond the blur and the soft rasterisation, any
 artefact (motion, breathing, beam hardening, streaks, metal, truncation rings), contrast agents, scanner or
-reconstruction-kernel differences, physical anisotropy of the voxels, and ground-glass, cavitary or calcified
-nodules. It is a test bed with the structure of the target tasks, not a substitute for LUNA16 / LIDC-IDRI.
+reconstruction-kernel differences, physical anisotropy of the voxels, and cavitary or calcified nodules. It is a
+test bed with the structure of the target tasks, not a substitute for LUNA16 / LIDC-IDRI.
 
 Determinism: patient ``index`` of ``seed`` is always the same volume: each patient has its own
 ``numpy.random.SeedSequence([seed, index])``, split into independent streams for the pose, the anatomy, the
@@ -70,7 +75,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-VERSION = 1
+VERSION = 2  # 2: ground-glass / part-solid, small and juxta-vascular / juxta-pleural nodules; vessel blobs
 
 AIR, BODY, FAT, LUNG, VESSEL, AIRWAY, HEART, AORTA, BONE, NODULE = range(10)
 LABELS: dict[int, str] = {
@@ -85,12 +90,14 @@ LABELS: dict[int, str] = {
     BONE: "bone",  # spine (bodies and posterior elements), ribs, sternum
     NODULE: "nodule",
 }
-CANDIDATE_KINDS = ("nodule", "bifurcation", "crossing", "vessel", "airway", "pleura")
+CANDIDATE_KINDS = ("nodule", "bifurcation", "crossing", "vessel", "blob", "airway", "pleura")
+NODULE_TYPES = ("solid", "ground_glass", "part_solid")
+ATTACHMENTS = ("none", "vascular", "pleural")
 DEFAULT_SHAPE = (48, 64, 64)
 DEFAULT_SPACING = (2.5, 1.5, 1.5)
 AIR_HU = -1000.0
 _HU_RANGE = (-1024.0, 3071.0)  # what a 12-bit CT stores
-_FP_WEIGHTS = {"bifurcation": 0.4, "crossing": 0.2, "vessel": 0.2, "airway": 0.05, "pleura": 0.15}
+_FP_WEIGHTS = {"bifurcation": 0.3, "crossing": 0.15, "vessel": 0.15, "blob": 0.25, "airway": 0.05, "pleura": 0.1}
 
 PathLike = str | os.PathLike[str]
 
@@ -116,9 +123,18 @@ class PhantomConfig:
         blur_sigma: Gaussian point-spread function in voxels (0 switches it off).
         nodules_per_patient: inclusive range of the number of nodules when nodules are on (fewer only if the
             lungs have no room left, which the defaults never hit in practice).
-        nodule_radius: range of nodule radii in voxels.
-        nodule_hu: range of nodule mean HU.
+        nodule_radius: range of nodule radii in voxels (the default's lower end makes about a fifth of the nodules
+            small, radius 1.5–2.5, barely thicker than the largest vessels).
+        nodule_hu: range of a solid nodule's (and a part-solid nodule's core's) mean HU.
         spiculated_fraction: probability that a nodule is spiculated.
+        ground_glass_fraction: probability that a nodule is subsolid: hazy, ``ground_glass_hu``, below vessel
+            density; of those, ``part_solid_fraction`` get a solid core of 30–60 % of the radius.
+        juxta_vascular_fraction, juxta_pleural_fraction: probabilities that a nodule is placed touching a vessel
+            (its surface half a voxel from a vessel voxel) or the pleura (the chest wall cuts it), instead of free
+            in the parenchyma.
+        blobs_per_patient: inclusive range of blob-like vessel segments: short thick capsules (radius
+            ``blob_radius``, 1–5 voxels long, along the parent vessel) at bifurcations, the nodule mimics of real CT;
+            each is a false-positive candidate of kind "blob".
         false_positives: false-positive candidates per patient (fewer if the pools run dry).
         vessel_min_radius: vessels thinner than this (voxels) stop branching.
         vessel_max_depth: branching generations after the trunks.
@@ -135,15 +151,30 @@ class PhantomConfig:
     noise_jitter: float = 0.25
     blur_sigma: float = 0.5
     nodules_per_patient: tuple[int, int] = (1, 3)
-    nodule_radius: tuple[float, float] = (2.0, 5.0)
+    nodule_radius: tuple[float, float] = (1.5, 5.0)
     nodule_hu: tuple[float, float] = (10.0, 90.0)
-    spiculated_fraction: float = 0.4
+    spiculated_fraction: float = 0.3
+    ground_glass_fraction: float = 0.35
+    ground_glass_hu: tuple[float, float] = (-700.0, -300.0)
+    part_solid_fraction: float = 0.5
+    juxta_vascular_fraction: float = 0.25
+    juxta_pleural_fraction: float = 0.2
+    blobs_per_patient: tuple[int, int] = (4, 8)
+    blob_radius: tuple[float, float] = (2.0, 3.0)
     false_positives: int = 24
     vessel_min_radius: float = 0.4
     vessel_max_depth: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("spacing", "nodules_per_patient", "nodule_radius", "nodule_hu"):
+        for name in (
+            "spacing",
+            "nodules_per_patient",
+            "nodule_radius",
+            "nodule_hu",
+            "ground_glass_hu",
+            "blobs_per_patient",
+            "blob_radius",
+        ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in self.spacing):
             raise PhantomError(f"spacing must be three positive numbers (z, y, x) in mm, got {self.spacing}")
@@ -162,6 +193,23 @@ class PhantomConfig:
             raise PhantomError(f"nodule_radius must be (lo, hi) with 1 <= lo <= hi <= 8 voxels, got {(rlo, rhi)}")
         if self.nodule_hu[0] > self.nodule_hu[1] or not 0 <= self.spiculated_fraction <= 1:
             raise PhantomError("nodule_hu must be (lo, hi) with lo <= hi and spiculated_fraction in [0, 1]")
+        if not -1000 < self.ground_glass_hu[0] <= self.ground_glass_hu[1] < 0:
+            raise PhantomError(
+                f"ground_glass_hu must be (lo, hi) with -1000 < lo <= hi < 0, got {self.ground_glass_hu}"
+            )
+        for name in (
+            "ground_glass_fraction",
+            "part_solid_fraction",
+            "juxta_vascular_fraction",
+            "juxta_pleural_fraction",
+        ):
+            if not 0 <= getattr(self, name) <= 1:
+                raise PhantomError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.juxta_vascular_fraction + self.juxta_pleural_fraction > 1:
+            raise PhantomError("juxta_vascular_fraction + juxta_pleural_fraction must be at most 1")
+        b_lo, b_hi = self.blobs_per_patient
+        if not 0 <= b_lo <= b_hi or not 1.0 <= self.blob_radius[0] <= self.blob_radius[1] <= 5.0:
+            raise PhantomError("need 0 <= blobs_per_patient lo <= hi and 1 <= blob_radius lo <= hi <= 5 voxels")
         if self.false_positives < 0 or self.vessel_min_radius <= 0 or not 0 <= self.vessel_max_depth <= 12:
             raise PhantomError("need false_positives >= 0, vessel_min_radius > 0 and 0 <= vessel_max_depth <= 12")
 
@@ -213,12 +261,18 @@ class Pose:
 
 @dataclasses.dataclass(frozen=True)
 class Nodule:
-    """A nodule: integer voxel ``center`` (z, y, x), base ``radius`` in voxels, ``spiculated`` flag, mean ``hu``."""
+    """A nodule: integer voxel ``center`` (z, y, x), base ``radius`` in voxels, ``spiculated`` flag, mean ``hu``
+    (of the ground glass for a subsolid one), ``type`` (one of :data:`NODULE_TYPES`; a part-solid nodule's core has
+    ``core_radius`` and ``core_hu``) and ``attachment`` (one of :data:`ATTACHMENTS`)."""
 
     center: tuple[int, int, int]
     radius: float
     spiculated: bool
     hu: float
+    type: str = "solid"
+    attachment: str = "none"
+    core_radius: float = 0.0
+    core_hu: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +280,8 @@ class Candidate:
     """A nodule candidate at voxel ``center`` (z, y, x): ``label`` 1 true nodule, 0 false positive.
 
     ``kind`` is one of :data:`CANDIDATE_KINDS`: "nodule" for true ones; "bifurcation", "crossing", "vessel"
-    (on vessel voxels), "airway" (a bronchus inside the lung) or "pleura" (the lung's edge) for false positives.
+    (on vessel voxels), "blob" (a blob-like thick vessel segment), "airway" (a bronchus inside the lung) or
+    "pleura" (the lung's edge) for false positives.
     """
 
     center: tuple[int, int, int]
@@ -597,6 +652,70 @@ def _tree(
     }
 
 
+def _nodule_centre(
+    rng: np.random.Generator,
+    r: float,
+    attachment: str,
+    depth: np.ndarray,
+    edge_depth: np.ndarray,
+    vessel_occ: np.ndarray,
+    vessel_voxels: np.ndarray,
+    nodules: list[Nodule],
+) -> np.ndarray | None:
+    """A centre for a nodule of radius ``r`` and ``attachment``, or None when 25 draws found no room.
+
+    ``none``: at least ``r + 1`` voxels inside the lung, overlapping vessels by at most 20 %; ``vascular``: the
+    surface half a voxel from a random vessel voxel (inside the lung); ``pleural``: ``r − 1.5`` to ``r − 0.5``
+    voxels from the lung's outer edge (``edge_depth``, not from a bronchus), so the chest wall cuts it (the
+    occupancy is masked by the lung afterwards). ``depth`` is the distance to anything that is not parenchyma.
+    """
+    shape = depth.shape
+    if attachment == "pleural":
+        near = (edge_depth >= max(1.0, r - 1.5)) & (edge_depth <= max(1.5, r - 0.5))
+        pool = np.flatnonzero(near & (depth >= np.minimum(edge_depth, 1.0)))
+    elif attachment == "vascular":
+        pool = vessel_voxels
+    else:
+        pool = np.flatnonzero(depth >= r + 1.0)
+    for j in rng.permutation(len(pool))[:25]:
+        c = np.array(np.unravel_index(int(pool[j]), shape))
+        if attachment == "vascular":
+            u = rng.standard_normal(3)
+            c = np.rint(c + u / np.linalg.norm(u) * (r + 0.5)).astype(np.int64)
+            if np.any(c < 0) or np.any(c >= shape) or depth[tuple(c)] < 0.6 * r + 1.0:
+                continue
+        if any(np.linalg.norm(c - np.array(m.center)) < r + m.radius + 3.0 for m in nodules):
+            continue
+        if attachment == "none":
+            k = math.ceil(r + 1.0)
+            box = tuple(slice(int(v) - k, int(v) + k + 1) for v in c)
+            gz, gy, gx = np.ogrid[-k : k + 1, -k : k + 1, -k : k + 1]
+            if vessel_occ[box][gz * gz + gy * gy + gx * gx <= r * r].mean() > 0.2:
+                continue
+        return c
+    return None
+
+
+def _blobs(
+    rng: np.random.Generator, cfg: PhantomConfig, tree: dict[str, np.ndarray], lung: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Blob-like vessel segments: at ``cfg.blobs_per_patient`` bifurcations inside the lung, a capsule of radius
+    ``cfg.blob_radius`` and half-length 0.5–2.5 voxels along the parent segment. Returns ``center``, ``a``, ``b``
+    (n, 3) and ``r`` (n,)."""
+    lo, hi = cfg.blobs_per_patient
+    k = int(rng.integers(lo, hi + 1))
+    idx = np.flatnonzero(tree["children"] >= 2)
+    idx = idx[_lookup(lung, tree["b"][idx])] if len(idx) else idx
+    pick = rng.permutation(len(idx))[: min(k, len(idx))]
+    n = len(pick)
+    half_len = rng.uniform(0.5, 2.5, size=n)
+    radius = rng.uniform(*cfg.blob_radius, size=n)
+    centre = tree["b"][idx[pick]]
+    d = tree["b"][idx[pick]] - tree["a"][idx[pick]]
+    d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-9)
+    return {"center": centre, "a": centre - d * half_len[:, None], "b": centre + d * half_len[:, None], "r": radius}
+
+
 def _place_nodules(
     rng: np.random.Generator,
     cfg: PhantomConfig,
@@ -604,7 +723,12 @@ def _place_nodules(
     labels: np.ndarray,
     vessel_occ: np.ndarray,
 ) -> tuple[list[Nodule], np.ndarray, np.ndarray]:
-    """Place and rasterise nodules. Returns the nodules, their soft occupancy (D, H, W) and mean HU per voxel."""
+    """Place and rasterise nodules. Returns the nodules, their soft occupancy (D, H, W) and mean HU per voxel.
+
+    Each nodule draws, in this order: radius, type (solid / ground glass / part-solid), attachment (free,
+    juxta-vascular, juxta-pleural), then its centre, spiculation and HU; a nodule that finds no room is retried a
+    little smaller (down to the lowest radius), then as a free nodule.
+    """
     shape = lung.shape
     occ = np.zeros(shape, dtype=np.float32)
     hu = np.zeros(shape, dtype=np.float32)
@@ -614,34 +738,53 @@ def _place_nodules(
     clear = np.isin(labels, (LUNG, VESSEL))  # no nodule in a bronchus or outside the lungs
     clear[[0, -1]] = clear[:, [0, -1]] = clear[:, :, [0, -1]] = False  # nor cut by the volume's border
     depth = ndimage.distance_transform_edt(clear) if n else None
+    edge_depth = ndimage.distance_transform_edt(lung) if n else None
+    big_vessels = (vessel_occ >= 0.5) & clear
+    vessel_voxels = np.flatnonzero(big_vessels) if n else np.zeros(0, np.int64)
     nodules: list[Nodule] = []
     spikes_a, spikes_b, spikes_r = [], [], []
     for _ in range(n):
         r = float(rng.uniform(r_lo, r_hi))
+        u_type, u_attach = float(rng.random()), float(rng.random())
+        if u_type < cfg.ground_glass_fraction * (1 - cfg.part_solid_fraction):
+            kind = "ground_glass"
+        elif u_type < cfg.ground_glass_fraction:
+            kind = "part_solid"
+        else:
+            kind = "solid"
+        if u_attach < cfg.juxta_vascular_fraction:
+            attachment = "vascular" if len(vessel_voxels) else "none"
+        elif u_attach < cfg.juxta_vascular_fraction + cfg.juxta_pleural_fraction:
+            attachment = "pleural"
+        else:
+            attachment = "none"
         center = None
         while center is None:  # the drawn radius if it fits somewhere, else a little smaller, down to r_lo
-            pool = np.flatnonzero(depth >= r + 1.0)
-            for j in rng.permutation(len(pool))[:25]:
-                c = np.array(np.unravel_index(int(pool[j]), shape))
-                if any(np.linalg.norm(c - np.array(m.center)) < r + m.radius + 3.0 for m in nodules):
-                    continue
-                k = math.ceil(r + 1.0)
-                box = tuple(slice(int(v) - k, int(v) + k + 1) for v in c)
-                gz, gy, gx = np.ogrid[-k : k + 1, -k : k + 1, -k : k + 1]
-                if vessel_occ[box][gz * gz + gy * gy + gx * gx <= r * r].mean() <= 0.2:
-                    center = c
-                    break
+            center = _nodule_centre(rng, r, attachment, depth, edge_depth, vessel_occ, vessel_voxels, nodules)
             if center is None:
-                if r <= r_lo:
+                if r > r_lo:
+                    r = max(r_lo, 0.9 * r)
+                elif attachment != "none":
+                    attachment = "none"
+                else:
                     break
-                r = max(r_lo, 0.9 * r)
         if center is None:
             break  # the lungs are full: fewer nodules than drawn
         spiculated = bool(rng.random() < cfg.spiculated_fraction)
+        solid_hu = round(float(rng.uniform(*cfg.nodule_hu)), 3)
+        glass_hu = round(float(rng.uniform(*cfg.ground_glass_hu)), 3)
+        core = round(r * float(rng.uniform(0.3, 0.6)), 4) if kind == "part_solid" else 0.0
         nod = Nodule(
-            tuple(int(v) for v in center), round(r, 4), spiculated, round(float(rng.uniform(*cfg.nodule_hu)), 3)
+            tuple(int(v) for v in center),  # type: ignore[arg-type]
+            round(r, 4),
+            spiculated,
+            solid_hu if kind == "solid" else glass_hu,
+            kind,
+            attachment,
+            core,
+            solid_hu if kind == "part_solid" else 0.0,
         )
-        nodules.append(nod)  # type: ignore[arg-type]
+        nodules.append(nod)
         _draw_nodule(rng, nod, occ, hu)
         if spiculated:
             m = int(rng.integers(6, 13))
@@ -682,13 +825,18 @@ def _draw_nodule(rng: np.random.Generator, nod: Nodule, occ: np.ndarray, hu: np.
     o = np.clip(r * (1.0 + lob) - d + 0.5, 0.0, 1.0).astype(np.float32)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     np.maximum(occ[box], o, out=occ[box])
-    hu[box][o > 0] = nod.hu
+    sub = hu[box]
+    sub[o > 0] = nod.hu
+    if nod.core_radius > 0:  # part-solid: a solid core, blended over the ground glass by its own occupancy
+        core = np.clip(nod.core_radius - d + 0.5, 0.0, 1.0)
+        sub[:] = np.where(o > 0, nod.hu * (1.0 - core) + nod.core_hu * core, sub)
 
 
 def _candidates(
     rng: np.random.Generator,
     cfg: PhantomConfig,
     tree: dict[str, np.ndarray],
+    blob_pts: np.ndarray,
     airway_pts: np.ndarray,
     labels: np.ndarray,
     lung: np.ndarray,
@@ -701,6 +849,7 @@ def _candidates(
     pools: dict[str, np.ndarray] = {
         "bifurcation": tree["b"][(tree["children"] >= 2) & (tree["rb"] >= 0.7)],
         "vessel": 0.5 * (tree["a"] + tree["b"])[r_mid >= 0.8],
+        "blob": blob_pts,
         "airway": airway_pts,
     }
     # crossings: centre-line samples of unrelated segments that come within touching distance
@@ -728,7 +877,7 @@ def _candidates(
         idx = idx[np.all((idx >= 0) & (idx < shape), axis=1)]
         lab = labels[idx[:, 0], idx[:, 1], idx[:, 2]]
         ok = lung[idx[:, 0], idx[:, 1], idx[:, 2]]
-        if kind in ("bifurcation", "vessel", "crossing"):
+        if kind in ("bifurcation", "vessel", "crossing", "blob"):
             ok &= lab == VESSEL
         elif kind == "airway":
             ok &= lab == AIRWAY
@@ -889,7 +1038,13 @@ def generate_patient(
 
     # ---- vessels
     tree = _tree(r_tree, anat, cfg, pose, shape, half, lung)
-    vessel_occ = _rasterise_capsules(shape, tree["a"], tree["b"], tree["ra"], tree["rb"]) * lung
+    vessel_occ = _rasterise_capsules(shape, tree["a"], tree["b"], tree["ra"], tree["rb"])
+    blobs = _blobs(r_tree, cfg, tree, lung)
+    if len(blobs["r"]):
+        np.maximum(
+            vessel_occ, _rasterise_capsules(shape, blobs["a"], blobs["b"], blobs["r"], blobs["r"]), out=vessel_occ
+        )
+    vessel_occ *= lung
 
     # ---- labels and HU before nodules
     labels = np.zeros(shape, dtype=np.uint8)
@@ -942,7 +1097,7 @@ def generate_patient(
     lobar = ~cen
     ts = np.linspace(0.2, 1.0, 5)
     airway_pts = (aw_a[lobar][:, None, :] + ts[None, :, None] * (aw_b - aw_a)[lobar][:, None, :]).reshape(-1, 3)
-    candidates = _candidates(r_cand, cfg, tree, airway_pts, labels, lung, nodules)
+    candidates = _candidates(r_cand, cfg, tree, blobs["center"], airway_pts, labels, lung, nodules)
 
     # ---- scanner: point-spread blur, correlated noise
     if cfg.blur_sigma > 0:
@@ -1098,6 +1253,9 @@ def write_cohort(directory: PathLike, patients: Sequence[Patient]) -> list[Path]
                 nodule_radii=np.array([n.radius for n in nod], dtype=np.float64),
                 nodule_spiculated=np.array([n.spiculated for n in nod], dtype=bool),
                 nodule_hu=np.array([n.hu for n in nod], dtype=np.float64),
+                nodule_types=np.array([n.type for n in nod], dtype="<U12"),
+                nodule_attachments=np.array([n.attachment for n in nod], dtype="<U12"),
+                nodule_cores=np.array([[n.core_radius, n.core_hu] for n in nod], dtype=np.float64).reshape(-1, 2),
                 candidate_centers=np.array([c.center for c in p.candidates], dtype=np.int64).reshape(-1, 3),
                 candidate_labels=np.array([c.label for c in p.candidates], dtype=np.int64),
                 candidate_kinds=np.array([c.kind for c in p.candidates], dtype=f"<U{max(map(len, CANDIDATE_KINDS))}"),
@@ -1131,9 +1289,15 @@ def read_patient(path: PathLike) -> Patient:
         lung_mask=data["lung_mask"],
         nodule_mask=data["nodule_mask"],
         nodules=[
-            Nodule(tuple(int(v) for v in c), float(r), bool(s), float(h))  # type: ignore[arg-type]
-            for c, r, s, h in zip(
-                data["nodule_centers"], data["nodule_radii"], data["nodule_spiculated"], data["nodule_hu"]
+            Nodule(tuple(int(v) for v in c), float(r), bool(s), float(h), str(t), str(a), float(cr), float(ch))  # type: ignore[arg-type]
+            for c, r, s, h, t, a, (cr, ch) in zip(
+                data["nodule_centers"],
+                data["nodule_radii"],
+                data["nodule_spiculated"],
+                data["nodule_hu"],
+                data["nodule_types"],
+                data["nodule_attachments"],
+                data["nodule_cores"],
             )
         ],
         candidates=[
