@@ -1,7 +1,8 @@
 """Semantic Genesis / TransVW self-discovery of visual words on the CT phantom: auto-encoder training and embeddings,
-the discovery constraints (distinct references, members ranked by embedding distance, spaced coordinates, lung in
-the reference's cube, validation members from the validation set, clear errors), the instance crops (count C × K,
-labels, ranges, multi-resolution, seeding) and visual-word purity."""
+the discovery constraints (distinct references, members ranked by embedding distance, spaced coordinates, the
+release's dense-score filter on the reference's cube, validation members from the validation set, clear errors),
+the instance crops (count C × K, or 3 · C × K with the release's multi-resolution crops, labels, ranges, seeding)
+and visual-word purity."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import torch
 
 from thrifty.data.ct_phantom import LABELS, LUNG, generate_cohort
 from thrifty.data.volumes import clip_and_normalize
+from thrifty.methods.genesis.data import dense_score
 from thrifty.methods.genesis.discovery import (
     VisualWord,
     VolumeAutoencoder,
     crop_instances,
     discover_visual_words,
-    lung_fraction,
     patient_embeddings,
+    placement_corners,
     prepare_volumes,
     train_autoencoder,
     word_purity,
@@ -28,6 +30,7 @@ from thrifty.methods.genesis.discovery import (
 
 AE_SIZE = (24, 32, 32)
 CUBE = (8, 16, 16)
+MAX_DENSE = 0.5  # the miniature's data.max_dense_fraction: no phantom cube is as lung-rich as the release's 0.15
 N_TRAIN, N_VAL = 12, 4
 STEPS = 20
 
@@ -68,12 +71,13 @@ def trained(cohort: dict) -> dict:
 def words(cohort: dict, trained: dict) -> list[VisualWord]:
     return discover_visual_words(
         embeddings_train=trained["emb_train"],
-        lung_masks_train=cohort["lung_train"],
+        volumes_train=cohort["norm_train"],
         num_classes=6,
         top_k_train=5,
         cube_size=CUBE,
         coordinate_min_distance=5,
-        lung_min_fraction=0.15,
+        max_dense_fraction=MAX_DENSE,
+        margin=(2, 4, 4),
         embeddings_val=trained["emb_val"],
         top_k_val=3,
         seed=1,
@@ -153,12 +157,14 @@ def test_members_start_with_reference_and_are_sorted(words: list[VisualWord], tr
         assert float(d[outside].min()) >= w.distances[-1]
 
 
-def test_lung_condition_holds_in_reference(words: list[VisualWord], cohort: dict):
+def test_dense_score_condition_holds_in_reference(words: list[VisualWord], cohort: dict):
+    lo, hi = placement_corners(cohort["norm_train"].shape[1:], CUBE, margin=(2, 4, 4))
     for w in words:
-        assert lung_fraction(cohort["lung_train"][w.reference], w.coordinate, cube_size=CUBE) >= 0.15
-        # the cube lies inside the volume
-        for c, s, v in zip(w.coordinate, CUBE, cohort["lung_train"].shape[1:]):
-            assert c - s // 2 >= 0 and c - s // 2 + s <= v
+        z, y, x = (c - s // 2 for c, s in zip(w.coordinate, CUBE))
+        # the corner lies in the release's range: margin, lookahead slices and its extra voxel inside the volume
+        assert all(a <= c <= b for a, c, b in zip(lo, (z, y, x), hi))
+        window = cohort["norm_train"][w.reference, z : z + CUBE[0] + 2, y : y + CUBE[1], x : x + CUBE[2]]
+        assert dense_score(window) <= MAX_DENSE
 
 
 def test_validation_members_come_from_validation_set(words: list[VisualWord], trained: dict):
@@ -173,10 +179,12 @@ def test_validation_members_come_from_validation_set(words: list[VisualWord], tr
 def test_discovery_is_seeded(words: list[VisualWord], cohort: dict, trained: dict):
     kw = dict(
         embeddings_train=trained["emb_train"],
-        lung_masks_train=cohort["lung_train"],
+        volumes_train=cohort["norm_train"],
         num_classes=6,
         top_k_train=5,
         cube_size=CUBE,
+        max_dense_fraction=MAX_DENSE,
+        margin=(2, 4, 4),
         embeddings_val=trained["emb_val"],
         top_k_val=3,
     )
@@ -187,10 +195,10 @@ def test_discovery_is_seeded(words: list[VisualWord], cohort: dict, trained: dic
 
 def test_reference_first_even_with_duplicate_embeddings():
     emb = torch.zeros(4, 3)  # every patient equally close
-    masks = np.ones((4, 8, 8, 8), dtype=bool)
+    air = np.zeros((4, 8, 8, 8), dtype=np.float32)
     for w in discover_visual_words(
         embeddings_train=emb,
-        lung_masks_train=masks,
+        volumes_train=air,
         num_classes=4,
         top_k_train=4,
         cube_size=4,
@@ -201,15 +209,22 @@ def test_reference_first_even_with_duplicate_embeddings():
 
 
 def test_impossible_requests_raise(cohort: dict, trained: dict):
-    kw = dict(embeddings_train=trained["emb_train"], lung_masks_train=cohort["lung_train"], cube_size=CUBE)
+    kw = dict(
+        embeddings_train=trained["emb_train"],
+        volumes_train=cohort["norm_train"],
+        cube_size=CUBE,
+        max_dense_fraction=MAX_DENSE,
+    )
     with pytest.raises(ValueError, match="num_classes"):
         discover_visual_words(**kw, num_classes=N_TRAIN + 1, top_k_train=3)
     with pytest.raises(ValueError, match="top_k_train"):
         discover_visual_words(**kw, num_classes=2, top_k_train=N_TRAIN + 1)
     with pytest.raises(ValueError, match="coordinate_min_distance"):
         discover_visual_words(**kw, num_classes=3, top_k_train=3, coordinate_min_distance=200, max_tries=200)
-    with pytest.raises(ValueError, match="lung_min_fraction"):
-        discover_visual_words(**kw, num_classes=1, top_k_train=3, lung_min_fraction=0.999, max_tries=200)
+    with pytest.raises(ValueError, match="max_dense_fraction"):  # solid tissue everywhere: no cube passes
+        discover_visual_words(
+            **{**kw, "volumes_train": np.ones_like(cohort["norm_train"])}, num_classes=1, top_k_train=3
+        )
     with pytest.raises(ValueError, match="top_k_val"):
         discover_visual_words(
             **kw, num_classes=2, top_k_train=3, embeddings_val=trained["emb_val"], top_k_val=N_VAL + 1
@@ -229,9 +244,11 @@ def test_crop_count_labels_shapes_and_range(words: list[VisualWord], cohort: dic
     multi, mlabels = crop_instances(
         cohort["norm_train"], words, cube_size=CUBE, fill=0.0, multi_resolution=True, jitter=2, seed=0
     )
-    assert multi.shape == cubes.shape and torch.equal(mlabels, labels)
+    # the release's three crops per instance: exact crops first (never jittered), then two rescaled blocks
+    assert multi.shape == (3 * 6 * 5, 1, *CUBE) and mlabels.tolist() == labels.tolist() * 3
+    assert torch.equal(multi[: 6 * 5], cubes)
     assert float(multi.min()) >= 0.0 and float(multi.max()) <= 1.0
-    assert not torch.allclose(multi, cubes)
+    assert not torch.allclose(multi[6 * 5 :], cubes.repeat(2, 1, 1, 1, 1))
 
 
 def test_crop_without_jitter_matches_direct_slice(words: list[VisualWord], cohort: dict):

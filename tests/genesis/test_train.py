@@ -58,7 +58,9 @@ def test_smoke_writes_claims_tables_figures_and_exports(smoke) -> None:
         load_encoder(net, state)  # loads strictly into the recipe's U-Net
         unet_state, _ = load_weights(unit / "unet.safetensors")
         net.load_state_dict(unet_state)
-    assert res["visual_words"]["instances"]["train"] == 3 * 4  # C x K, every instance written
+    # C x K x 3 (an exact and two rescaled crops per training instance, the release's multi-resolution), all written
+    assert res["visual_words"]["instances"]["train"] == 3 * 4 * 3
+    assert res["visual_words"]["instances"]["val"] == 3 * 2  # C x K_val exact crops, as the release's validation
 
 
 def test_no_test_patient_touches_pretraining_or_selection(smoke) -> None:
@@ -70,8 +72,10 @@ def test_no_test_patient_touches_pretraining_or_selection(smoke) -> None:
     reads = [json.loads(line) for line in (run_dir / "access_log.jsonl").read_text().splitlines()]
     test_reads = [r for r in reads if r["split"] == "test"]
     assert {r["purpose"] for r in test_reads} == {"final_test"}
-    # the test split is read exactly once per fine-tuned model, after its selection reads
-    assert len(test_reads) == len({r["unit"] for r in test_reads}) == 12
+    # the test split is read exactly once per fine-tuned model, after its selection reads, and once by the
+    # training-free baseline
+    assert len(test_reads) == len({r["unit"] for r in test_reads}) == 12 + 1
+    assert sum(r["unit"] == "baseline/centre_intensity" for r in test_reads) == 1
     for r in test_reads:
         later = [x for x in reads if x["unit"] == r["unit"] and x["index"] > r["index"]]
         assert not later
@@ -164,3 +168,30 @@ def test_claims_skip_tasks_and_arms_without_finished_units() -> None:
     results = {"ncc": {0.5: {"scratch": {0: unit, 1: unit}, "genesis/off": {0: unit, 1: unit}}}}  # no NCS at all
     claims = make_claims(cfg, results)
     assert [c.id for c in claims] == ["genesis_off_beats_scratch_ncc"]
+
+
+def test_works_claim_uses_the_validation_chosen_arm_and_the_centre_intensity_baseline() -> None:
+    from thrifty.core.registry import load_config as load_recipe
+    from thrifty.methods.genesis.train import WORKS_MARGIN, best_arm, make_claims, task_table
+
+    _, cfg = load_recipe("genesis", "smoke", [])
+    low = min(cfg.finetune.label_fractions)
+
+    def unit(val: float, test: float) -> dict:
+        return {"val": val, "test": {"auc": test}}
+
+    results = {
+        "ncc": {
+            low: {
+                "scratch": {0: unit(70.0, 90.0), 1: unit(72.0, 91.0)},  # best on test, not on validation
+                "genesis/off": {0: unit(80.0, 74.0), 1: unit(82.0, 76.0)},
+            }
+        }
+    }
+    assert best_arm(results, "ncc", low) == "genesis/off"
+    trivial = {"val": 71.0, "test": 72.0}
+    works = next(c for c in make_claims(cfg, results, trivial) if c.id == "best_model_works_ncc")
+    assert works.measured == pytest.approx(75.0 - 72.0) and works.holds is (WORKS_MARGIN < 3.0)
+    table = task_table(cfg, results, "ncc", low, trivial)
+    assert table["rows"][0][:4] == ["trivial: centre 3×3×3 intensity", "-", "72.0", "71.0"]
+    assert all(len(r) == len(table["columns"]) for r in table["rows"])

@@ -17,6 +17,7 @@ PRETEXTS = ("genesis", "inpaint", "shuffle", "rotation")
 STAGES = ("data", "discover", "pretrain", "finetune", "evaluate")
 TASKS = ("ncc", "ncs")
 SOURCES = ("phantom", "luna16")
+SEG_LOSSES = ("bce_dice", "dice")  # NCS losses: ours (BCE + per-cube soft Dice), the Models Genesis release's
 ALIASES = {"transvw": "genesis/on", "semantic_genesis": "genesis/on", "models_genesis": "genesis/off"}
 
 
@@ -98,9 +99,16 @@ class DiscoveryConfig:
         top_k_train: instances per word from the nearest training patients (the release: 200).
         top_k_val: instances per word from the nearest held-out patients (the release: 30).
         min_distance: voxels between word coordinates (the release: 5).
-        lung_min_fraction: lung share of the reference cube around a word coordinate.
-        multi_resolution: crop sides drawn from U[0.78, 1.25] × cube (the release's 50–80 of 64) then resized.
-        jitter: per-axis random offset of each instance's crop centre (the release: ±10 of 64).
+        multi_resolution: each training instance also gets two rescaled crops (the release's ``--multi_res``):
+            in-plane side uniform in {round(50/64·s) … round(80/64·s) − 1} (the release's 50–79 for s = 64; 25–39
+            for 32), corner shifted in-plane, depth exact, resized to the cube. Validation instances are exact crops
+            only, as in the release.
+        jitter: the rescaled crops' in-plane corner offset, U{−jitter … jitter − 1} per axis (the release: 10 for
+            64-voxel cubes; the miniature: 5 for 32). Exact crops are never jittered.
+
+    A word's coordinate is placed with the release's lung filter and border, which its pattern generator shares
+    with its cube generator (``lung_max = 0.15``, ``len_border = 100``, ``len_border_z = 30`` in both): discovery
+    reads ``data.max_dense_fraction`` and ``data.margin``.
     """
 
     ae_size: list[int] = dataclasses.field(default_factory=lambda: [24, 32, 32])
@@ -111,9 +119,8 @@ class DiscoveryConfig:
     top_k_train: int = 20
     top_k_val: int = 5
     min_distance: float = 5.0
-    lung_min_fraction: float = 0.15
     multi_resolution: bool = True
-    jitter: int = 2
+    jitter: int = 5
 
 
 @dataclasses.dataclass
@@ -140,10 +147,11 @@ class PretrainConfig:
         visual_words: the switch that goes with ``pretext``.
         sync_bn: under DDP on CUDA, synchronise BatchNorm statistics across ranks (SyncBatchNorm); without it each
             rank normalises with its own share of the batch and running statistics are averaged before validation.
-        elastic_alpha, elastic_sigma: Semantic Genesis's elastic deformation in voxels. The release's (991, 8) are
-            for 64×64×32 cubes; for cubes ``s`` times that size, σ scales by ``s`` and α by ``s^2.5`` (the smoothed
-            field's spread grows as σ^-1.5), which keeps the displacement the same share of the cube: (175, 4)
-            for the miniature's 32×32×16 (the release's values there displaced by about 40% of the cube's depth).
+        elastic_alpha, elastic_sigma: Semantic Genesis's in-plane elastic deformation (rows and columns, never
+            depth), α and σ in voxels. The release's (991, 8) (the ``full`` preset) are for 64×64×32 cubes of ~1 mm
+            CT: 4.6 voxels RMS in-plane displacement. The miniature's 32×32×16 phantom cubes have vessel radii
+            under 2 voxels: σ is scaled with the cube (4) and α chosen for a displacement well below a vessel
+            radius, (40, 4): 0.53 voxels RMS in-plane (0.37 per axis) on a 32×32×16 cube.
         rotation_weight: weight of the rotation CE for the ``rotation`` pretext (unverified in the paper: 1).
     """
 
@@ -158,7 +166,7 @@ class PretrainConfig:
     lambda_rec: float = 1.0
     lambda_cls: float = 0.01
     rotation_weight: float = 1.0
-    elastic_alpha: float = 175.0
+    elastic_alpha: float = 40.0
     elastic_sigma: float = 4.0
     eval_every: int = 20
     val_cubes: int = 64
@@ -192,6 +200,8 @@ class FinetuneConfig:
         new_head: NCS starts from the pre-trained encoder and decoder but a freshly initialised 1×1×1 output conv
             (the restoration head maps features to intensities, not mask logits); false loads it too, as the
             releases do.
+        seg_loss: NCS training loss: ``bce_dice`` (BCE + per-cube soft Dice) or ``dice``, the Models Genesis
+            release's Dice-only loss (1 − soft Dice pooled over the batch, ``dice_coef_loss``).
     """
 
     tasks: list[str] = dataclasses.field(default_factory=lambda: list(TASKS))
@@ -207,6 +217,7 @@ class FinetuneConfig:
     select_threshold: bool = True
     ncs_init: str = "unet"
     new_head: bool = False
+    seg_loss: str = "bce_dice"
 
 
 @dataclasses.dataclass
@@ -323,6 +334,8 @@ class GenesisConfig(BaseConfig):
                 raise ValueError(f"config key {key!r} must be >= 1")
         if f.ncs_init not in ("unet", "encoder"):
             raise ValueError("config key 'finetune.ncs_init' must be unet or encoder")
+        if f.seg_loss not in SEG_LOSSES:
+            raise ValueError(f"config key 'finetune.seg_loss' must be one of {list(SEG_LOSSES)}, got {f.seg_loss!r}")
         if not f.label_fractions or any(not 0.0 < x <= 1.0 for x in f.label_fractions):
             raise ValueError("config key 'finetune.label_fractions' must list fractions in (0, 1]")
         if p.lambda_rec < 0 or p.lambda_cls < 0 or p.rotation_weight <= 0:

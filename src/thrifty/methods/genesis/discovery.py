@@ -10,23 +10,42 @@ self-discovery step exploits this without any label:
    embedding (:func:`patient_embeddings`).
 2. :func:`discover_visual_words`: for each visual-word class, a not yet used random *reference* patient is drawn;
    every training patient is ranked by the L2 distance of its embedding to the reference's (the reference
-   first); a random coordinate in the reference's frame is drawn, at least ``coordinate_min_distance`` voxels
-   from the coordinates of the earlier classes and with enough lung in the cube around it; the class's instances
-   are that coordinate in the top-K most similar patients (:class:`VisualWord`).
-3. :func:`crop_instances` crops the instances (optionally at several resolutions: a crop of a random side,
-   resized to the cube size) and labels each with its class, the pseudo-labels of the visual-word
-   classification head (:class:`~thrifty.methods.genesis.model.YNet3D`).
+   first); a random coordinate in the reference's frame is drawn with the release's placement rule (its border,
+   at least ``coordinate_min_distance`` voxels from the coordinates of the earlier classes, and a cube that is
+   mostly lung by the release's dense-voxel score); the class's instances are that coordinate in the top-K most
+   similar patients (:class:`VisualWord`).
+3. :func:`crop_instances` crops the instances and labels each with its class, the pseudo-labels of the
+   visual-word classification head (:class:`~thrifty.methods.genesis.model.YNet3D`): an exact crop per instance
+   and, with ``multi_resolution``, two rescaled crops (random in-plane side and corner offset, depth exact,
+   resized to the cube size), as the release takes them.
 4. :func:`word_purity` measures, on the phantom, how often a word's instances show the same organ.
+
+The placement rule, from the release's ``get_random_coordinate`` (SemanticGenesis
+``self_discovery/pattern_generator_3D.py``, lines 210–269; the same filter as Models Genesis's
+``infinite_generator_3D.py``), on the reference volume in [0, 1] (HU window [-1000, 1000]):
+
+* the cube's corner is uniform in ``[m, V - s - 1 - m]`` in-plane (lines 230–231: ``len_border``, and one voxel
+  more at the far side) and ``[m_z, V_z - s_z - L - 1 - m_z]`` in depth (lines 232–233: ``len_border_z`` and the
+  ``L = len_depth = 3`` lookahead slices), ``margin = (m_z, m, m)``;
+* it is rejected when the Euclidean distance to an earlier class's corner is below ``distance_threshold`` (lines
+  235–240; with one cube size, corner distances are centre distances);
+* it is rejected when the depth-weighted dense score of the cube (lines 243–267: a voxel scores 1 when it is
+  ≥ -150 HU, 0.5 when the slice below is, 0 otherwise; :func:`~thrifty.methods.genesis.data.dense_score`)
+  sums to more than ``lung_max`` × the cube's voxel count (line 266, ``lung_max = 0.15``): the cube is mostly
+  lung (or air);
+* after 200 rejected draws (line 227) the class gives up its reference and draws a new unused one (lines
+  311–332).
 
 Differences from the release, all deliberate:
 
-* ``lung_min_fraction`` is documented here as the fraction of lung voxels required in the cube (of
-  ``cube_size``) centred on the coordinate in the reference patient. The release filters coordinates on a lung
-  threshold whose exact meaning could not be verified; this is our reading.
-* Coordinates are drawn so that the cube centred on them lies inside the volume, and the draw is retried a
-  bounded number of times (``max_tries``), after which a ``ValueError`` says which constraint could not be met.
-* Every instance is returned: C classes × K members gives exactly C·K cubes. The release saved instances in
-  chunks and dropped one instance per 50 classes.
+* The release never resets its ``repeated`` flag (set at line 239, initialised once at line 222), so after one
+  too-close draw every later draw for that reference is rejected until the reference is abandoned; here only the
+  too-close draw is rejected. When no unused reference is left, a ``ValueError`` says which constraint failed
+  (the release would loop for ever).
+* Rescaled crops are re-drawn until they lie inside the volume (the release checks the far side only, line 369;
+  its 100-voxel border keeps the near side inside); after ``max_tries`` draws the last one is padded with ``fill``.
+* Every instance is returned: C classes × K members × 3 crops gives exactly 3·C·K training cubes. The release
+  saved instances in chunks and dropped one instance per 50 classes.
 * The reference is always first among the members, also when another patient has an identical embedding.
 
 Conventions: volumes are (D, H, W) = (z, y, x); a cube of size (d, h, w) "around" a coordinate c spans
@@ -48,9 +67,12 @@ from torch import nn
 
 from thrifty.data.ct_phantom import crop_cube
 from thrifty.data.volumes import clip_and_normalize
+from thrifty.methods.genesis.data import LOOKAHEAD, dense_score
 
 DEFAULT_AE_WIDTHS = (8, 16, 32)
-DEFAULT_SIDE_RANGE = (50 / 64, 80 / 64)  # the release's crop sides 50–80 for 64-voxel cubes: U[0.78, 1.25] × side
+# the release's rescaled crop sides, np.random.randint(50, 80) for 64-voxel cubes, as fractions of the cube side
+DEFAULT_SIDE_RANGE = (50 / 64, 80 / 64)
+RELEASE_TRIES = 200  # coordinate draws per reference before the release abandons it (pattern_generator_3D.py:227)
 
 Split = Literal["train", "val"]
 
@@ -308,18 +330,44 @@ def _rank(embeddings: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tens
     return order, dist
 
 
+def placement_corners(
+    spatial: Sequence[int], cube_size: int | Sequence[int], *, margin: int | Sequence[int] = 0
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The release's range of a word cube's corner (``pattern_generator_3D.py`` lines 230–233), both ends included.
+
+    spatial: (D, H, W) of the volumes; cube_size: (d, h, w); margin: (m_z, m_y, m_x) border (the release's
+    ``len_border_z = 30``, ``len_border = 100``) → (low, high) corners (z, y, x): ``[m, V - s - 1 - m]`` in-plane
+    and ``[m_z, D - d - L - 1 - m_z]`` in depth, L = 3 lookahead slices of the dense score. Raises ``ValueError``
+    when the range is empty.
+    """
+    size = _triple(cube_size, what="cube_size")
+    m = (int(margin),) * 3 if isinstance(margin, (int, np.integer)) else tuple(int(v) for v in margin)
+    if len(m) != 3 or min(m) < 0:
+        raise ValueError(f"margin must be a non-negative int or three non-negative ints (z, y, x), got {margin}")
+    extra = (LOOKAHEAD + 1, 1, 1)
+    lo = tuple(int(v) for v in m)
+    hi = tuple(int(v - s - e - mm) for v, s, e, mm in zip(spatial, size, extra, m))
+    if any(h < lo_ for lo_, h in zip(lo, hi)):
+        raise ValueError(
+            f"cube_size {size} with margin {lo} does not fit in the volumes of shape {tuple(spatial)} (the release's "
+            f"placement needs size + margin on both sides + 1 voxel in-plane and + {LOOKAHEAD + 1} slices in depth)"
+        )
+    return lo, hi  # type: ignore[return-value]
+
+
 def discover_visual_words(
     *,
     embeddings_train: torch.Tensor,
-    lung_masks_train: Any,
+    volumes_train: Any,
     num_classes: int,
     top_k_train: int,
     cube_size: int | Sequence[int],
     coordinate_min_distance: float = 5,
-    lung_min_fraction: float = 0.15,
+    max_dense_fraction: float = 0.15,
+    margin: int | Sequence[int] = 0,
     embeddings_val: torch.Tensor | None = None,
     top_k_val: int = 0,
-    max_tries: int = 1000,
+    max_tries: int = RELEASE_TRIES,
     generator: torch.Generator | None = None,
     seed: int = 0,
 ) -> list[VisualWord]:
@@ -327,28 +375,39 @@ def discover_visual_words(
 
     For each class c = 0 … C-1:
 
-    1. the reference is a random training patient not used by an earlier class;
-    2. every training patient is ranked by the L2 distance of its embedding to the reference's, the reference
-       first; the class's members are the first ``top_k_train``; with ``embeddings_val`` the validation patients
-       are ranked against the same (training) reference embedding and the first ``top_k_val`` are
-       ``members_val``, so validation instances come from validation patients only;
-    3. the coordinate is a uniform random voxel such that the cube of ``cube_size`` around it lies inside the
-       volume, at Euclidean distance >= ``coordinate_min_distance`` voxels from every earlier class's coordinate,
-       and whose cube in the *reference's* lung mask holds a fraction >= ``lung_min_fraction`` of lung voxels
-       (our documented reading of the release's lung threshold). Draws are retried up to ``max_tries`` times.
+    1. the reference is the next patient of one random permutation of the training patients (the release draws
+       unused references uniformly, ``pattern_generator_3D.py`` lines 312–316);
+    2. a coordinate is drawn in the reference with the release's placement rule (module docstring): corner uniform
+       in :func:`placement_corners`, rejected when closer than ``coordinate_min_distance`` voxels to an earlier
+       class's, rejected when the reference's cube (with the L − 1 = 2 slices below it) has a
+       :func:`~thrifty.methods.genesis.data.dense_score` above ``max_dense_fraction`` (line 266: the scores'
+       sum against ``lung_max`` × the voxel count); after ``max_tries`` rejected draws the class moves on to the
+       next reference (lines 311–332);
+    3. every training patient is ranked by the L2 distance of its embedding to the final reference's, the
+       reference first; the class's members are the first ``top_k_train``; with ``embeddings_val`` the
+       validation patients are ranked against the same (training) reference embedding and the first
+       ``top_k_val`` are ``members_val``, so validation instances come from validation patients only.
+
+    The stored coordinate is the cube's centre, ``corner + cube_size // 2`` (:func:`crop_cube`'s convention); the
+    release stores the corner. The dense score counts air as well as lung as not dense: with a border too small
+    to keep cubes inside the body (as the miniature's, on its 64×64 phantom frames), cubes reaching into the air
+    around the body pass too.
 
     Args:
         embeddings_train: (N, F) patient embeddings (:func:`patient_embeddings`).
-        lung_masks_train: (N, D, H, W) bool lung masks, in the frame coordinates are given in (full resolution:
-            the embeddings may come from downsampled volumes).
+        volumes_train: (N, D, H, W) training volumes in [0, 1] (HU window [-1000, 1000]), in the frame the
+            coordinates are given in (full resolution: the embeddings may come from downsampled volumes).
         num_classes: C, at most N (every class needs its own reference).
         top_k_train: K, members per class, 1 <= K <= N.
-        cube_size: (d, h, w) of the cube the lung condition is checked on (the instances' cube size).
-        coordinate_min_distance: minimum Euclidean distance in voxels between two classes' coordinates.
-        lung_min_fraction: minimum fraction of lung voxels in the reference's cube, in [0, 1].
+        cube_size: (d, h, w) of the word cubes.
+        coordinate_min_distance: minimum Euclidean distance in voxels between two classes' coordinates (the
+            release's ``distance_threshold = 5``).
+        max_dense_fraction: the release's ``lung_max`` (0.15), in [0, 1].
+        margin: (m_z, m_y, m_x) voxels, or one int, between the cube (and its lookahead) and the volume's border
+            (the release's ``len_border_z = 30``, ``len_border = 100`` on 512² CT).
         embeddings_val: (N_val, F) embeddings of validation patients, or ``None``.
         top_k_val: K_val, validation members per class (1 <= K_val <= N_val when ``embeddings_val`` is given).
-        max_tries: coordinate draws per class before giving up.
+        max_tries: coordinate draws per reference before moving to the next (the release: 200).
         generator: source of randomness; default ``torch.Generator().manual_seed(seed)``.
         seed: used when ``generator`` is ``None``.
 
@@ -356,16 +415,16 @@ def discover_visual_words(
         C :class:`VisualWord`, ``class_id`` 0 … C-1.
 
     Raises:
-        ValueError: bad shapes or counts (e.g. more classes than patients), or a coordinate that could not be
-            placed within ``max_tries`` draws (the message names the class, its reference and the constraints).
+        ValueError: bad shapes or counts (e.g. more classes than patients), or a class for which no unused
+            reference yields a coordinate (the message names the class and the constraints that failed).
     """
     emb = torch.as_tensor(embeddings_train).detach().to("cpu", torch.float32)
-    masks = _as_numpy(lung_masks_train).astype(bool, copy=False)
+    vols = _as_numpy(volumes_train)
     if emb.dim() != 2:
         raise ValueError(f"embeddings_train must be (N, F), got shape {tuple(emb.shape)}")
     n = emb.shape[0]
-    if masks.ndim != 4 or masks.shape[0] != n:
-        raise ValueError(f"lung_masks_train must be (N={n}, D, H, W), got shape {masks.shape}")
+    if vols.ndim != 4 or vols.shape[0] != n:
+        raise ValueError(f"volumes_train must be (N={n}, D, H, W), got shape {vols.shape}")
     if not 1 <= num_classes <= n:
         raise ValueError(
             f"num_classes must be between 1 and the number of training patients ({n}): each class needs its own "
@@ -373,8 +432,8 @@ def discover_visual_words(
         )
     if not 1 <= top_k_train <= n:
         raise ValueError(f"top_k_train must be between 1 and the number of training patients ({n}), got {top_k_train}")
-    if not 0.0 <= lung_min_fraction <= 1.0:
-        raise ValueError(f"lung_min_fraction must be in [0, 1], got {lung_min_fraction}")
+    if not 0.0 <= max_dense_fraction <= 1.0:
+        raise ValueError(f"max_dense_fraction must be in [0, 1], got {max_dense_fraction}")
     if not (coordinate_min_distance >= 0 and math.isfinite(coordinate_min_distance)):
         raise ValueError(f"coordinate_min_distance must be a finite number >= 0, got {coordinate_min_distance}")
     if max_tries < 1:
@@ -390,18 +449,43 @@ def discover_visual_words(
                 f"got {top_k_val}"
             )
     size = _triple(cube_size, what="cube_size")
-    spatial = masks.shape[1:]
-    if any(s > v for s, v in zip(size, spatial)):
-        raise ValueError(f"cube_size {size} does not fit in the volumes of shape {spatial}")
-    # valid centres: the cube [c - s//2, c - s//2 + s) inside [0, V)
-    lo = torch.tensor([s // 2 for s in size])
-    hi = torch.tensor([v - s + s // 2 for s, v in zip(size, spatial)])  # inclusive
+    lo_c, hi_c = placement_corners(vols.shape[1:], size, margin=margin)
+    lo, span = torch.tensor(lo_c), torch.tensor(hi_c) - torch.tensor(lo_c) + 1
+    half = torch.tensor([s // 2 for s in size])
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
 
-    references = torch.randperm(n, generator=gen)[:num_classes].tolist()
+    queue = torch.randperm(n, generator=gen).tolist()
     words: list[VisualWord] = []
-    placed: list[torch.Tensor] = []
-    for c, ref in enumerate(references):
+    placed: list[torch.Tensor] = []  # earlier corners
+    for c in range(num_classes):
+        corner = None
+        too_close = too_dense = 0
+        while corner is None and queue:
+            ref = queue.pop(0)
+            for _ in range(max_tries):
+                draw = lo + (torch.rand(3, generator=gen) * span.float()).long().clamp_max(span - 1)
+                if placed and float(torch.cdist(draw[None].float(), torch.stack(placed).float()).min()) < (
+                    coordinate_min_distance
+                ):
+                    too_close += 1
+                    continue
+                z, y, x = draw.tolist()
+                window = vols[ref, z : z + size[0] + LOOKAHEAD - 1, y : y + size[1], x : x + size[2]]
+                if dense_score(window) > max_dense_fraction:
+                    too_dense += 1
+                    continue
+                corner = draw
+                break
+        if corner is None:
+            raise ValueError(
+                f"could not place the coordinate of visual word {c}: no unused reference patient left after "
+                f"{too_close + too_dense} draws ({max_tries} per reference): {too_close} were closer than "
+                f"coordinate_min_distance={coordinate_min_distance} voxels to one of the {len(placed)} earlier "
+                f"coordinates, {too_dense} had a dense score above max_dense_fraction={max_dense_fraction} in the "
+                f"{size} cube; raise max_dense_fraction, lower the margin or coordinate_min_distance, or ask for "
+                "fewer classes"
+            )
+        placed.append(corner)
         order, dist = _rank(emb, emb[ref])
         order = [ref, *(int(i) for i in order.tolist() if i != ref)]
         members = tuple(order[:top_k_train])
@@ -411,33 +495,10 @@ def discover_visual_words(
             order_val, dist_val = _rank(emb_val, emb[ref])
             members_val = tuple(int(i) for i in order_val[:top_k_val].tolist())
             distances_val = tuple(float(dist_val[i]) for i in members_val)
-        coordinate = None
-        too_close = too_little_lung = 0
-        for _ in range(max_tries):
-            draw = lo + (torch.rand(3, generator=gen) * (hi - lo + 1).float()).long().clamp_max(hi - lo)
-            if placed and float(torch.cdist(draw[None].float(), torch.stack(placed).float()).min()) < (
-                coordinate_min_distance
-            ):
-                too_close += 1
-                continue
-            if lung_fraction(masks[ref], draw.tolist(), cube_size=size) < lung_min_fraction:
-                too_little_lung += 1
-                continue
-            coordinate = draw
-            break
-        if coordinate is None:
-            raise ValueError(
-                f"could not place the coordinate of visual word {c} (reference patient {ref}) in {max_tries} draws: "
-                f"{too_close} were closer than coordinate_min_distance={coordinate_min_distance} voxels to one of "
-                f"the {len(placed)} earlier coordinates, {too_little_lung} had less than "
-                f"lung_min_fraction={lung_min_fraction} lung in the {size} cube; lower these, ask for fewer "
-                f"classes or raise max_tries"
-            )
-        placed.append(coordinate)
         words.append(
             VisualWord(
                 class_id=c,
-                coordinate=tuple(int(v) for v in coordinate.tolist()),  # type: ignore[arg-type]
+                coordinate=tuple(int(v) for v in (corner + half).tolist()),  # type: ignore[arg-type]
                 reference=int(ref),
                 members=members,
                 distances=tuple(float(dist[i]) for i in members),
@@ -451,6 +512,20 @@ def discover_visual_words(
 # ---------------------------------------------------------------------------------------------------- instances
 
 
+def _crop_box(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> torch.Tensor:
+    """(d, h, w) ``float32`` box of ``volume`` (D, H, W) starting at ``start`` (z, y, x); outside voxels ``fill``."""
+    centre = [int(a) + int(s) // 2 for a, s in zip(start, size)]
+    return torch.from_numpy(crop_cube(volume, centre, size=tuple(int(s) for s in size), fill=fill).astype(np.float32))
+
+
+def rescaled_side_range(side: int, side_range: tuple[float, float] = DEFAULT_SIDE_RANGE) -> tuple[int, int]:
+    """(low, high) of a rescaled crop's side for cubes of ``side``, high excluded, like the release's
+    ``np.random.randint(minPatchSize, maxPatchSize)``: ``round(f · side)`` for each fraction f of ``side_range``
+    ((50, 80) for 64, (25, 40) for 32)."""
+    low = max(1, round(side_range[0] * side))
+    return low, max(low + 1, round(side_range[1] * side))
+
+
 def crop_instances(
     volumes: Any,
     words: Sequence[VisualWord],
@@ -461,21 +536,29 @@ def crop_instances(
     multi_resolution: bool = False,
     side_range: tuple[float, float] = DEFAULT_SIDE_RANGE,
     jitter: int = 0,
+    rescaled: int = 2,
+    max_tries: int = 100,
     generator: torch.Generator | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop every instance of every visual word: the word's coordinate in each of its members.
+    """Crop every instance of every visual word: the word's coordinate in each of its members, as the release's
+    ``pattern_generator_3D.py`` does.
 
-    For word c and member m (in order), the crop centre is ``coordinate + δ`` with δ uniform in
-    {-jitter … jitter} per axis. Without ``multi_resolution`` the crop is ``cube_size`` around it. With
-    ``multi_resolution`` one factor f ~ U[side_range] is drawn per instance, a crop of side
-    ``max(1, round(f · s))`` per axis s is cut and resized to ``cube_size`` (trilinear, ``align_corners=False``,
-    so values stay within the crop's range). The papers draw crop sides of 50–80 voxels for 64-voxel inputs; the
-    default ``side_range`` is that range as a fraction of the cube side, U[0.78, 1.25], which keeps the same
-    zoom range for the miniature's smaller cubes. Voxels outside the volume are ``fill`` (0 for volumes
-    normalised by :func:`~thrifty.data.volumes.clip_and_normalize`, -1000 for HU).
+    * Exact crop (lines 342 and 432): the cube of ``cube_size`` around the coordinate, never jittered.
+    * With ``multi_resolution`` (lines 364–424, the release's ``--multi_res``), ``rescaled`` (the release: 2)
+      more crops per instance, each drawn independently: an in-plane side ``side_h`` uniform in
+      :func:`rescaled_side_range` (``np.random.randint(50, 80)`` for 64-voxel cubes; ``side_w`` follows h:w),
+      and an in-plane corner offset (δ_h, δ_w) uniform in {-jitter … jitter - 1} each
+      (``np.random.randint(-d, d)``, d = 10 in the release); the crop spans rows ``y0 + δ_h … + side_h``, columns
+      ``x0 + δ_w … + side_w`` and exactly the exact crop's slices (depth is neither shifted nor rescaled), from the
+      exact crop's corner (z0, y0, x0). It is re-drawn until it lies inside the volume (at most ``max_tries``,
+      then padded with ``fill``) and resized to ``cube_size`` slice by slice (bilinear, ``align_corners=False``:
+      skimage's order-1 ``resize``; values stay within the crop's range). The release takes multi-resolution
+      crops for training instances only; pass ``multi_resolution=False`` for ``split="val"`` to match it.
 
-    Every instance is returned (the release's chunked save lost one per 50 classes): M = C · K exactly.
+    Voxels outside the volume are ``fill`` (0 for volumes normalised by
+    :func:`~thrifty.data.volumes.clip_and_normalize`, -1000 for HU). Every instance is returned (the release's
+    chunked save lost one per 50 classes).
 
     Args:
         volumes: (N, D, H, W) volumes of ``split`` (HU or normalised), array or tensor; member indices index it.
@@ -483,14 +566,19 @@ def crop_instances(
         cube_size: (d, h, w) of the output cubes.
         fill: value of voxels outside the volume.
         split: "train" uses ``members``, "val" ``members_val`` (then ``volumes`` are the validation volumes).
-        multi_resolution: draw a crop side per instance and resize.
-        side_range: (low, high) crop side as a fraction of the cube side.
-        jitter: maximum shift of the centre, voxels per axis.
-        generator: randomness of jitter and sides; default ``torch.Generator().manual_seed(seed)``.
+        multi_resolution: add the rescaled crops.
+        side_range: (low, high) rescaled side as fractions of the cube's in-plane side (high excluded).
+        jitter: in-plane corner offset bound of the rescaled crops, voxels (0: none).
+        rescaled: rescaled crops per instance.
+        max_tries: draws of a rescaled crop before padding it.
+        generator: randomness of the rescaled crops; default ``torch.Generator().manual_seed(seed)``.
         seed: used when ``generator`` is ``None``.
 
     Returns:
-        cubes (M, 1, d, h, w) ``float32`` and labels (M,) int64: each word's ``class_id`` repeated once per member.
+        cubes (M, 1, d, h, w) ``float32`` and labels (M,) int64. With C words of K members each: the C·K exact
+        crops first (word by word, members in order), then, with ``multi_resolution``, one block of C·K per
+        rescaled crop in the same order (the release's ``train_data1``, ``train_data2``, ``train_data3``):
+        M = C·K·(1 + rescaled); labels are the words' ``class_id`` in the same layout.
     """
     vols = _as_numpy(volumes)
     if vols.ndim != 4:
@@ -498,36 +586,42 @@ def crop_instances(
     size = _triple(cube_size, what="cube_size")
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0, got {jitter}")
+    if rescaled < 0 or max_tries < 1:
+        raise ValueError(f"need rescaled >= 0 and max_tries >= 1, got {rescaled} and {max_tries}")
     low, high = (float(v) for v in side_range)
-    if multi_resolution and not 0 < low <= high:
-        raise ValueError(f"side_range must be (low, high) with 0 < low <= high, got {side_range}")
+    if multi_resolution and not 0 < low < high:
+        raise ValueError(f"side_range must be (low, high) with 0 < low < high, got {side_range}")
+    side_lo, side_hi = rescaled_side_range(size[1], (low, high))
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-    cubes: list[torch.Tensor] = []
+    d, h, w = size
+    blocks: list[list[torch.Tensor]] = [[] for _ in range(1 + (rescaled if multi_resolution else 0))]
     labels: list[int] = []
     for word in words:
-        members = word.indices(split)
-        for m in members:
+        for m in word.indices(split):
             if not 0 <= m < vols.shape[0]:
                 raise ValueError(
                     f"visual word {word.class_id} names {split} patient {m}, but only {vols.shape[0]} volumes "
                     "were given (validation members need the validation volumes)"
                 )
-            centre = torch.tensor(word.coordinate)
-            if jitter:
-                centre = centre + torch.randint(-jitter, jitter + 1, (3,), generator=gen)
-            if multi_resolution:
-                f = low + (high - low) * float(torch.rand((), generator=gen))
-                side = tuple(max(1, round(f * s)) for s in size)
-            else:
-                side = size
-            crop = torch.from_numpy(crop_cube(vols[m], centre.tolist(), size=side, fill=fill).astype(np.float32))
-            if side != size:
-                crop = F.interpolate(crop[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-            cubes.append(crop)
+            z0, y0, x0 = (c - s // 2 for c, s in zip(word.coordinate, size))
+            blocks[0].append(_crop_box(vols[m], (z0, y0, x0), size, fill))
             labels.append(word.class_id)
-    if not cubes:
+            for r in range(1, len(blocks)):
+                for _ in range(max_tries):
+                    side_h = int(torch.randint(side_lo, side_hi, (), generator=gen))
+                    side_w = max(1, round(side_h * w / h))
+                    dy, dx = torch.randint(-jitter, jitter, (2,), generator=gen).tolist() if jitter else (0, 0)
+                    ys, xs = y0 + dy, x0 + dx
+                    if ys >= 0 and xs >= 0 and ys + side_h <= vols.shape[2] and xs + side_w <= vols.shape[3]:
+                        break
+                crop = _crop_box(vols[m], (z0, ys, xs), (d, side_h, side_w), fill)
+                if (side_h, side_w) != (h, w):
+                    crop = F.interpolate(crop[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+                blocks[r].append(crop)
+    if not labels:
         return torch.zeros(0, 1, *size), torch.zeros(0, dtype=torch.long)
-    return torch.stack(cubes)[:, None].contiguous(), torch.tensor(labels, dtype=torch.long)
+    cubes = torch.stack([c for block in blocks for c in block])[:, None].contiguous()
+    return cubes, torch.tensor(labels * len(blocks), dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------------ purity

@@ -4,8 +4,10 @@
 * NCC (nodule false-positive reduction): :class:`~thrifty.methods.genesis.model.EncoderClassifier`, the pre-trained
   encoder plus global pooling and one logit, BCE-with-logits; scored by AUC.
 * NCS (nodule segmentation): the whole :class:`~thrifty.methods.genesis.model.UNet3D` (encoder *and* decoder, as
-  the papers fine-tune it) with logits out, BCE + soft Dice; scored by IoU and Dice of the mask thresholded at
-  ``threshold``, averaged over cubes. Pretexts without a decoder (rotation) transfer the encoder only.
+  the papers fine-tune it) with logits out, BCE + soft Dice (``finetune.seg_loss=dice``: the Models Genesis
+  release's Dice-only loss); scored by IoU and Dice of the mask thresholded at ``threshold``, averaged over cubes,
+  and by the release's two-class mean IoU over thresholds 0.5 … 0.95 (:func:`release_mean_iou`, on the scale of
+  the papers' NCS column). Pretexts without a decoder (rotation) transfer the encoder only.
 
 Protocol: Adam (lr 1e-3), random flips of training cubes, validation score every ``eval_every`` steps, the best
 validation step's weights kept, early stopping after ``patience`` validations without improvement; the test split
@@ -28,7 +30,7 @@ from torch import nn
 
 from thrifty.core.metrics import roc_auc
 from thrifty.core.run import MetricsLog, write_json
-from thrifty.methods.genesis.config import GenesisConfig
+from thrifty.methods.genesis.config import SEG_LOSSES, GenesisConfig
 from thrifty.methods.genesis.data import GenesisData, TaskSet, fraction_patients
 from thrifty.methods.genesis.model import EncoderClassifier, UNet3D, load_encoder, load_weights, place, to_device
 
@@ -38,17 +40,31 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------- metrics
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0) -> torch.Tensor:
-    """1 − soft Dice of sigmoid(logits) against a 0/1 target, per cube then averaged. (B, 1, d, h, w) → scalar."""
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    inter = (p * t).sum(1)
-    return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0, pooled: bool = False
+) -> torch.Tensor:
+    """1 − soft Dice of sigmoid(logits) against a 0/1 target. (B, 1, d, h, w) → scalar.
+
+    ``pooled=False``: per cube, then averaged over the batch. ``pooled=True``: one Dice over every voxel of the
+    batch, as the Models Genesis release's ``dice_coef`` (``keras/downstream_tasks/utils.py``) flattens the whole
+    batch, with the same smoothing ``eps`` = 1."""
+    p = torch.sigmoid(logits).flatten(0 if pooled else 1)
+    t = target.flatten(0 if pooled else 1)
+    inter = (p * t).sum(-1)
+    return (1 - (2 * inter + eps) / (p.sum(-1) + t.sum(-1) + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits + soft Dice (the usual nodule-segmentation loss)."""
-    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, *, kind: str = "bce_dice") -> torch.Tensor:
+    """The NCS training loss of ``finetune.seg_loss``. (B, 1, d, h, w) logits and 0/1 target → scalar.
+
+    ``bce_dice``: BCE-with-logits + per-cube soft Dice (the usual nodule-segmentation loss, our default).
+    ``dice``: the Models Genesis release's loss, ``dice_coef_loss`` = 1 − ``dice_coef`` (soft Dice pooled over
+    the batch, smoothing 1; ``keras/downstream_tasks/utils.py``, compiled by ``segmentation_model_compile``)."""
+    if kind == "bce_dice":
+        return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+    if kind == "dice":
+        return soft_dice_loss(logits, target, pooled=True)
+    raise ValueError(f"unknown segmentation loss {kind!r}; choose from {list(SEG_LOSSES)}")
 
 
 def iou_dice(pred: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +78,46 @@ def iou_dice(pred: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.n
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
     dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
     return iou.numpy(), dice.numpy()
+
+
+RELEASE_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # 0.5, 0.55 … 0.95, as np.arange(0.5, 1, 0.05)
+
+
+def release_mean_iou(
+    prob: torch.Tensor, target: torch.Tensor, *, thresholds: tuple[float, ...] = RELEASE_THRESHOLDS
+) -> float:
+    """The Models Genesis release's NCS score, in %: two-class (background and nodule) mean IoU, averaged over
+    the mask thresholds 0.5, 0.55 … 0.95.
+
+    ``prob`` (N, 1, d, h, w): sigmoid outputs; ``target`` (N, 1, d, h, w): 0/1 masks (> 0.5 is nodule).
+
+    Source: ``mean_iou`` in ``keras/downstream_tasks/utils.py`` of ``MrGiovanni/ModelsGenesis``, the metric that
+    ``segmentation_model_compile``/``segmentation_model_evaluation`` report as "[EVAL] IoU" (the notebook
+    ``keras/downstream_tasks/lung nodule segmentation.ipynb`` prints 77.14 for Genesis Chest CT, the scale of the
+    papers' NCS column). For each ``t`` of ``np.arange(0.5, 1.0, 0.05)`` it thresholds ``y_pred > t`` (strict) and calls
+    ``tf.metrics.mean_iou(y_true, y_pred_t, 2)``, then averages the ten values. TF's ``mean_iou`` accumulates a
+    2×2 confusion matrix (``_streaming_confusion_matrix``) and returns the mean over classes of
+    TP_c / (TP_c + FP_c + FN_c), leaving out a class whose denominator is 0 (0 if both are).
+
+    Aggregation: one confusion matrix per threshold over every voxel of the set (pooled, not per cube), which is
+    what the streaming matrix holds after the last batch. Keras' ``evaluate`` itself prints the batch-size
+    weighted mean of the running value after each batch; that artefact of the batch order is not reproduced.
+    Background dominates a cube, so this score sits near 50 + IoU/2 and is not comparable with the foreground
+    IoU of :func:`iou_dice`."""
+    t = (target > 0.5).flatten()
+    p = prob.flatten()
+    n = t.numel()
+    n_true = int(t.sum())
+    scores = []
+    for thr in thresholds:
+        pred = p > thr
+        tp = int((pred & t).sum())
+        n_pred = int(pred.sum())
+        fp, fn = n_pred - tp, n_true - tp
+        tn = n - tp - fp - fn
+        ious = [inter / den for inter, den in ((tn, tn + fp + fn), (tp, tp + fp + fn)) if den > 0]
+        scores.append(sum(ious) / len(ious) if ious else 0.0)
+    return 100 * sum(scores) / len(scores)
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -138,7 +194,9 @@ def score(
 ) -> dict[str, float]:
     """NCC: ``{"auc"}`` in %. NCS: ``{"iou", "dice"}`` in %, means over cubes, of the mask at ``threshold`` on the
     sigmoid; with ``threshold=None`` every threshold of :data:`THRESHOLDS` is tried and the best IoU is returned with
-    its ``"threshold"`` (for validation only: the test split is scored at the threshold validation chose)."""
+    its ``"threshold"`` (for validation only: the test split is scored at the threshold validation chose). NCS also
+    gives ``"release_miou"``, the release's metric (:func:`release_mean_iou`), which averages its own thresholds
+    and so does not depend on ``threshold``."""
     if task == "ncc":
         logits = predict(net, split.ncc_cubes, device, channels_last=cfg.channels_last)[:, 0]
         return {"auc": 100 * roc_auc(logits.numpy(), split.ncc_labels.numpy())}
@@ -148,6 +206,7 @@ def score(
         iou, dice = iou_dice(prob > t, split.ncs_masks > 0.5)
         if not best or iou.mean() > best["iou"] / 100:
             best = {"iou": 100 * float(iou.mean()), "dice": 100 * float(dice.mean()), "threshold": t}
+    best["release_miou"] = release_mean_iou(prob, split.ncs_masks)
     return best
 
 
@@ -203,7 +262,11 @@ def finetune(
             y = y_flipped if task == "ncs" else y
         logits = net(to_device(x, device, channels_last=cfg.channels_last))
         y = to_device(y, device, channels_last=cfg.channels_last)
-        loss = F.binary_cross_entropy_with_logits(logits, y) if task == "ncc" else segmentation_loss(logits, y)
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, y)
+            if task == "ncc"
+            else segmentation_loss(logits, y, kind=f.seg_loss)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -73,12 +73,13 @@ def discover(cfg: GenesisConfig, data: GenesisData, out_dir: Path, metrics: Metr
     emb_va = discovery.patient_embeddings(ae, pool_va)
     words = discovery.discover_visual_words(
         embeddings_train=emb_tr,
-        lung_masks_train=data.lung_train,
+        volumes_train=data.pool_train[:, 0],
         num_classes=v.num_classes,
         top_k_train=v.top_k_train,
         cube_size=cfg.data.cube,
         coordinate_min_distance=v.min_distance,
-        lung_min_fraction=v.lung_min_fraction,
+        max_dense_fraction=cfg.data.max_dense_fraction,  # the release's lung_max, shared with its cube generator
+        margin=cfg.data.margin,
         embeddings_val=emb_va,
         top_k_val=v.top_k_val,
         seed=cfg.pretrain.seed,
@@ -91,7 +92,7 @@ def discover(cfg: GenesisConfig, data: GenesisData, out_dir: Path, metrics: Metr
             cube_size=cfg.data.cube,
             fill=0.0,
             split=split,
-            multi_resolution=v.multi_resolution,
+            multi_resolution=v.multi_resolution and split == "train",  # the release: training instances only
             jitter=v.jitter,
             seed=cfg.pretrain.seed + (0 if split == "train" else 1),
         )

@@ -7,7 +7,8 @@
   Self-classification, and Self-restoration", MICCAI 2020, arXiv 2007.06959): elastic deformation, then exactly
   one of the four Models Genesis perturbations; the target is the undeformed cube.
 - TransVW (Haghighi et al., "Transferable Visual Words", IEEE TMI 2021, arXiv 2102.10680) restores visual words
-  perturbed with the same Models Genesis pipeline (:func:`models_genesis`).
+  perturbed with Semantic Genesis's pipeline (:func:`semantic_genesis`): the ``luna_loader`` of its PyTorch
+  ``data_loader.py`` is Semantic Genesis's line for line (elastic deformation, then one of four perturbations).
 
 Everything works on batches of cubes ``x`` of shape (B, C, D, H, W) (C = 1 for CT) with values in [0, 1] (HU
 clipped to [-1000, 1000] and scaled), on any device. Every random transform takes a ``torch.Generator`` and
@@ -53,6 +54,7 @@ __all__ = [
     "bezier_lut",
     "box_mask",
     "elastic",
+    "elastic_displacement",
     "flip",
     "gaussian_kernel1d",
     "inpaint",
@@ -63,6 +65,7 @@ __all__ = [
     "outpaint",
     "painting",
     "semantic_genesis",
+    "warp_inplane",
 ]
 
 Overlap = Literal["last", "partition"]
@@ -582,27 +585,73 @@ def _smooth3d(field: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
+def elastic_displacement(
+    shape: Sequence[int],
+    *,
+    alpha: float = 991.0,
+    sigma: float = 8.0,
+    generator: torch.Generator,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """In-plane displacement field of Semantic Genesis's elastic deformation, in voxels.
+
+    shape: (B, D, H, W) → (B, 2, D, H, W): channel 0 moves rows (H), channel 1 columns (W); depth has no
+    component. Each channel is, like the release's ``dx`` and ``dy`` (``purturbation.py`` lines 86–87), U[−1, 1]
+    per voxel over the whole (D, H, W) grid, smoothed by a 3-D Gaussian of std ``sigma`` voxels (zero padding,
+    truncated at 4σ: scipy's ``gaussian_filter(..., mode="constant", cval=0)``), times ``alpha``.
+    """
+    b, d, h, w = (int(s) for s in shape)
+    device = device if device is not None else generator.device
+    field = _uniform((b * 2, d, h, w), generator=generator, device=device, dtype=dtype) * 2 - 1
+    if sigma > 0:
+        field = _smooth3d(field, sigma)
+    return (field * alpha).view(b, 2, d, h, w)
+
+
+def warp_inplane(x: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """Resample every depth slice at in-plane positions ``(h + dh, w + dw)``: bilinear, mirrored about the outer
+    voxel edges outside the slice (scipy's ``map_coordinates(..., order=1, mode="reflect")``), depth untouched.
+
+    x: (B, C, D, H, W); displacement: (B, 2, D, H, W) (rows, cols) in voxels → (B, C, D, H, W). Slice ``z`` of the
+    output reads slice ``z`` of the input only.
+    """
+    _check_cube(x)
+    b, c, d, h, w = x.shape
+    if displacement.shape != (b, 2, d, h, w):
+        raise ValueError(f"expected a displacement of shape {(b, 2, d, h, w)}, got {tuple(displacement.shape)}")
+    disp = displacement.to(device=x.device, dtype=x.dtype)
+    rows = torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1) + disp[:, 0]  # (B, D, H, W)
+    cols = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w) + disp[:, 1]
+    # grid_sample's normalised coordinates with align_corners=False: −1 and 1 are the outer edges of the end voxels
+    grid = torch.stack([(2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1], dim=-1).view(b * d, h, w, 2)
+    slices = x.transpose(1, 2).reshape(b * d, c, h, w)
+    out = F.grid_sample(slices, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return out.view(b, d, c, h, w).transpose(1, 2).contiguous()
+
+
 def elastic(x: torch.Tensor, *, alpha: float = 991.0, sigma: float = 8.0, generator: torch.Generator) -> torch.Tensor:
-    """Elastic deformation (Simard et al. 2003, in 3D): per sample, three displacement fields U[−1, 1] per voxel,
-    smoothed by a Gaussian of std ``sigma`` voxels (zero padding), scaled by ``alpha`` (voxels), resampled with
-    trilinear ``grid_sample`` (border padding, corners aligned).
+    """Semantic Genesis's elastic deformation (Simard et al. 2003), in-plane only, as the SG/TransVW releases'
+    ``elastic_transform`` (``pytorch/utils/purturbation.py`` lines 79–93: ``map_coordinates`` reads at
+    ``(y + dy, x + dx, z)``): rows and columns are displaced by smooth random fields (:func:`elastic_displacement`),
+    depth never; resampled bilinearly slice by slice with mirrored borders (:func:`warp_inplane`).
 
     x: (B, C, D, H, W) → (B, C, D, H, W); values stay within the input's range (convex combinations).
     ``alpha = 0`` is the identity up to interpolation rounding.
+
+    Size: the release's ``alpha = 991, sigma = 8`` (these defaults; the ``full`` preset) are for 64×64×32 cubes of
+    ~1 mm CT; they displace by 4.6 voxels RMS in-plane (3.2 per axis) there. The miniature's 32×32×16 phantom
+    cubes have vessel radii under 2 voxels, so its config uses ``alpha = 40, sigma = 4`` (σ scaled with the cube):
+    0.53 voxels RMS in-plane displacement (0.37 per axis), measured over 512 draws on a 32×32×16 cube, border
+    voxels included (the zero-padded smoothing shrinks the field near the faces). The release's values on that
+    cube would give 3.9 voxels RMS (2.8 per axis).
     """
     _check_cube(x)
     b, _, d, h, w = x.shape
-    field = _uniform((b * 3, d, h, w), generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-    if sigma > 0:
-        field = _smooth3d(field, sigma)
-    disp = field.view(b, 3, d, h, w) * alpha
-    base = torch.stack(
-        torch.meshgrid(*(torch.arange(s, device=x.device, dtype=x.dtype) for s in (d, h, w)), indexing="ij")
+    disp = elastic_displacement(
+        (b, d, h, w), alpha=alpha, sigma=sigma, generator=generator, device=x.device, dtype=x.dtype
     )
-    coords = base + disp  # (B, 3, D, H, W) voxel coordinates, axis order d, h, w
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in (d, h, w)], device=x.device, dtype=x.dtype).view(1, 3, 1, 1, 1)
-    grid = (coords * scale - 1).flip(1).permute(0, 2, 3, 4, 1)  # (B, D, H, W, 3) as (x=w, y=h, z=d)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return warp_inplane(x, disp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
