@@ -1,9 +1,10 @@
 """Configuration of the BigSSL recipe; defaults = the ``quick`` miniature of the method card.
 
-Arms: ``scratch`` (CTC or RNN-T from random weights), ``pretrained`` (wav2vec 2.0 or w2v-BERT on the unlabelled audio,
-then CTC or RNN-T) and ``pretrained+nst`` (noisy-student generations on top of ``pretrained``), each at every label fraction and
-seed. ``stages``, ``pretrain.objective``, ``finetune.init(s)``, ``finetune.fractions``, ``nst.fractions`` and
-``nst.generations`` are selectors: they choose which units run, so they may change when a run resumes.
+Arms: ``scratch`` (CTC or RNN-T from random weights), ``pretrained`` (wav2vec 2.0 or w2v-BERT on the unlabelled
+audio, then CTC or RNN-T) and ``pretrained+nst`` (noisy-student generations on top of ``pretrained``), each at every
+label fraction and seed. ``stages``, ``pretrain.objective``, ``finetune.init(s)``, ``finetune.fractions``,
+``nst.fractions`` and ``nst.generations`` are selectors: they choose which units run, so they may change when a run
+resumes.
 """
 
 from __future__ import annotations
