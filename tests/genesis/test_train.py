@@ -58,6 +58,10 @@ def test_smoke_writes_claims_tables_figures_and_exports(smoke) -> None:
         load_encoder(net, state)  # loads strictly into the recipe's U-Net
         unet_state, _ = load_weights(unit / "unet.safetensors")
         net.load_state_dict(unet_state)
+        result = json.loads((unit / "result.json").read_text())
+        assert result["constant_loss"] > 0 and result["val_loss_over_constant"] > 0
+    pre = next(t for t in res["tables"] if t["title"].startswith("Pre-training"))
+    assert "constant predictor" in pre["columns"] and all(r[4] for r in pre["rows"])
     # C x K x 3 (an exact and two rescaled crops per training instance, the release's multi-resolution), all written
     assert res["visual_words"]["instances"]["train"] == 3 * 4 * 3
     assert res["visual_words"]["instances"]["val"] == 3 * 2  # C x K_val exact crops, as the release's validation

@@ -30,12 +30,14 @@ def curves_with_band(
     title: str,
     path: Path,
     logx: bool = False,
+    reference: tuple[float, str] | None = None,
 ) -> Path:
     """One line per label: the mean over its runs, with a min–max band.
 
     Args:
         series: label -> list of runs, each ``(xs, ys)``; runs of a label share their xs (the first
             run's xs are used, shorter runs are cut to the common length).
+        reference: an optional horizontal reference line ``(y, label)`` (a baseline), drawn dashed.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for label, runs in series.items():
@@ -48,6 +50,8 @@ def curves_with_band(
         (line,) = ax.plot(xs, ys.mean(0), label=f"{label} (n={len(runs)})", lw=1.8)
         if len(runs) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, lw=0)
+    if reference is not None:
+        ax.axhline(reference[0], color="black", ls="--", lw=1.2, label=reference[1])
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

@@ -119,14 +119,26 @@ def task_figures(cfg: GenesisConfig, results: dict, figdir: Path) -> list[Path]:
 
 
 def pretrain_curves(pretrained: dict[str, dict[int, dict]], path: Path) -> Path | None:
+    """Held-out pretext loss over steps, per arm, as a share of the best constant predictor's loss on the same
+    perturbed cubes (1 = the constant; below it, the pretext has learnt something), so pretexts whose losses have
+    different scales (MSE, cross-entropy) share one axis. Results without a constant (older runs) plot raw."""
+    ratio = all(r.get("constant_loss") for per in pretrained.values() for r in per.values())
     series = {
-        arm: [([c[0] for c in r["curve"]], [c[1] for c in r["curve"]]) for r in per.values()]
+        arm: [
+            ([c[0] for c in r["curve"]], [c[1] / (r["constant_loss"] if ratio else 1.0) for c in r["curve"]])
+            for r in per.values()
+        ]
         for arm, per in pretrained.items()
     }
     if not series:
         return None
     return curves_with_band(
-        series, xlabel="pre-training step", ylabel="held-out pretext loss", title="Pretext validation loss", path=path
+        series,
+        xlabel="pre-training step",
+        ylabel="held-out pretext loss / constant predictor's" if ratio else "held-out pretext loss",
+        title="Pretext validation loss",
+        path=path,
+        reference=(1.0, "constant predictor") if ratio else None,
     )
 
 
