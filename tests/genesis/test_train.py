@@ -199,3 +199,13 @@ def test_works_claim_uses_the_validation_chosen_arm_and_the_centre_intensity_bas
     table = task_table(cfg, results, "ncc", low, trivial)
     assert table["rows"][0][:4] == ["trivial: centre 3×3×3 intensity", "-", "72.0", "71.0"]
     assert all(len(r) == len(table["columns"]) for r in table["rows"])
+
+
+def test_calibration_pilot_reads_no_test_cube(tmp_path, data_dir) -> None:
+    res, run_dir = _run(tmp_path, data_dir, "stages=[data,finetune]", "arms=[scratch]", "finetune.test=false")
+    reads = [json.loads(line) for line in (run_dir / "access_log.jsonl").read_text().splitlines()]
+    assert reads and not [r for r in reads if r["split"] == "test"]
+    results = _finetune_results(run_dir)
+    assert results and all(r["test"] == {} and r["val"] >= 0 for r in results.values())
+    with pytest.raises(Exception, match="calibration pilots"):
+        _run(tmp_path, data_dir, "finetune.test=false")

@@ -190,6 +190,8 @@ class FinetuneConfig:
         max_steps, batch_size, lr: Adam fine-tuning; ``eval_every`` steps between validation scores (the best
             validation step is kept; test is scored once, with that model).
         patience: validations without improvement before stopping.
+        test: score the test split after training. ``false`` for calibration pilots (run the ``data`` and
+            ``finetune`` stages only): validation scores alone, and the access log shows no test read.
         augment: random flips of training cubes (and their masks).
         threshold: NCS mask threshold on the sigmoid.
         select_threshold: choose the NCS mask threshold on validation (0.05 … 0.95, with the step), instead of the
@@ -207,6 +209,7 @@ class FinetuneConfig:
     tasks: list[str] = dataclasses.field(default_factory=lambda: list(TASKS))
     task: str = ""
     label_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.2])
+    test: bool = True
     max_steps: int = 40
     batch_size: int = 8
     lr: float = 1e-3
@@ -249,6 +252,11 @@ class GenesisConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not self.finetune.test and "evaluate" in self.stages:
+            raise ValueError(
+                "finetune.test=false is for calibration pilots, which must not score the test split: run "
+                "stages=[data,discover,pretrain,finetune] (no evaluate)"
+            )
         for key, allowed, values in (
             ("stages", STAGES, self.stages),
             ("finetune.tasks", TASKS, self.finetune.tasks),

@@ -286,7 +286,11 @@ def finetune(
                     break
     train_s = time.perf_counter() - t0
     net.load_state_dict(best["state"])
-    test = score(task, net, data.target_test.get("final_test", unit), cfg, device, threshold=best.get("threshold"))
+    test = (
+        score(task, net, data.target_test.get("final_test", unit), cfg, device, threshold=best.get("threshold"))
+        if f.test
+        else {}  # a calibration pilot: validation only, and the access log shows no test read
+    )
     result = {
         "task": task,
         "arm": arm,

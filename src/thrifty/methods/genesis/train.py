@@ -373,7 +373,7 @@ def train(cfg: GenesisConfig) -> dict[str, Any]:
                     metrics,
                     info.device,
                 )
-                advance(1, unit=f"{task}/{arm}/s{seed}", test=res["test"][PRIMARY[task]])
+                advance(1, unit=f"{task}/{arm}/s{seed}", score=res["test"].get(PRIMARY[task], res["val"]))
         distributed.barrier()
 
     summary: dict[str, Any] = {
