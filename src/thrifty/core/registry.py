@@ -91,6 +91,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2007.06959, 2102.10680",
         "3D CT",
         "thrifty.methods.genesis.train",
+        claim_preset="cpu",
         headline="genesis_off_beats_scratch_*",
     ),
     Recipe(
