@@ -168,6 +168,9 @@ def value_claim(
     )
 
 
+TRIVIAL_PAPER_VALUE = "not reported (the claim protocol's trivial baseline)"
+
+
 def works_claim(
     *,
     id: str,
@@ -176,8 +179,8 @@ def works_claim(
     baseline_value: float | dict[int, float],
     margin: float,
     direction: Direction,
-    paper_value: Any,
     preset: str,
+    paper_value: Any = TRIVIAL_PAPER_VALUE,
     baseline: str,
     unit: str = "",
     note: str = "",
@@ -192,6 +195,7 @@ def works_claim(
         method: the method's per-seed metric, keyed by seed.
         baseline_value: the trivial baseline's metric on the same data (a number, or per seed).
         margin: the stated margin, >= 0, in the metric's unit.
+        paper_value: papers rarely report a trivial baseline; the default says so.
     """
     _check_direction(direction)
     if not margin >= 0:

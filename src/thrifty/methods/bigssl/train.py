@@ -161,7 +161,6 @@ def make_claims(cfg: BigSSLConfig, results: dict, tests: list[str], trivial: dic
                     baseline_value=floor,
                     margin=WORKS_MARGIN,
                     direction="less",
-                    paper_value="not reported (the claim protocol's trivial baseline)",
                     preset=cfg.preset,
                     baseline="trivial output",
                     unit="WER points",

@@ -125,7 +125,6 @@ def make_claims(cfg: GenesisConfig, results: dict, trivial: dict[str, float] | N
                 baseline_value=trivial["test"],
                 margin=WORKS_MARGIN,
                 direction="greater",
-                paper_value="not reported (the claim protocol's trivial baseline)",
                 preset=cfg.preset,
                 baseline="centre intensity",
                 unit="AUC points",
