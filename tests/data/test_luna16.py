@@ -82,7 +82,9 @@ def test_scans_come_back_in_the_frame_with_their_labels(luna, tmp_path) -> None:
         pc, pl = p.candidate_arrays()
         assert np.array_equal(centers, pc) and np.array_equal(labels, pl)
         inter = (s.nodule_mask & p.nodule_mask).sum()
-        assert inter / p.nodule_mask.sum() > 0.5  # annotated spheres cover the phantom's nodules
+        # annotated spheres cover the phantom's nodules: one diameter in mm over anisotropic voxels (2.5 mm in z,
+        # 1.5 in-plane) gives an ellipsoid 0.6 as deep as the phantom's isotropic nodule, and spikes reach beyond it
+        assert inter / p.nodule_mask.sum() > 0.4
         dice = 2 * (s.lung_mask & p.lung_mask).sum() / (s.lung_mask.sum() + p.lung_mask.sum())
         assert dice > 0.8  # the HU heuristic finds the phantom's lungs
     again = cached_scans(root, tmp_path, subsets=[0, 1], shape=(48, 64, 64))  # from the cache
