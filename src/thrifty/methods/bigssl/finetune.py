@@ -220,8 +220,11 @@ def fit(
 def evaluate(
     model: ASRModel, data: SpeechData, lm: CharNGramLM | None, cfg: BigSSLConfig, *, unit: str, device: torch.device
 ) -> dict[str, Any]:
-    """Tune (λ, β) on dev (CTC with an LM), then score every test set once: greedy and fused beam search."""
+    """Tune (λ, β) on dev (CTC with an LM), then score every test set once: greedy and fused beam search. A
+    calibration pilot (``finetune.test=false``) reads nothing and returns ``{"test": {}}``."""
     res: dict[str, Any] = {"test": {}}
+    if not cfg.finetune.test:
+        return res
     fusion = None
     ctc = isinstance(model, CTCModel)
     if ctc and lm is not None and cfg.decode.use_lm:
@@ -281,7 +284,7 @@ def finetune(
         freeze_steps=cfg.finetune.freeze_steps if source is not None else 0,
         encoder_lr_scale=cfg.finetune.encoder_lr_scale if source is not None else 1.0,
     )
-    scores = evaluate(model, data, lm, cfg, unit=unit, device=device) if cfg.finetune.test else {"test": {}}
+    scores = evaluate(model, data, lm, cfg, unit=unit, device=device)
     result = {"init": init, "fraction": fraction, "seed": seed, **record, **scores}
     write_json(done, result)
     return result

@@ -252,7 +252,7 @@ def generation(
         "seed": seed,
         **stats,
         **record,
-        **(evaluate(student, data, lm, cfg, unit=unit, device=device) if cfg.finetune.test else {"test": {}}),
+        **evaluate(student, data, lm, cfg, unit=unit, device=device),
     }
     write_json(done, result)
     return result
