@@ -8,6 +8,19 @@ shape, threads, CPU and torch version.
 
 When several search workers share a machine, :func:`machine_lock` lets latency be timed only while no worker
 trains: training holds the lock shared, timing holds it exclusively.
+
+Interleaved, reference-relative protocol (:func:`interleaved_latency`, :func:`time_in_fresh_process`). Timed
+alone, one architecture's milliseconds move by tens of percent with machine load, and the Pareto front moves
+with them. Instead, every candidate and one fixed *reference* encoder are timed in the same session: after
+``warmup`` untimed calls of each, ``rounds`` rounds visit every model once, in an order reshuffled each round
+(seeded), timing ``runs_per_round`` consecutive calls and keeping that block's median. A candidate's per-round
+ratio block_median(candidate) / block_median(reference) compares two measurements taken seconds apart, so slow
+drifts of load cancel; the median ratio (with a 95% Student-t interval over rounds) is the comparable number,
+and ``ms_at_reference`` = median ratio × the reference's median restates it in milliseconds. Reshuffling keeps
+any position-in-round effect (caches, frequency scaling) from favouring one model. :func:`time_in_fresh_process`
+runs the protocol in a freshly spawned interpreter, optionally pinned to given cores, with a fixed intra-op
+thread count and models rebuilt from their configurations (latency depends on the architecture, not on weight
+values), so nothing left by training (allocator state, thread pools, autograd caches) skews the timings.
 """
 
 from __future__ import annotations
@@ -15,9 +28,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import multiprocessing
+import os
+import random
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from thrifty.core.claims import mean_ci95
 from thrifty.core.run import write_json
 
 
@@ -235,3 +253,193 @@ def repeatability(measurements: list[dict[str, Any]]) -> dict[str, float]:
         "relative_range": (max(med) - min(med)) / mean if mean else 0.0,
         "cv_of_medians": statistics.stdev(med) / mean if len(med) > 1 and mean else 0.0,
     }
+
+
+def _affinity() -> list[int] | None:
+    """The cores this process may run on, or None where the platform cannot tell."""
+    getaff = getattr(os, "sched_getaffinity", None)
+    return sorted(getaff(0)) if getaff is not None else None
+
+
+def interleaved_latency(
+    models: dict[str, nn.Module],
+    *,
+    reference: str,
+    batch: int,
+    seq_len: int,
+    threads: int,
+    warmup: int,
+    rounds: int,
+    runs_per_round: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time several encoders in one session, interleaved, relative to the ``reference`` among them.
+
+    Each model (an HF encoder with ``.config.vocab_size``) is called through :class:`EncoderOnly` in ``eval()``
+    under ``inference_mode`` with ``threads`` intra-op threads, on one fixed input ``input_ids`` of shape
+    (batch, seq_len) (:func:`example_input`). Every model gets ``warmup`` untimed calls; then each of ``rounds``
+    rounds visits every model once, in an order shuffled per round by ``random.Random(seed)``, timing
+    ``runs_per_round`` consecutive calls and keeping their median (the round's block median, ms).
+
+    Returns the settings (``reference``, ``batch``, ``seq_len``, ``threads``, ``rounds``, ``runs_per_round``,
+    ``warmup``, ``seed``, ``order``: the per-round visiting orders, ``cores``: this process's CPU affinity or
+    None) and ``models[name]`` with ``block_medians_ms`` (one per round), ``median_ms``/``p90_ms``/``mean_ms``/
+    ``cv``/``runs`` over all timed calls, ``ratios`` (per round, block median over the reference's in the same
+    round), ``ratio_median``, ``ratio_mean``, ``ratio_ci95`` ([lo, hi], Student-t over rounds) and
+    ``ms_at_reference`` (= ratio_median × the reference's median_ms).
+    """
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the timed models {sorted(models)}")
+    if rounds < 2:
+        raise ValueError(f"rounds must be >= 2 (a per-round ratio interval needs two rounds), got {rounds}")
+    if runs_per_round < 1:
+        raise ValueError(f"runs_per_round must be >= 1, got {runs_per_round}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    names = list(models)
+    wrapped = {n: EncoderOnly(m).eval() for n, m in models.items()}
+    inputs = {n: example_input(batch, seq_len, m.config.vocab_size) for n, m in models.items()}
+    rng = random.Random(seed)
+    orders: list[list[str]] = []
+    times: dict[str, list[float]] = {n: [] for n in names}
+    blocks: dict[str, list[float]] = {n: [] for n in names}
+    with num_threads(threads), torch.inference_mode():
+        for n in names:
+            timed_runs(lambda n=n: wrapped[n](inputs[n]), warmup=warmup, repeats=0)
+        for _ in range(rounds):
+            order = names.copy()
+            rng.shuffle(order)
+            orders.append(order)
+            for n in order:
+                block = timed_runs(lambda n=n: wrapped[n](inputs[n]), warmup=0, repeats=runs_per_round)
+                times[n].extend(block)
+                blocks[n].append(float(np.median(block)))
+    ref_median = float(np.median(times[reference]))
+    per_model: dict[str, dict[str, Any]] = {}
+    for n in names:
+        ratios = [b / r for b, r in zip(blocks[n], blocks[reference])]
+        mean, (lo, hi) = mean_ci95(ratios)
+        ratio_median = float(np.median(ratios))
+        per_model[n] = {
+            "block_medians_ms": blocks[n],
+            **summarize(times[n]),
+            "ratios": ratios,
+            "ratio_median": ratio_median,
+            "ratio_mean": mean,
+            "ratio_ci95": [lo, hi],
+            "ms_at_reference": ratio_median * ref_median,
+        }
+    return {
+        "protocol": "interleaved",
+        "reference": reference,
+        "batch": batch,
+        "seq_len": seq_len,
+        "threads": threads,
+        "rounds": rounds,
+        "runs_per_round": runs_per_round,
+        "warmup": warmup,
+        "seed": seed,
+        "order": orders,
+        "cores": _affinity(),
+        "models": per_model,
+    }
+
+
+ENCODER_KINDS = ("bert", "mobilebert")
+
+
+def encoder_spec(encoder: nn.Module) -> dict[str, Any]:
+    """A picklable ``{"kind", "config"}`` description of a built HF BERT or MobileBERT encoder (or its
+    :class:`EncoderOnly` wrapper), enough to rebuild the architecture in another process."""
+    if isinstance(encoder, EncoderOnly):
+        encoder = encoder.encoder
+    kind = getattr(encoder.config, "model_type", None)
+    if kind not in ENCODER_KINDS:
+        raise ValueError(f"encoder_spec supports model_type in {ENCODER_KINDS}, not {kind!r}")
+    return {"kind": kind, "config": encoder.config.to_dict()}
+
+
+def encoder_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild (with ``torch.manual_seed(0)``, eager attention, no pooler) the encoder a spec describes; weight
+    values are arbitrary, the architecture is the spec's."""
+    from transformers import BertConfig, BertModel, MobileBertConfig, MobileBertModel
+
+    kind = spec.get("kind")
+    if kind not in ENCODER_KINDS:
+        raise ValueError(f"unknown encoder kind {kind!r} (expected one of {ENCODER_KINDS})")
+    config_cls, model_cls = (BertConfig, BertModel) if kind == "bert" else (MobileBertConfig, MobileBertModel)
+    config = config_cls(**spec["config"])
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return model_cls(config, add_pooling_layer=False)
+
+
+def _fresh_process_child(
+    conn: Any, specs: dict[str, dict[str, Any]], reference: str, cores: list[int] | None, kw: dict[str, Any]
+) -> None:
+    """Spawned entry point of :func:`time_in_fresh_process`: pin, build, time, send ``("ok", result)`` or
+    ``("error", traceback text)`` through ``conn``."""
+    try:
+        pinned = False
+        if cores is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(cores))
+            pinned = True
+        torch.set_num_threads(int(kw["threads"]))
+        models = {name: encoder_from_spec(spec) for name, spec in specs.items()}
+        result = interleaved_latency(models, reference=reference, **kw)
+        result.update(fresh_process=True, pinned=pinned, requested_cores=cores)
+        conn.send(("ok", result))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def time_in_fresh_process(
+    specs: dict[str, dict[str, Any]],
+    *,
+    reference: str,
+    cores: list[int] | None = None,
+    timeout_s: float = 1800,
+    **kw: Any,
+) -> dict[str, Any]:
+    """:func:`interleaved_latency` of the encoders ``specs`` describes (see :func:`encoder_spec`), run in a
+    freshly spawned interpreter pinned to ``cores`` (when given and the platform supports it).
+
+    ``kw`` are :func:`interleaved_latency`'s other arguments (``batch``, ``seq_len``, ``threads``, ``warmup``,
+    ``rounds``, ``runs_per_round``, ``seed``). Returns its result plus ``fresh_process``, ``pinned`` and
+    ``requested_cores`` (``cores`` is the affinity the child actually had). Raises RuntimeError with the
+    child's traceback if it fails, or after killing it if it runs past ``timeout_s``.
+    """
+    if reference not in specs:
+        raise ValueError(f"reference {reference!r} is not one of the specs {sorted(specs)}")
+    if "threads" not in kw:
+        raise ValueError("time_in_fresh_process needs threads=")
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    cores = None if cores is None else [int(c) for c in cores]
+    proc = ctx.Process(
+        target=_fresh_process_child, args=(child_conn, specs, reference, cores, kw), name="thrifty-latency"
+    )
+    proc.start()
+    child_conn.close()  # the child holds the only write end now: its exit shows up as EOF
+    try:
+        if not parent_conn.poll(timeout_s):
+            proc.kill()
+            raise RuntimeError(f"latency timing process exceeded timeout_s={timeout_s} and was killed")
+        try:
+            status, payload = parent_conn.recv()
+        except EOFError:
+            proc.join(timeout=10)
+            raise RuntimeError(f"latency timing process died without a result (exit code {proc.exitcode})") from None
+    finally:
+        parent_conn.close()
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if status != "ok":
+        raise RuntimeError(f"latency timing process failed:\n{payload}")
+    return payload
