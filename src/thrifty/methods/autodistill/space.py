@@ -28,7 +28,9 @@ class Arch:
     """One student architecture.
 
     ``kind`` is ``mobilebert`` (bottlenecked MobileBERT blocks with ``num_ffn`` stacked FFNs) or ``bert``
-    (``intra_bottleneck_size`` and ``num_ffn`` are then unused and must be 0 and 1)."""
+    (``intra_bottleneck_size`` and ``num_ffn`` are then unused and must be 0 and 1). ``norm`` and ``act`` are
+    MobileBERT's ``normalization_type`` and ``hidden_act``: the searched students keep MobileBERT's defaults
+    (``no_norm``, ReLU); the DistilBERT-like student of an IB-BERT teacher takes the teacher's (LayerNorm, GELU)."""
 
     num_layers: int
     hidden_size: int
@@ -38,6 +40,8 @@ class Arch:
     num_ffn: int = 1
     embedding_size: int = 128
     kind: str = "mobilebert"
+    norm: str = "no_norm"
+    act: str = "relu"
 
     def validate(self) -> None:
         if self.kind not in ("mobilebert", "bert"):
@@ -57,6 +61,10 @@ class Arch:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Arch:
+        return cls(**d)
+
     @property
     def key(self) -> str:
         """A short stable id (cache key, file names)."""
@@ -66,21 +74,37 @@ class Arch:
     def label(self) -> str:
         if self.kind == "bert":
             return f"BERT L{self.num_layers} d{self.hidden_size} h{self.num_heads} ffn{self.intermediate_size}"
+        extra = "" if (self.norm, self.act) == ("no_norm", "relu") else f" {self.norm} {self.act}"
         return (
-            f"L{self.num_layers} b{self.intra_bottleneck_size} h{self.num_heads} "
-            f"i{self.intermediate_size} f{self.num_ffn}" + (f" d{self.hidden_size}" if self.hidden_size != 384 else "")
+            f"L{self.num_layers} d{self.hidden_size} b{self.intra_bottleneck_size} h{self.num_heads} "
+            f"i{self.intermediate_size} f{self.num_ffn}{extra}"
         )
 
 
-def mobilebert_like(hidden_size: int = 384) -> Arch:
+def mobilebert_like(hidden_size: int = 384, embedding_size: int = 128) -> Arch:
     """The card's hand-designed MobileBERT-like student (6 layers, bottleneck 96, 4 heads, FFN 384 ×4)."""
     return Arch(
-        num_layers=6, hidden_size=hidden_size, intra_bottleneck_size=96, num_heads=4, intermediate_size=384, num_ffn=4
-    )
+        num_layers=6, hidden_size=hidden_size, intra_bottleneck_size=96, num_heads=4, intermediate_size=384, num_ffn=4,
+        embedding_size=embedding_size,
+    )  # fmt: skip
 
 
 def distilbert_like(teacher_config: Any) -> Arch:
-    """Half the teacher's depth, same width/heads/FFN, initialised from teacher layers 0, 2, 4, ... ."""
+    """DistilBERT's recipe for this teacher: half its depth, its block unchanged, initialised from teacher layers
+    0, 2, 4, ... (:func:`build_encoder`). A BERT teacher gives a ``BertConfig`` student (the card's baseline); an
+    IB-BERT (MobileBERT-type) teacher gives a MobileBERT student with the teacher's block, norm and activation."""
+    if teacher_config.model_type == "mobilebert":
+        return Arch(
+            num_layers=max(1, teacher_config.num_hidden_layers // 2),
+            hidden_size=teacher_config.hidden_size,
+            intra_bottleneck_size=teacher_config.intra_bottleneck_size,
+            num_heads=teacher_config.num_attention_heads,
+            intermediate_size=teacher_config.intermediate_size,
+            num_ffn=teacher_config.num_feedforward_networks,
+            embedding_size=teacher_config.embedding_size,
+            norm=teacher_config.normalization_type,
+            act=teacher_config.hidden_act,
+        )
     return Arch(
         num_layers=max(1, teacher_config.num_hidden_layers // 2),
         hidden_size=teacher_config.hidden_size,
@@ -120,6 +144,8 @@ def hf_config(arch: Arch, teacher_config: Any) -> Any:
             intermediate_size=arch.intermediate_size,
             num_feedforward_networks=arch.num_ffn,
             embedding_size=arch.embedding_size,
+            normalization_type=arch.norm,
+            hidden_act=arch.act,
             **shared,
         )
     cfg._attn_implementation = "eager"  # sdpa returns no attention maps, which layer-wise transfer needs
@@ -136,7 +162,9 @@ def pca_embeddings(encoder: nn.Module, teacher_embeddings: torch.Tensor) -> None
     emb = encoder.embeddings
     e = emb.word_embeddings.weight.shape[1]
     _, _, vh = torch.linalg.svd(teacher_embeddings.float(), full_matrices=False)
-    p = vh[:e].T  # (d, e)
+    p = torch.zeros(teacher_embeddings.shape[1], e)  # (d, e); columns past the teacher's rank stay zero
+    k = min(e, vh.shape[0])
+    p[:, :k] = vh[:k].T
     transform = emb.embedding_transformation.weight  # (d, 3e) when trigram input is on
     with torch.no_grad():
         emb.word_embeddings.weight.copy_(teacher_embeddings.float() @ p)
@@ -148,16 +176,31 @@ def pca_embeddings(encoder: nn.Module, teacher_embeddings: torch.Tensor) -> None
         emb.embedding_transformation.bias.zero_()
 
 
+def _same_block(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether a student layer has exactly the teacher's block (names, shapes, norm and activation)."""
+    if student.config.model_type != teacher.config.model_type:
+        return False
+    keys = ("hidden_act", "normalization_type", "num_attention_heads", "key_query_shared_bottleneck")
+    if any(getattr(student.config, k, None) != getattr(teacher.config, k, None) for k in keys):
+        return False
+    s0 = {k: v.shape for k, v in student.encoder.layer[0].state_dict().items()}
+    t0 = {k: v.shape for k, v in teacher.encoder.layer[0].state_dict().items()}
+    return s0 == t0
+
+
 def build_encoder(
     arch: Arch, teacher: nn.Module, *, seed: int, embedding_init: str = "pca"
 ) -> tuple[nn.Module, list[str]]:
     """A freshly initialised student encoder (no pooler) and the list of teacher tensors copied into it.
 
-    Teacher tables are copied where shapes and meaning agree: position and token-type embeddings always (the
-    student has the teacher's width); the word table of a BERT student of the teacher's width. A MobileBERT
-    student's 128-wide trigram word table cannot take the teacher's; ``embedding_init="pca"`` starts it from
-    the teacher's principal directions (:func:`pca_embeddings`), ``"random"`` leaves it random. A BERT student
-    with half the teacher's depth is initialised from teacher layers 0, 2, 4, ... (DistilBERT's recipe)."""
+    Teacher tables are copied where names, shapes and meaning agree: the word, position and token-type tables
+    and the embedding transformation. From an IB-BERT teacher (MobileBERT-type, 128-wide trigram embeddings)
+    a student of the teacher's width copies the whole embedding, as MobileBERT does; its embedding norm is
+    copied only when both use the same ``normalization_type``. A MobileBERT student of a BERT teacher (e.g.
+    all-MiniLM) cannot take the teacher's wider word table: ``embedding_init="pca"`` starts it from the
+    teacher's principal directions (:func:`pca_embeddings`, a flagged deviation), ``"random"`` leaves it random.
+    A student whose block equals the teacher's (the DistilBERT-like baseline) is initialised from teacher
+    layers 0, 2, 4, ... (DistilBERT's recipe)."""
     from transformers import BertModel, MobileBertModel
 
     if embedding_init not in ("pca", "random"):
@@ -168,27 +211,33 @@ def build_encoder(
     copied: list[str] = []
     t_state = teacher.state_dict()
     s_state = model.state_dict()
-    # MobileBERT's embedding "LayerNorm" is NoNorm (x·w + b, no normalisation): same shape, other meaning.
-    skip = ("embeddings.LayerNorm.",) if arch.kind == "mobilebert" else ()
+    # MobileBERT's embedding "LayerNorm" may be NoNorm (x·w + b, no normalisation): same shape, other meaning.
+    same_norm = getattr(cfg, "normalization_type", "layer_norm") == getattr(
+        teacher.config, "normalization_type", "layer_norm"
+    )
     with torch.no_grad():
         for name, value in s_state.items():
             same = name in t_state and t_state[name].shape == value.shape
-            if name.startswith("embeddings.") and not name.startswith(skip) and same:
+            if name.startswith("embeddings.LayerNorm.") and not same_norm:
+                continue
+            if name == "embeddings.word_embeddings.weight" and cfg.model_type != teacher.config.model_type:
+                continue  # a trigram MobileBERT table feeds its own transformation: not a BERT table's meaning
+            if name.startswith("embeddings.") and same:
                 value.copy_(t_state[name])
                 copied.append(name)
-        if arch.kind == "mobilebert" and embedding_init == "pca":
+        table = teacher.get_input_embeddings().weight
+        pca = embedding_init == "pca" and table.shape[1] == arch.hidden_size  # a BERT teacher's table at our width
+        if arch.kind == "mobilebert" and "embeddings.word_embeddings.weight" not in copied and pca:
             pca_embeddings(model, teacher.get_input_embeddings().weight.detach())
             copied.append("embeddings.word_embeddings (PCA)")
-        if arch.kind == "bert" and arch.hidden_size == teacher.config.hidden_size:
+        if _same_block(model, teacher):
             stride = max(1, teacher.config.num_hidden_layers // arch.num_layers)
             for i in range(arch.num_layers):
                 src = f"encoder.layer.{i * stride}."
                 for name, value in s_state.items():
                     if name.startswith(f"encoder.layer.{i}."):
-                        t_name = src + name[len(f"encoder.layer.{i}.") :]
-                        if t_name in t_state and t_state[t_name].shape == value.shape:
-                            value.copy_(t_state[t_name])
-                            copied.append(name)
+                        value.copy_(t_state[src + name[len(f"encoder.layer.{i}.") :]])
+                        copied.append(name)
     model.config._attn_implementation = "eager"
     return model, copied
 
@@ -210,20 +259,23 @@ def count_flops(model: nn.Module, seq_len: int) -> int:
     return int(counter.get_total_flops())
 
 
-def space_choices(space: Any) -> dict[str, list[int]]:
-    """Knob → sorted choices, from a :class:`~thrifty.methods.autodistill.config.SpaceConfig`."""
-    return {k: sorted(set(getattr(space, k))) for k in KNOBS}
+def space_choices(space: Any, teacher_dim: int) -> dict[str, list[int]]:
+    """Knob → sorted choices, from a :class:`~thrifty.methods.autodistill.config.SpaceConfig`; an empty
+    ``hidden_size`` list means the teacher's width ``teacher_dim``."""
+    out = {k: sorted(set(getattr(space, k))) for k in KNOBS}
+    out["hidden_size"] = out["hidden_size"] or [teacher_dim]
+    return out
 
 
 def arch_from_params(params: dict[str, int], embedding_size: int) -> Arch:
     return Arch(**{k: int(params[k]) for k in KNOBS}, embedding_size=embedding_size)
 
 
-def enumerate_space(space: Any) -> list[Arch]:
+def enumerate_space(space: Any, teacher_dim: int) -> list[Arch]:
     """Every valid architecture of the space (its size, and whether a config leaves any valid choice)."""
     import itertools
 
-    choices = space_choices(space)
+    choices = space_choices(space, teacher_dim)
     out = []
     for values in itertools.product(*(choices[k] for k in KNOBS)):
         arch = arch_from_params(dict(zip(KNOBS, values)), space.embedding_size)
