@@ -549,3 +549,15 @@ def test_interval_holds_strict_rule():
     assert interval_holds([-2.0, -1.0], "less", -1.0) is False
     assert interval_holds([1.0, 2.0], "greater", 0.5) is True
     assert interval_holds([1.0, 2.0], "greater", 1.0) is False
+
+
+def test_a_bootstrap_statistic_has_its_verdict_recomputed_from_its_interval():
+    """A ``statistic`` claim (Kendall τ over architectures, bootstrap interval) is not a mean over seeds: its
+    measured value and interval stand as stored, and the verdict must follow from the interval."""
+    rec = Claim(id="tau", statement="", paper_value="", measured=0.59, ci95=(0.15, 0.88), direction="greater",
+                threshold=0.0, baseline="τ = 0", values=(0.13, 0.14, 0.12), seeds=(0, 1, 2), preset="cpu",
+                kind="statistic").to_dict()  # fmt: skip
+    again = recompute(rec)
+    assert again["measured"] == 0.59 and again["ci95"] == (0.15, 0.88) and again["holds"] is True
+    rec["ci95"] = [-0.1, 0.88]
+    assert recompute(rec)["holds"] is False  # a stored holds=True would now be flagged by the reference check

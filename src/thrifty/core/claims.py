@@ -18,7 +18,7 @@ import numpy as np
 from scipy import stats
 
 Direction = Literal["less", "greater"]
-Kind = Literal["value", "paired", "works"]
+Kind = Literal["value", "paired", "works", "statistic"]
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
@@ -60,8 +60,10 @@ class Claim:
         seeds: the seeds, aligned with ``values``.
         preset: the budget it was measured at.
         unit: unit of ``measured`` (``nats``, ``AUROC points`` ...).
-        kind: ``value`` (one quantity against a threshold), ``paired`` (arm A − arm B, paired by seed) or
-            ``works`` (the method against a trivial baseline on the same test data, by a margin).
+        kind: ``value`` (one quantity against a threshold), ``paired`` (arm A − arm B, paired by seed),
+            ``works`` (the method against a trivial baseline on the same test data, by a margin) or ``statistic``
+            (one statistic over units that are not seeds, e.g. Kendall τ over architectures, with a bootstrap
+            interval: ``values`` are the units' inputs, and only the verdict can be recomputed from the interval).
         holds: computed, never given.
     """
 
@@ -118,6 +120,10 @@ def recompute(record: dict[str, Any]) -> dict[str, Any]:
     _check_direction(record["direction"])
     if len(record["values"]) != len(record["seeds"]):
         raise ValueError(f"claim {record['id']!r}: values and seeds do not align")
+    if record.get("kind") == "statistic":  # a bootstrap interval: the verdict must follow from it
+        ci = tuple(math.nan if v is None else float(v) for v in record["ci95"])
+        measured = math.nan if record.get("measured") is None else float(record["measured"])
+        return {"measured": measured, "ci95": ci, "holds": interval_holds(ci, record["direction"], record["threshold"])}
     mean, ci = mean_ci95(record["values"])
     return {"measured": mean, "ci95": ci, "holds": interval_holds(ci, record["direction"], record["threshold"])}
 
