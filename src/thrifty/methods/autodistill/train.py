@@ -483,7 +483,7 @@ def hv_claim(cfg: AutodistillConfig, comparison: dict[str, Any]) -> Claim | None
         paper_value="multi-objective BO explores the space (no random-search baseline reported)",
         preset=cfg.preset,
         baseline="random search",
-        unit="acc × ms",
+        unit="acc × latency ratio",
     )
 
 
