@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from thrifty.core.run import progress, write_json
 from thrifty.data.text import Document
 from thrifty.methods.autodistill.data import MaskedBatches, mask_tokens, masked_batches, sample_sequences
+from thrifty.methods.autodistill.distill import lr_at
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -94,14 +95,6 @@ def ibbert_config(tcfg: Any, vocab_size: int) -> Any:
     )
     cfg._attn_implementation = "eager"
     return cfg
-
-
-def lr_at(step: int, total: int, *, lr: float, warmup_frac: float) -> float:
-    """Linear warm-up over ``warmup_frac`` of the steps, then linear decay to 0."""
-    warm = max(1, int(warmup_frac * total))
-    if step < warm:
-        return lr * (step + 1) / warm
-    return lr * max(0.0, (total - step) / max(1, total - warm))
 
 
 def masked_logits(model: Any, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -165,7 +158,7 @@ def pretrain(
             keep = labels != -100
             loss = F.cross_entropy(masked_logits(model, ids, keep), labels[keep])
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, tcfg.steps, lr=tcfg.lr, warmup_frac=tcfg.warmup_frac)
+                group["lr"] = lr_at(step, tcfg.steps, lr=tcfg.lr, end_lr=0.0, warmup_frac=tcfg.warmup_frac)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

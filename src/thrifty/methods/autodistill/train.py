@@ -660,15 +660,13 @@ def teacher_table(students: dict[str, dict[str, Any]], info: dict[str, Any]) -> 
 
 def trials_table(trials: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     front = {r["key"] for r in front_of(unique_archs(trials))}
-    rows = [
-        [f"#{t['number']}", t["label"], f"{t['params'] / 1e6:.2f}M", f"{t['flops'] / 1e9:.3f}", f"{t['val_acc']:.4f}",
-         f"{t['latency_ratio']:.3f}", f"{t['latency_ms']:.2f}", "yes" if t["key"] in front else ""]
-        for t in trials
-    ] + [
-        [name, b["label"], f"{b['params'] / 1e6:.2f}M", f"{b['flops'] / 1e9:.3f}", f"{b['val_acc']:.4f}",
-         f"{b['latency_ratio']:.3f}", f"{b['latency_ms']:.2f}", "baseline"]
-        for name, b in baselines.items()
-    ]  # fmt: skip
+
+    def row(name: str, r: dict[str, Any], mark: str) -> list[str]:
+        return [name, r["label"], f"{r['params'] / 1e6:.2f}M", f"{r['flops'] / 1e9:.3f}", f"{r['val_acc']:.4f}",
+                f"{r['latency_ratio']:.3f}", f"{r['latency_ms']:.2f}", mark]  # fmt: skip
+
+    rows = [row(f"#{t['number']}", t, "yes" if t["key"] in front else "") for t in trials]
+    rows += [row(name, b, "baseline") for name, b in baselines.items()]
     return {
         "title": "Search trials (flash distillation; accuracy on flash-validation; latency as the median per-round "
         "ratio to the MobileBERT-like reference timed in alternation, and the candidate's own median ms)",
