@@ -28,6 +28,7 @@ from torch import nn
 
 from thrifty.core.run import progress
 from thrifty.methods.autodistill.losses import layer_transfer_loss, mixed_mlm_loss
+from thrifty.methods.autodistill.schedule import lr_at
 from thrifty.methods.autodistill.teacher import MLMHead, TeacherCache
 
 
@@ -82,15 +83,6 @@ def first_layers(student: Student, n: int) -> Iterator[None]:
 def teacher_layer(k: int, student_layers: int, teacher_layers: int) -> int:
     """Uniform layer map: student layer k (0-based) → teacher hidden-state index in 1..L_t."""
     return max(1, min(teacher_layers, round((k + 1) * teacher_layers / student_layers)))
-
-
-def lr_at(step: int, total: int, *, lr: float, end_lr: float, warmup_frac: float) -> float:
-    """Linear warm-up over ``warmup_frac`` of the stage, then linear decay from ``lr`` to ``end_lr``."""
-    warm = int(warmup_frac * total)
-    if step < warm:
-        return lr * (step + 1) / warm
-    frac = (step - warm) / max(1, total - warm)
-    return lr + (end_lr - lr) * frac
 
 
 def set_stage_trainable(student: Student, stage: int | None, *, freeze_lower: bool) -> list[nn.Parameter]:

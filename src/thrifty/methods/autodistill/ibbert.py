@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from thrifty.core.run import progress, write_json
 from thrifty.data.text import Document
 from thrifty.methods.autodistill.data import MaskedBatches, mask_tokens, masked_batches, sample_sequences
-from thrifty.methods.autodistill.distill import lr_at
+from thrifty.methods.autodistill.schedule import lr_at
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
