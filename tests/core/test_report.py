@@ -401,3 +401,12 @@ def test_summary_has_one_row_per_known_recipe(tmp_path):
     md_path, _ = render([a, b], tmp_path / "out", references={})
     table = _section_table(md_path.read_text(), "## Summary")
     assert [r[0] for r in table[1:]] == ["glam"]
+
+
+def test_a_claim_cell_counts_seeds_or_bootstrap_units():
+    from thrifty.core.report import claim_cell
+
+    seeded = {"id": "a", "measured": 1.0, "ci95": [0.5, 1.5], "seeds": [0, 1, 2], "holds": True, "kind": "paired"}
+    assert claim_cell(seeded).endswith("(3 seeds) — holds")
+    tau = {**seeded, "id": "tau", "seeds": list(range(12)), "kind": "statistic", "holds": False}
+    assert "(12 units, bootstrap) — does not hold" in claim_cell(tau)

@@ -129,12 +129,13 @@ def _cost_rows(run: dict[str, Any]) -> list[list[Any]]:
 
 def claim_cell(c: dict[str, Any] | None, *, sep: str = " — ") -> str:
     """``id: measured [lo, hi] (n seeds){sep}verdict`` of one claim record (a dash for none), for the
-    report's tables and the claims log."""
+    report's tables and the claims log; a ``statistic`` claim counts its bootstrap units instead of seeds."""
     if c is None:
         return "—"
     verdict = "holds" if c.get("holds") else "does not hold"
     n = len(c.get("seeds", []))
-    return f"{c['id']}: {_num(c['measured'])} {_ci(c['ci95'])} ({n} seeds){sep}{verdict}"
+    units = "units, bootstrap" if c.get("kind") == "statistic" else "seeds"  # e.g. Kendall τ over architectures
+    return f"{c['id']}: {_num(c['measured'])} {_ci(c['ci95'])} ({n} {units}){sep}{verdict}"
 
 
 def _label(run: dict[str, Any]) -> str:
