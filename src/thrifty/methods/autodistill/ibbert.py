@@ -239,13 +239,3 @@ def ensure_teacher(
 def read_teacher_info(root: Path) -> dict[str, Any]:
     path = root / "teacher.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def cost_summary(info: dict[str, Any]) -> str:
-    """One line for logs and READMEs: steps, tokens and seconds of the pre-training."""
-    if not info:
-        return ""
-    return (
-        f"{info['steps']} MLM steps, {info['tokens_seen'] / 1e6:.1f}M tokens, {info['params'] / 1e6:.1f}M parameters, "
-        f"{info['total_seconds']:.0f} s (tokenizer {info['tokenizer_seconds']:.1f} s)"
-    )

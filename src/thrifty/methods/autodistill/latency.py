@@ -219,6 +219,18 @@ class LatencyCache:
             data[key] = value
             write_json(self.path, data)
 
+    def get_or_measure(
+        self, key: str, measure_fn: Callable[[], dict[str, Any]], *, min_runs: int, use_cache: bool = True
+    ) -> dict[str, Any]:
+        """The stored measurement under ``key`` when it has at least ``min_runs`` timed runs, else
+        ``measure_fn()`` stored with this CPU's name; ``cached`` says which."""
+        hit = self.get(key) if use_cache else None
+        if hit is not None and hit.get("runs", 0) >= min_runs:
+            return {**hit, "cached": True}
+        result = {**measure_fn(), "hardware": self.hardware}
+        self.put(key, result)
+        return {**result, "cached": False}
+
 
 def measure_cached(
     encoder: nn.Module,
@@ -233,15 +245,13 @@ def measure_cached(
     repeats: int,
     use_cache: bool = True,
 ) -> dict[str, Any]:
-    key = cache.key(arch_key, backend, batch, seq_len, threads)
-    hit = cache.get(key) if use_cache else None
-    if hit is not None and hit.get("runs", 0) >= repeats:
-        return {**hit, "cached": True}
-    result = measure(encoder, backend=backend, batch=batch, seq_len=seq_len, threads=threads, warmup=warmup,
-                     repeats=repeats)  # fmt: skip
-    result["hardware"] = cache.hardware
-    cache.put(key, result)
-    return {**result, "cached": False}
+    return cache.get_or_measure(
+        cache.key(arch_key, backend, batch, seq_len, threads),
+        lambda: measure(encoder, backend=backend, batch=batch, seq_len=seq_len, threads=threads, warmup=warmup,
+                        repeats=repeats),
+        min_runs=repeats,
+        use_cache=use_cache,
+    )  # fmt: skip
 
 
 def repeatability(measurements: list[dict[str, Any]]) -> dict[str, float]:
@@ -255,7 +265,7 @@ def repeatability(measurements: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def _affinity() -> list[int] | None:
+def cpu_affinity() -> list[int] | None:
     """The cores this process may run on, or None where the platform cannot tell."""
     getaff = getattr(os, "sched_getaffinity", None)
     return sorted(getaff(0)) if getaff is not None else None
@@ -342,7 +352,7 @@ def interleaved_latency(
         "warmup": warmup,
         "seed": seed,
         "order": orders,
-        "cores": _affinity(),
+        "cores": cpu_affinity(),
         "models": per_model,
     }
 

@@ -61,10 +61,6 @@ class Arch:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Arch:
-        return cls(**d)
-
     @property
     def key(self) -> str:
         """A short stable id (cache key, file names)."""

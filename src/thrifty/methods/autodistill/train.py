@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from thrifty.methods.autodistill.config import AutodistillConfig
 from thrifty.methods.autodistill.data import build_task, glue_task_data
 from thrifty.methods.autodistill.downstream import task_features, train_probe
 from thrifty.methods.autodistill.export import export_student
-from thrifty.methods.autodistill.latency import encoder_spec, machine_lock, time_in_fresh_process
+from thrifty.methods.autodistill.latency import cpu_affinity, encoder_spec, machine_lock, time_in_fresh_process
 from thrifty.methods.autodistill.search import (
     completed,
     fail_stale_trials,
@@ -351,8 +350,7 @@ def latency_session(ctx: Context, students: dict[str, Any], *, reference: str) -
     ``latency.cores`` (:func:`~.latency.time_in_fresh_process`), at the first configured batch size; ratios to
     ``reference`` (the MobileBERT-like baseline, a fixed architecture)."""
     lc = ctx.cfg.latency
-    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cores = list(lc.cores) or affinity[: lc.num_threads] or None
+    cores = list(lc.cores) or (cpu_affinity() or [])[: lc.num_threads] or None
     specs = {name: encoder_spec(model.encoder) for name, model in students.items()}
     with machine_lock(ctx.lock, exclusive=True):
         return time_in_fresh_process(
@@ -615,11 +613,11 @@ def distil_over_seeds(ctx: Context, run_dir: Path, flash: dict[str, Any]) -> dic
     """One compared student: ``long_factor`` × longer distillation once per seed of ``seeds`` (weights kept),
     validation and test masked-token accuracy per seed, and their means with 95% intervals."""
     arch = Arch(**flash["arch"])
-    per_seed: dict[int, dict[str, Any]] = {}
-    recs = {}
-    for seed in ctx.cfg.seeds:
-        recs[seed] = long_distill(ctx, run_dir, arch, flash, seed=seed, keep=True)
-        per_seed[seed] = {"val_acc": recs[seed]["val_acc"], **student_test_accuracy(ctx, run_dir, arch, seed)}
+    recs = {seed: long_distill(ctx, run_dir, arch, flash, seed=seed, keep=True) for seed in ctx.cfg.seeds}
+    per_seed = {
+        seed: {"val_acc": rec["val_acc"], **student_test_accuracy(ctx, run_dir, arch, seed)}
+        for seed, rec in recs.items()
+    }
     first = recs[ctx.cfg.seeds[0]]
     val_mean, val_ci = mean_ci95([r["val_acc"] for r in per_seed.values()])
     test_mean, test_ci = mean_ci95([r["test_acc"] for r in per_seed.values()])

@@ -187,7 +187,7 @@ def prepare_context(cfg: AutodistillConfig, *, lock: Path | None = None) -> Cont
         _save_batches(files["heldout"], held)
         write_json(info_file, info)
     if cfg.teacher.source == "ibbert":
-        info["teacher_pretraining"] = {k: v for k, v in read_teacher_info(t.directory).items()}
+        info["teacher_pretraining"] = read_teacher_info(t.directory)
     latency_cache = LatencyCache(data_root(cfg) / "autodistill-latency.json", cpu_name())
     return Context(cfg, teacher, tokenizer, head, cache, held["val"], held["test"], info, latency_cache, corpus, lock)
 
@@ -208,35 +208,34 @@ def measure_latency(ctx: Context, arch: Arch, encoder: nn.Module) -> dict[str, A
     lc = ctx.cfg.latency
     if next(encoder.parameters()).device.type != "cpu":
         encoder = copy.deepcopy(encoder).cpu()
-    ref_key = ctx.reference_arch.key
+    reference = ctx.reference_arch
+
+    def against_reference(batch: int) -> dict[str, Any]:
+        shape = dict(batch=batch, seq_len=lc.seq_len, threads=lc.num_threads, warmup=lc.warmup)
+        if lc.backend == "torch":
+            res = interleaved_latency(
+                {"reference": ctx.reference_encoder, "candidate": encoder}, reference="reference",
+                rounds=lc.rounds, runs_per_round=max(1, lc.repeats // lc.rounds), **shape,
+            )  # fmt: skip
+            cand, ref = res["models"]["candidate"], res["models"]["reference"]
+            rec = {"backend": "torch", "protocol": "interleaved", **shape,
+                   **{k: cand[k] for k in ("median_ms", "p90_ms", "mean_ms", "cv", "runs")},
+                   "ratio": cand["ratio_median"], "ratio_ci95": cand["ratio_ci95"]}  # fmt: skip
+        else:
+            cand = measure(encoder, backend=lc.backend, repeats=lc.repeats, **shape)
+            ref = measure(ctx.reference_encoder, backend=lc.backend, repeats=lc.repeats, **shape)
+            rec = {**cand, "protocol": "back-to-back", "ratio": cand["median_ms"] / ref["median_ms"],
+                   "ratio_ci95": [math.nan, math.nan]}  # fmt: skip
+        return {**rec, "reference_ms": ref["median_ms"], "reference": reference.label}
+
     out = {}
     with machine_lock(ctx.lock, exclusive=True):
         for b in lc.batch_sizes:
-            key = ctx.latency_cache.key(f"{arch.key}|vs-{ref_key}|r{lc.rounds}", lc.backend, b, lc.seq_len,
+            key = ctx.latency_cache.key(f"{arch.key}|vs-{reference.key}|r{lc.rounds}", lc.backend, b, lc.seq_len,
                                         lc.num_threads)  # fmt: skip
-            hit = ctx.latency_cache.get(key) if lc.use_cache else None
-            if hit is not None and hit.get("runs", 0) >= lc.repeats:
-                out[str(b)] = {**hit, "cached": True}
-                continue
-            shape = dict(batch=b, seq_len=lc.seq_len, threads=lc.num_threads, warmup=lc.warmup)
-            if lc.backend == "torch":
-                res = interleaved_latency(
-                    {"reference": ctx.reference_encoder, "candidate": encoder}, reference="reference",
-                    rounds=lc.rounds, runs_per_round=max(1, lc.repeats // lc.rounds), **shape,
-                )  # fmt: skip
-                cand, ref = res["models"]["candidate"], res["models"]["reference"]
-                rec = {"backend": "torch", "protocol": "interleaved", **shape,
-                       **{k: cand[k] for k in ("median_ms", "p90_ms", "mean_ms", "cv", "runs")},
-                       "ratio": cand["ratio_median"], "ratio_ci95": cand["ratio_ci95"],
-                       "reference_ms": ref["median_ms"]}  # fmt: skip
-            else:
-                cand = measure(encoder, backend=lc.backend, repeats=lc.repeats, **shape)
-                ref = measure(ctx.reference_encoder, backend=lc.backend, repeats=lc.repeats, **shape)
-                rec = {**cand, "protocol": "back-to-back", "ratio": cand["median_ms"] / ref["median_ms"],
-                       "ratio_ci95": [math.nan, math.nan], "reference_ms": ref["median_ms"]}  # fmt: skip
-            rec.update(reference=ctx.reference_arch.label, hardware=ctx.latency_cache.hardware)
-            ctx.latency_cache.put(key, rec)
-            out[str(b)] = {**rec, "cached": False}
+            out[str(b)] = ctx.latency_cache.get_or_measure(
+                key, lambda b=b: against_reference(b), min_runs=lc.repeats, use_cache=lc.use_cache
+            )
     return out
 
 
