@@ -15,6 +15,7 @@ BENCHMARKS = [
     "genesis_transforms.py",
     "genesis_unet.py",
     "bigssl_speed.py",
+    "data_assemble_speed.py",
 ]
 
 if __name__ == "__main__":

@@ -109,13 +109,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "score",
-        help="score new images with a trained model (CSV of scores + heat-maps)",
+        help="score new images with a trained model (a CSV of scores or per-label probabilities)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipes with a scoring API: squid\n"
-        "  thrifty score squid --checkpoint runs/squid/quick/units/squid/seed0 xray1.png xray2.jpeg --out scored/",
+        epilog="recipes with a scoring API: squid, data_assemble\n"
+        "  thrifty score squid --checkpoint runs/squid/quick/units/squid/seed0 xray1.png xray2.jpeg --out scored/\n"
+        "  thrifty score data_assemble --checkpoint runs/data_assemble/quick/units/assemble/seed0 xrays/ --out probs/",
     )
     sp.add_argument("recipe", help="recipe name (see `thrifty list`)")
-    sp.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (png, jpeg, bmp, tiff)")
+    sp.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE",
+        help="image files (png, jpeg, bmp, tiff); data_assemble also takes folders",
+    )  # fmt: skip
     sp.add_argument(
         "--checkpoint", required=True, type=Path, help="a trained unit directory (<run>/units/<arm>/seed<k>)"
     )
@@ -314,9 +318,10 @@ def _data_errors() -> tuple[type[Exception], ...]:
     (an ``except`` tuple is evaluated lazily), so ``thrifty list`` does not pay for importing torch."""
     from thrifty.data.digit_anatomy import DigitAnatomyError
     from thrifty.data.images import ImageDataError
+    from thrifty.methods.data_assemble.score import ScoringError as AssembleScoringError
     from thrifty.methods.squid.score import ScoringError
 
-    return (DigitAnatomyError, ImageDataError, ScoringError)
+    return (DigitAnatomyError, ImageDataError, ScoringError, AssembleScoringError)
 
 
 def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip_bad: bool) -> int:
@@ -331,9 +336,10 @@ def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip
     except ModuleNotFoundError as err:
         if err.name not in (name, f"thrifty.methods.{rec.name}"):
             raise  # a missing dependency, not a missing scoring API
-        raise RecipeNotReady(f"recipe {recipe!r} has no scoring API (recipes with one: squid)") from None
+        raise RecipeNotReady(f"recipe {recipe!r} has no scoring API (recipes with one: squid, data_assemble)") from None
     csv_path = module.score_files(checkpoint, images, out, skip_bad=skip_bad)
-    print(f"scores: {csv_path}  heat-maps: {csv_path.parent / 'heatmaps'}")
+    heatmaps = csv_path.parent / "heatmaps"
+    print(f"scores: {csv_path}" + (f"  heat-maps: {heatmaps}" if heatmaps.is_dir() else ""))
     return EXIT_OK
 
 

@@ -111,7 +111,14 @@ RECIPES: tuple[Recipe, ...] = (
         "dermoscopy",
         None,
     ),
-    Recipe("data_assemble", "Data, assemble: partial labels across datasets", "2109.12265", "X-ray", None),
+    Recipe(
+        "data_assemble",
+        "Data, assemble: partial labels across datasets",
+        "2109.12265",
+        "X-ray",
+        "thrifty.methods.data_assemble.train",
+        headline="assemble_beats_naive_target_auc",
+    ),
     Recipe(
         "pe_cad",
         "Pulmonary-embolism CAD: CNN vs ViT, SSL vs supervised, CC vs MIL",
