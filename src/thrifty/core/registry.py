@@ -117,6 +117,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2109.12265",
         "X-ray",
         "thrifty.methods.data_assemble.train",
+        claim_preset="cpu",
         headline="assemble_beats_naive_target_auc",
     ),
     Recipe(
