@@ -53,6 +53,15 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, rounds
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def flops_of(fn: Callable[[], object]) -> float:
+    """FLOPs torch counts for one call of ``fn`` (``FlopCounterMode``: matmuls and convolutions, fwd and bwd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def matmul_peak_gflops(sizes: tuple[int, ...] = (512, 1024, 2048), seconds: float = 1.0) -> dict[str, float]:
     """Measured fp32 GEMM throughput of this CPU at the current thread count (best over sizes)."""
     out = {}

@@ -14,9 +14,8 @@ from types import SimpleNamespace
 
 import torch
 from monai.networks.nets import DenseNet, DenseNet121
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import interleaved, matmul_peak_gflops
+from common import flops_of, interleaved, matmul_peak_gflops
 from thrifty.methods.data_assemble.augment import STRONG, WEAK, augment
 from thrifty.methods.data_assemble.losses import assemble_loss, masked_bce
 from thrifty.methods.data_assemble.model import build_model
@@ -89,12 +88,6 @@ def make_steps(size: dict) -> dict[str, tuple]:
 
     out["augmentations only (weak + strong)"] = (augment_only, None, 2 * n)
     return out
-
-
-def flops_of(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def main() -> None:

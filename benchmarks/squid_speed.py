@@ -12,9 +12,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import interleaved, matmul_peak_gflops
+from common import flops_of, interleaved, matmul_peak_gflops
 from thrifty.methods.squid.config import LossConfig
 from thrifty.methods.squid.losses import discriminator_loss, generator_loss
 from thrifty.methods.squid.memory import MemoryQueue, read_weights, update_queues
@@ -64,12 +63,6 @@ def make_step(arm: str, size: dict, batch: int):
             disc(recon)
 
     return train_step, infer
-
-
-def flops_of(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def loop_read(query: torch.Tensor, memory: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from thrifty.core import distributed
 from thrifty.core.config import BaseConfig, ConfigError, diff, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Keys that may change between a run and its resumption without changing any result.
 # ``stages`` only chooses which parts of a recipe run now (e.g. ``stages=[eval]`` after training).
@@ -298,6 +299,44 @@ def machine_roots(cfg: BaseConfig) -> dict[str, str]:
         "<platlib>": sysconfig.get_paths()["platlib"],
         ".": os.getcwd(),
         "<home>": str(Path.home()),
+    }
+
+
+def open_run(
+    recipe: str, cfg: BaseConfig, *, batch_size: int | None = None
+) -> tuple[distributed.DistInfo, Path, MetricsLog]:
+    """The opening of a recipe's ``train``: torch settings, the (possibly DDP) process group, the run directory
+    (written by the main rank, waited for by the others) and the metrics log. ``batch_size``, when given, must
+    divide by the world size (each rank takes its share of every batch)."""
+    configure_torch(cfg)
+    info = distributed.init(resolve_device(cfg.device))
+    if batch_size is not None and batch_size % info.world_size:
+        raise ConfigError(f"config key 'batch_size' ({batch_size}) must be divisible by the world size")
+    run_dir = prepare_run_dir(recipe, cfg, write=info.is_main)
+    distributed.barrier()
+    return info, run_dir, MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+
+
+def main_first(build: Callable[[], T], info: distributed.DistInfo) -> T:
+    """``build()`` on the main rank first (it writes a cache), then on the other ranks (they read it)."""
+    out = build() if info.is_main else None
+    distributed.barrier()
+    return out if out is not None else build()
+
+
+def new_summary(recipe: str, paper: dict[str, Any], cfg: BaseConfig, run_dir: Path, **extra: Any) -> dict[str, Any]:
+    """The head of a recipe's ``results.json``: recipe, paper, preset, run directory, creation time, ``extra``
+    entries, and the empty claims / tables / figures lists the evaluation fills."""
+    return {
+        "recipe": recipe,
+        "paper": paper,
+        "preset": cfg.preset,
+        "run_dir": str(run_dir),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **extra,
+        "claims": [],
+        "tables": [],
+        "figures": [],
     }
 
 

@@ -44,6 +44,7 @@ from thrifty.core.run import (
     MetricsLog,
     configure_torch,
     finish_run,
+    new_summary,
     prepare_run_dir,
     progress,
     write_json,
@@ -495,17 +496,8 @@ def train(cfg: AutodistillConfig) -> dict[str, Any]:
     run_dir = prepare_run_dir(RECIPE, cfg)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     ctx = prepare_context(cfg)
-    summary: dict[str, Any] = {
-        "recipe": RECIPE,
-        "paper": PAPER,
-        "preset": cfg.preset,
-        "run_dir": str(run_dir),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "teacher": {k: v for k, v in ctx.info.items() if k != "corpus"},
-        "claims": [],
-        "tables": [],
-        "figures": [],
-    }
+    teacher = {k: v for k, v in ctx.info.items() if k != "corpus"}
+    summary = new_summary(RECIPE, PAPER, cfg, run_dir, teacher=teacher)
     timings: dict[str, float] = {"teacher": time.perf_counter() - t_start}
 
     t = time.perf_counter()

@@ -29,6 +29,7 @@ from thrifty.core.run import (
     configure_torch,
     data_root,
     finish_run,
+    new_summary,
     prepare_run_dir,
     progress,
     resolve_device,
@@ -407,20 +408,8 @@ def train(cfg: BigSSLConfig) -> dict[str, Any]:
         f: data.labelled_fraction(f).hours for f in cfg.finetune.fractions
     }  # nested prefixes of the fixed pool order
     tests = list(data.tests) if cfg.finetune.test else []  # a calibration pilot reads and reports dev only
-    summary: dict[str, Any] = {
-        "recipe": RECIPE,
-        "paper": PAPER,
-        "preset": cfg.preset,
-        "run_dir": str(run_dir),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "data": data.manifest["sizes"],
-        "fractions": {
-            str(f): {"utterances": fraction_size(f, labelled), "hours": round(h, 4)} for f, h in hours.items()
-        },
-        "claims": [],
-        "tables": [],
-        "figures": [],
-    }
+    fractions = {str(f): {"utterances": fraction_size(f, labelled), "hours": round(h, 4)} for f, h in hours.items()}
+    summary = new_summary(RECIPE, PAPER, cfg, run_dir, data=data.manifest["sizes"], fractions=fractions)
     if "evaluate" in cfg.stages and info.is_main:
         results = collect(cfg, run_dir)
         nst = collect_nst(cfg, run_dir)

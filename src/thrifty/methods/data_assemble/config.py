@@ -64,6 +64,8 @@ class RealSource:
         role: ``target`` (its patients are split into train / validation / test), ``assembled`` (training
             only) or ``unlabelled`` (training only, every label treated as missing).
         provides: the labels this source gives (empty = every label its loader reads); the others are missing.
+        implies_negative: labels this source does not annotate but guarantees absent (e.g. ``COVID-19`` for
+            NIH ChestX-ray14, collected before 2020): given, and 0, for every image.
         aliases: the source's label name -> the shared label name.
     """
 
@@ -73,6 +75,7 @@ class RealSource:
     image_root: str = ""
     role: str = "target"
     provides: list[str] = dataclasses.field(default_factory=list)
+    implies_negative: list[str] = dataclasses.field(default_factory=list)
     aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
 

@@ -268,7 +268,10 @@ def real_data(cfg: DataAssembleConfig, access: AccessLog) -> AssembleData:
         if spec.role != "unlabelled" and not provides:
             provides = tuple(spec.aliases.get(n, n) for n in table.label_names)
         tables.append(table)
-        protocols.append(pl.SourceProtocol(name=name, provides=provides, aliases=dict(spec.aliases)))
+        implied = tuple(spec.implies_negative) if spec.role != "unlabelled" else ()
+        protocols.append(
+            pl.SourceProtocol(name=name, provides=provides, implies_negative=implied, aliases=dict(spec.aliases))
+        )
         roles[name] = spec.role
     conflicts = pl.check_protocols(protocols)
     if conflicts:

@@ -89,8 +89,16 @@ def example_images(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | N
     n = min(count, len(images))
     if n == 0:
         return None
-    # prefer images with findings, the target first
-    order = np.argsort(-(labels[:, target] * 10 + labels.sum(1)), kind="stable")[:n]
+    # one image per finding (the target first), then one without findings, then the rest in order
+    order: list[int] = []
+    for j in [target, *[j for j in range(len(names)) if j != target]]:
+        hit = next((i for i in np.flatnonzero(labels[:, j]) if i not in order), None)
+        if hit is not None:
+            order.append(int(hit))
+    clean = np.flatnonzero(labels.sum(1) == 0)
+    order += [int(i) for i in clean[:1]]
+    order += [i for i in range(len(images)) if i not in order]
+    order = order[:n]
     cols = min(4, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), dpi=110, squeeze=False)

@@ -39,12 +39,12 @@ from thrifty.core.config import ConfigError, to_dict
 from thrifty.core.metrics import roc_auc
 from thrifty.core.run import (
     MetricsLog,
-    configure_torch,
     data_root,
     finish_run,
-    prepare_run_dir,
+    main_first,
+    new_summary,
+    open_run,
     progress,
-    resolve_device,
     seed_everything,
     write_json,
 )
@@ -192,15 +192,18 @@ def train_unit(
     if count is not None:
         syn = cfg.data.synthetic
         train_sets["target"] = data.target_subset(count, syn.target_positives / syn.target_images)
-    missing = [r for r in spec.roles if r not in train_sets]
+    # the target source is always needed and the assembled one by every arm that assembles; an unlabelled source is
+    # used when there is one (real data often has none: the missing labels of A and B then carry the extra terms)
+    missing = [r for r in spec.roles if r not in train_sets and r != "unlabelled"]
     if missing:
         raise ConfigError(f"arm {arm!r} needs source role(s) {missing}, which the data does not have")
+    roles = [r for r in spec.roles if r in train_sets]
     override = None
     if spec.oracle:
         override = {r: torch.ones_like(train_sets[r].given) for r in ("target", "assembled")}
     per_rank = cfg.batch_size // info.world_size
     try:
-        counts = role_counts(per_rank, cfg.data.ratios, list(spec.roles))
+        counts = role_counts(per_rank, cfg.data.ratios, roles)
     except ValueError as err:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, {per_rank} per rank): {err}") from None
     names, t = data.label_names, data.target_index
@@ -453,30 +456,11 @@ def cost_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
 def train(cfg: DataAssembleConfig) -> dict[str, Any]:
     """Run the recipe; returns the ``results.json`` content."""
     t_start = time.perf_counter()
-    configure_torch(cfg)
-    info = distributed.init(resolve_device(cfg.device))
-    if cfg.batch_size % info.world_size:
-        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the world size")
-    run_dir = prepare_run_dir(RECIPE, cfg, write=info.is_main)
-    distributed.barrier()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    info, run_dir, metrics = open_run(RECIPE, cfg, batch_size=cfg.batch_size)
     access = AccessLog(run_dir / "access_log.jsonl" if info.is_main else None)
     root = data_root(cfg)
-    data = prepare_data(cfg, root, access) if info.is_main else None
-    distributed.barrier()
-    data = data or prepare_data(cfg, root, access)
-
-    summary: dict[str, Any] = {
-        "recipe": RECIPE,
-        "paper": PAPER,
-        "preset": cfg.preset,
-        "run_dir": str(run_dir),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "data": data.info,
-        "claims": [],
-        "tables": [],
-        "figures": [],
-    }
+    data = main_first(lambda: prepare_data(cfg, root, access), info)
+    summary = new_summary(RECIPE, PAPER, cfg, run_dir, data=data.info)
     results: dict[str, dict[int, dict]] = {}
     sweep: dict[int, dict[str, dict[int, dict]]] = {}
     if "train" in cfg.stages:

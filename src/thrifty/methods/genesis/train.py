@@ -31,6 +31,7 @@ from thrifty.core.run import (
     configure_torch,
     data_root,
     finish_run,
+    new_summary,
     prepare_run_dir,
     progress,
     resolve_device,
@@ -375,18 +376,7 @@ def train(cfg: GenesisConfig) -> dict[str, Any]:
                 advance(1, unit=f"{task}/{arm}/s{seed}", score=res["test"].get(PRIMARY[task], res["val"]))
         distributed.barrier()
 
-    summary: dict[str, Any] = {
-        "recipe": RECIPE,
-        "paper": PAPER,
-        "preset": cfg.preset,
-        "run_dir": str(run_dir),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "data": data.manifest["sizes"],
-        "skipped_arms": skipped,
-        "claims": [],
-        "tables": [],
-        "figures": [],
-    }
+    summary = new_summary(RECIPE, PAPER, cfg, run_dir, data=data.manifest["sizes"], skipped_arms=skipped)
     if "evaluate" in cfg.stages and info.is_main:
         results = load_finetune_results(run_dir, cfg)
         pretrained = pretrained or load_pretrain_results(run_dir, cfg)

@@ -38,12 +38,12 @@ from thrifty.core.config import ConfigError
 from thrifty.core.metrics import accuracy_f1, average_precision, roc_auc, threshold_max_accuracy
 from thrifty.core.run import (
     MetricsLog,
-    configure_torch,
     data_root,
     finish_run,
-    prepare_run_dir,
+    main_first,
+    new_summary,
+    open_run,
     progress,
-    resolve_device,
     seed_everything,
     write_json,
 )
@@ -757,30 +757,11 @@ def cost_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
 def train(cfg: SquidConfig) -> dict[str, Any]:
     """Run the SQUID recipe; returns the ``results.json`` content."""
     t_start = time.perf_counter()
-    configure_torch(cfg)
-    info = distributed.init(resolve_device(cfg.device))
-    if cfg.batch_size % info.world_size:
-        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the world size")
-    run_dir = prepare_run_dir(RECIPE, cfg, write=info.is_main)
-    distributed.barrier()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    info, run_dir, metrics = open_run(RECIPE, cfg, batch_size=cfg.batch_size)
     access = AccessLog(run_dir / "access_log.jsonl" if info.is_main else None)
     cache = data_root(cfg)
-    data = prepare_data(cfg, cache, access) if info.is_main else None
-    distributed.barrier()
-    data = data or prepare_data(cfg, cache, access)
-
-    summary: dict[str, Any] = {
-        "recipe": RECIPE,
-        "paper": PAPER,
-        "preset": cfg.preset,
-        "run_dir": str(run_dir),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "data": data.info,
-        "claims": [],
-        "tables": [],
-        "figures": [],
-    }
+    data = main_first(lambda: prepare_data(cfg, cache, access), info)
+    summary = new_summary(RECIPE, PAPER, cfg, run_dir, data=data.info)
     results: dict[str, dict[int, dict]] = {}
     if "train" in cfg.stages:
         for arm in arm_list(cfg):
