@@ -13,11 +13,15 @@ import pytest
 import torch
 import yaml
 
+from thrifty.core import distributed
 from thrifty.core.config import ConfigError, load_config, preset_path, to_dict
 from thrifty.core.run import (
     MetricsLog,
     atomic_write_text,
     data_root,
+    main_first,
+    new_summary,
+    open_run,
     portable,
     prepare_run_dir,
     progress,
@@ -39,6 +43,30 @@ def _cfg(tmp_path, *overrides: str) -> GlamConfig:
 
 
 # --------------------------------------------------------------------------- run directories
+
+
+def test_open_run_prepares_the_directory_and_metrics_and_checks_the_batch(tmp_path):
+    cfg = _cfg(tmp_path)
+    info, run_dir, metrics = open_run("glam", cfg, batch_size=8)
+    assert info.world_size == 1 and info.is_main
+    assert run_dir == run_dir_for("glam", cfg) and (run_dir / "config.yaml").is_file()
+    metrics.log({"step": 1, "loss": 2.0})
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 2.0
+
+
+def test_main_first_builds_once_per_process_and_returns_the_result():
+    calls = []
+    info = distributed.DistInfo()
+    assert main_first(lambda: calls.append(1) or "built", info) == "built"
+    assert calls == [1]
+
+
+def test_new_summary_has_the_results_head_and_empty_lists(tmp_path):
+    cfg = _cfg(tmp_path)
+    s = new_summary("glam", {"arxiv": "x"}, cfg, tmp_path / "r", data={"n": 3})
+    assert s["recipe"] == "glam" and s["preset"] == "smoke" and s["data"] == {"n": 3}
+    assert s["claims"] == [] and s["tables"] == [] and s["figures"] == []
+    assert list(s)[-3:] == ["claims", "tables", "figures"]
 
 
 def test_run_dir_for_uses_run_name_or_preset(tmp_path):
