@@ -433,3 +433,15 @@ def test_guarded_set_logs_every_read_to_its_file(tmp_path):
     lines = (tmp_path / "access_log.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"test"' in lines[1] and '"figure"' in lines[1]
     assert len(val) == len(part)
+
+
+def test_the_assembled_source_holds_no_target_by_default_and_its_prevalence_is_a_knob(data_dir):
+    # the paper's setting: the assembled NIH ChestX-ray14 predates COVID-19, so it holds only negative examples
+    data = prepare_data(small_config(assembled_images=200), data_dir, AccessLog())
+    t = data.target_index
+    b = data.train["assembled"]
+    assert float(b.labels[:, t].sum()) == 0.0 and not b.given[:, t].any()
+    data = prepare_data(small_config(assembled_images=200, assembled_target_prevalence=1.0), data_dir, AccessLog())
+    assert float(data.train["assembled"].labels[:, t].sum()) == 200.0
+    with pytest.raises(ValueError, match="assembled_target_prevalence"):
+        small_config(assembled_target_prevalence=1.5)

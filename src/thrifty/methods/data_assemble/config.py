@@ -32,6 +32,10 @@ class SyntheticConfig:
             how many of them are positive (exact; the card: 60 with 15 positive).
         assembled_images: source B (domain B: other contrast, brightness, blur and noise), labelled for the
             six other findings, the target missing (the oracle arm sees it).
+        assembled_target_prevalence: how often B's images hold the target. 0 (default) mirrors the paper's
+            setting: the assembled NIH ChestX-ray14 predates COVID-19, so its images are the "negative examples"
+            of the class of interest, unlabelled as such; the generator's prevalence gives a B that contains
+            unlabelled positives too.
         unlabelled_images: source C (domain A), no labels.
         val_images / test_images: domain A, every label given. The test split is read once, at the end.
         prevalence / strength: overrides of the generator's per-finding prevalence and visibility (the
@@ -43,6 +47,7 @@ class SyntheticConfig:
     target_images: int = 60
     target_positives: int = 15
     assembled_images: int = 2000
+    assembled_target_prevalence: float = 0.0
     unlabelled_images: int = 1000
     val_images: int = 200
     test_images: int = 1000
@@ -225,6 +230,8 @@ class DataAssembleConfig(BaseConfig):
             syn = self.data.synthetic
             if not 0 < syn.target_positives < syn.target_images:
                 raise ValueError("config key 'data.synthetic.target_positives' must be in (0, target_images)")
+            if not 0.0 <= syn.assembled_target_prevalence <= 1.0:
+                raise ValueError("config key 'data.synthetic.assembled_target_prevalence' must be in [0, 1]")
             for key in ("assembled_images", "unlabelled_images", "val_images", "test_images"):
                 if getattr(syn, key) < 1:
                     raise ValueError(f"config key 'data.synthetic.{key}' must be >= 1")

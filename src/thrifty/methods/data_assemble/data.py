@@ -7,7 +7,8 @@ Synthetic (the card's miniature, :mod:`thrifty.data.chest_synth`), every split f
 role               source   domain  labels given
 =================  =======  ======  ==============================================================
 ``target``         A        A       the target only (``target_positives`` of ``target_images``)
-``assembled``      B        B       the six other findings; the target missing (the oracle sees it)
+``assembled``      B        B       the six other findings; the target missing (the oracle sees it); by
+                                    default B holds no target (the paper's NIH predates COVID-19)
 ``unlabelled``     C        A       none
 validation / test           A       all
 =================  =======  ======  ==============================================================
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 VAL_PURPOSES = ("selection", "calibration", "figure")
 TEST_PURPOSES = ("final_test", "figure")
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclasses.dataclass
@@ -163,7 +164,7 @@ def _generate_splits(cfg: DataAssembleConfig) -> dict[str, chest_synth.ChestBatc
     return {
         "target_pos": gen(n_pos, "target_pos", "A", {target: 1.0}),
         "target_neg": gen(pool - n_pos, "target_neg", "A", {target: 0.0}),
-        "assembled": gen(syn.assembled_images, "assembled", "B"),
+        "assembled": gen(syn.assembled_images, "assembled", "B", {target: syn.assembled_target_prevalence}),
         "unlabelled": gen(syn.unlabelled_images, "unlabelled", "A"),
         "val": gen(syn.val_images, "val", "A"),
         "test": gen(syn.test_images, "test", "A"),
