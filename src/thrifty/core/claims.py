@@ -123,9 +123,11 @@ def recompute(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("kind") == "statistic":  # a bootstrap interval: the verdict must follow from it
         ci = tuple(math.nan if v is None else float(v) for v in record["ci95"])
         measured = math.nan if record.get("measured") is None else float(record["measured"])
-        return {"measured": measured, "ci95": ci, "holds": interval_holds(ci, record["direction"], record["threshold"])}
-    mean, ci = mean_ci95(record["values"])
-    return {"measured": mean, "ci95": ci, "holds": interval_holds(ci, record["direction"], record["threshold"])}
+    elif not record["values"]:  # nothing was measured (e.g. no candidate qualified): never holds
+        measured, ci = math.nan, (math.nan, math.nan)
+    else:
+        measured, ci = mean_ci95(record["values"])
+    return {"measured": measured, "ci95": ci, "holds": interval_holds(ci, record["direction"], record["threshold"])}
 
 
 def _finite(v: float) -> float | None:

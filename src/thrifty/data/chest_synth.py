@@ -409,9 +409,8 @@ def _render(
 
     # cardiomegaly: the label is the ratio rule; strength scales the margin to the threshold
     ctr_sign = 1.0 if lab[_COL["cardiomegaly"]] else -1.0
-    margin = 0.01 + (ctr_margin - 0.01) * st["cardiomegaly"]
-    ctr = min(0.7, CTR_THRESHOLD + ctr_sign * margin)  # margin >= 0.01: never on the threshold
-    lab[_COL["cardiomegaly"]] = ctr > CTR_THRESHOLD
+    margin = min(0.2, 0.01 + (ctr_margin - 0.01) * st["cardiomegaly"])  # 0.3-0.7: a ratio on the label's side
+    ctr = CTR_THRESHOLD + ctr_sign * margin  # margin >= 0.01: never on the threshold
     thorax_w = lungs[0].lateral + lungs[1].lateral
 
     def heart_fn(ratio: float):

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from thrifty.data.images import CHEXPERT_FINDINGS, IMAGE_SUFFIXES, ImageDataError, load_image
+from thrifty.data.images import CHEXPERT_FINDINGS, IMAGE_SUFFIXES, ImageDataError, _listing, _resolve, load_image
 
 log = logging.getLogger(__name__)
 
@@ -360,15 +360,6 @@ def check_protocols(protocols: Sequence[SourceProtocol]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- file helpers
 
 
-def _listing(directory: Path, limit: int = 20) -> str:
-    try:
-        names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
-    except OSError as exc:
-        return f"(cannot list: {exc})"
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return (", ".join(names[:limit]) + more) if names else "(empty)"
-
-
 def _require_file(path: Path, what: str) -> None:
     if not path.is_file():
         state = "is a folder, not a file" if path.is_dir() else "does not exist"
@@ -663,7 +654,7 @@ def scan_chexpert_partial(
             raise ImageDataError(
                 f"{csv_path}:{line}: no patient id in {rel!r}; expected a match of {patient_pattern!r}"
             )
-        resolved = next((r / rel for r in roots if (r / rel).is_file()), None)
+        resolved = _resolve(rel, roots)
         if resolved is None:
             tried = ", ".join(str(r) for r in roots)
             raise ImageDataError(f"{csv_path}:{line}: image {rel!r} not found under any of: {tried}")
@@ -911,11 +902,9 @@ def split_by_patient(table: LabelTable, *, fractions: Mapping[str, float], seed:
     sizes = np.bincount(group, minlength=len(patients))
     ends = np.cumsum(values) * len(table)
     assign = np.zeros(len(patients), dtype=np.int64)
-    done = 0
-    for g in np.random.default_rng(seed).permutation(len(patients)):
-        middle = done + sizes[g] / 2.0
-        assign[g] = min(int(np.searchsorted(ends, middle, side="right")), len(names) - 1)
-        done += int(sizes[g])
+    perm = np.random.default_rng(seed).permutation(len(patients))
+    middle = np.cumsum(sizes[perm]) - sizes[perm] / 2.0  # each patient's middle row in the shuffled order
+    assign[perm] = np.minimum(np.searchsorted(ends, middle, side="right"), len(names) - 1)
     row_split = assign[group] if len(table) else np.zeros(0, dtype=np.int64)
     return {n: np.flatnonzero(row_split == k).astype(np.int64) for k, n in enumerate(names)}
 

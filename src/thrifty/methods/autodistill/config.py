@@ -168,6 +168,11 @@ class LatencyConfig:
     cores: list[int] = dataclasses.field(default_factory=list)
     use_cache: bool = True
 
+    @property
+    def runs_per_round(self) -> int:
+        """Timed calls per round of an interleaved session (``repeats`` spread over ``rounds``)."""
+        return max(1, self.repeats // self.rounds)
+
 
 @dataclasses.dataclass
 class SearchConfig:

@@ -357,7 +357,7 @@ def latency_session(ctx: Context, students: dict[str, Any], *, reference: str) -
         return time_in_fresh_process(
             specs, reference=reference, cores=cores, batch=lc.batch_sizes[0], seq_len=lc.seq_len,
             threads=lc.num_threads, warmup=lc.warmup, rounds=lc.eval_rounds,
-            runs_per_round=max(1, lc.repeats // lc.rounds), seed=ctx.cfg.seed,
+            runs_per_round=lc.runs_per_round, seed=ctx.cfg.seed,
         )  # fmt: skip
 
 

@@ -215,7 +215,7 @@ def measure_latency(ctx: Context, arch: Arch, encoder: nn.Module) -> dict[str, A
         if lc.backend == "torch":
             res = interleaved_latency(
                 {"reference": ctx.reference_encoder, "candidate": encoder}, reference="reference",
-                rounds=lc.rounds, runs_per_round=max(1, lc.repeats // lc.rounds), **shape,
+                rounds=lc.rounds, runs_per_round=lc.runs_per_round, **shape,
             )  # fmt: skip
             cand, ref = res["models"]["candidate"], res["models"]["reference"]
             rec = {"backend": "torch", "protocol": "interleaved", **shape,
@@ -234,7 +234,7 @@ def measure_latency(ctx: Context, arch: Arch, encoder: nn.Module) -> dict[str, A
             key = ctx.latency_cache.key(f"{arch.key}|vs-{reference.key}|r{lc.rounds}", lc.backend, b, lc.seq_len,
                                         lc.num_threads)  # fmt: skip
             out[str(b)] = ctx.latency_cache.get_or_measure(
-                key, lambda b=b: against_reference(b), min_runs=lc.repeats, use_cache=lc.use_cache
+                key, lambda b=b: against_reference(b), min_runs=lc.rounds * lc.runs_per_round, use_cache=lc.use_cache
             )
     return out
 

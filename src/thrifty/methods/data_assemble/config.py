@@ -55,6 +55,11 @@ class SyntheticConfig:
     strength: dict[str, float] = dataclasses.field(default_factory=dict)
     seed: int = 2109
 
+    @property
+    def positive_fraction(self) -> float:
+        """The share of source A's images that are positive (kept by the label-count sweep)."""
+        return self.target_positives / self.target_images
+
 
 @dataclasses.dataclass
 class RealSource:

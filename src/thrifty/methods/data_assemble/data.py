@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 VAL_PURPOSES = ("selection", "calibration", "figure")
 TEST_PURPOSES = ("final_test", "figure")
 GENERATOR_VERSION = 3
+#: the cached synthetic splits; source A is generated as separate positive and negative pools
+SPLITS = ("target_pos", "target_neg", "assembled", "unlabelled", "val", "test")
 
 
 @dataclasses.dataclass
@@ -144,16 +146,14 @@ def target_pool_size(cfg: DataAssembleConfig) -> int:
 
 
 def _split_seeds(seed: int) -> dict[str, int]:
-    names = ("target_pos", "target_neg", "assembled", "unlabelled", "val", "test")
-    return {name: seed * 100 + k for k, name in enumerate(names, start=1)}
+    return {name: seed * 100 + k for k, name in enumerate(SPLITS, start=1)}
 
 
 def _generate_splits(cfg: DataAssembleConfig) -> dict[str, chest_synth.ChestBatch]:
     syn, size = cfg.data.synthetic, cfg.data.image_size
     seeds = _split_seeds(syn.seed)
-    frac = syn.target_positives / syn.target_images
     pool = target_pool_size(cfg)
-    n_pos = max(1, round(pool * frac))
+    n_pos = max(1, round(pool * syn.positive_fraction))
     target = cfg.data.target
     common = {"size": size, "strength": syn.strength}
 
@@ -172,6 +172,7 @@ def _generate_splits(cfg: DataAssembleConfig) -> dict[str, chest_synth.ChestBatc
 
 
 def _cache_dir(cfg: DataAssembleConfig, root: Path) -> Path:
+    """The cache directory of the synthetic splits: named by the digest of :func:`synthetic_settings`."""
     blob = json.dumps(synthetic_settings(cfg), sort_keys=True).encode()
     return root / f"data_assemble-{hashlib.sha256(blob).hexdigest()[:16]}"
 
@@ -180,10 +181,9 @@ def load_synthetic(cfg: DataAssembleConfig, root: Path) -> dict[str, chest_synth
     """The synthetic splits, generated once and cached as ``.npz`` under ``root`` (masks kept for validation
     only). The cache directory's name is the digest of :func:`synthetic_settings`."""
     d = _cache_dir(cfg, root)
-    names = ("target_pos", "target_neg", "assembled", "unlabelled", "val", "test")
-    if all((d / f"{n}.npz").is_file() for n in names):
+    if all((d / f"{n}.npz").is_file() for n in SPLITS):
         out = {}
-        for n in names:
+        for n in SPLITS:
             with np.load(d / f"{n}.npz") as z:
                 masks = z["masks"] if "masks" in z.files else np.zeros((len(z["ids"]), 0, 1, 1), dtype=bool)
                 out[n] = chest_synth.ChestBatch(images=z["images"], labels=z["labels"], masks=masks, ids=z["ids"])
@@ -226,8 +226,7 @@ def synthetic_data(cfg: DataAssembleConfig, root: Path, access: AccessLog) -> As
     splits = load_synthetic(cfg, root)
     pos = _labelled(splits["target_pos"], cols, [t], masks=False)
     neg = _labelled(splits["target_neg"], cols, [t], masks=False)
-    syn = cfg.data.synthetic
-    frac = syn.target_positives / syn.target_images
+    prevalence = prevalence_of(cfg)
     data = AssembleData(
         label_names=names,
         target_index=t,
@@ -237,12 +236,13 @@ def synthetic_data(cfg: DataAssembleConfig, root: Path, access: AccessLog) -> As
         },
         val=GuardedSet("val", _labelled(splits["val"], cols, every, masks=True), access),
         test=GuardedSet("test", _labelled(splits["test"], cols, every, masks=False), access),
-        minority=[n for n in names if prevalence_of(cfg)[n] < 0.05],
+        minority=[n for n in names if prevalence[n] < 0.05],
         oracle_available=True,
         info={},
         target_pool=(pos, neg),
     )
-    data.train["target"] = data.target_subset(syn.target_images, frac)
+    syn = cfg.data.synthetic
+    data.train["target"] = data.target_subset(syn.target_images, syn.positive_fraction)
     data.info = describe(data, source="synthetic")
     return data
 
@@ -383,6 +383,9 @@ class Batch:
     labels: torch.Tensor
     given: torch.Tensor
     roles: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.images, self.labels, self.given, self.roles)))
 
 
 def draw_batch(

@@ -53,7 +53,7 @@ from thrifty.methods.data_assemble import figures
 from thrifty.methods.data_assemble.augment import STRONG, WEAK, augment
 from thrifty.methods.data_assemble.config import ROLES, DataAssembleConfig
 from thrifty.methods.data_assemble.data import AssembleData, LabelledImages, draw_batch, prepare_data, role_counts
-from thrifty.methods.data_assemble.losses import LossParts, assemble_loss, masked_bce, release_compat_loss
+from thrifty.methods.data_assemble.losses import LossParts, assemble_loss, release_compat_loss
 from thrifty.methods.data_assemble.model import build_model
 from thrifty.methods.data_assemble.trivial import pixel_knn_scores
 
@@ -150,10 +150,8 @@ def compute_loss(spec: ArmSpec, model: torch.nn.Module, batch: Any, cfg: DataAss
     else:
         logits_weak, logits_strong = model(weak), None
     w = cfg.loss
-    if spec.loss == "bce":
-        bce = masked_bce(logits_weak, batch.labels, batch.given)
-        zero = logits_weak.sum() * 0.0
-        return LossParts(total=bce, bce=bce, pseudo=zero, consistency=zero)
+    if spec.loss == "bce":  # the masked BCE alone
+        return assemble_loss(logits_weak, None, batch.labels, batch.given, pseudo_weight=0.0, consistency_weight=0.0)
     if spec.loss == "release":
         return release_compat_loss(
             logits_weak, logits_strong, batch.labels, batch.given, tau=w.tau, t=w.t, class_index=target_index,
@@ -190,8 +188,7 @@ def train_unit(
         raise ConfigError("the oracle arm needs every training label (synthetic data); drop it from 'arms'")
     train_sets = dict(data.train)
     if count is not None:
-        syn = cfg.data.synthetic
-        train_sets["target"] = data.target_subset(count, syn.target_positives / syn.target_images)
+        train_sets["target"] = data.target_subset(count, cfg.data.synthetic.positive_fraction)
     # the target source is always needed and the assembled one by every arm that assembles; an unlabelled source is
     # used when there is one (real data often has none: the missing labels of A and B then carry the extra terms)
     missing = [r for r in spec.roles if r not in train_sets and r != "unlabelled"]
@@ -221,11 +218,9 @@ def train_unit(
         for step in range(1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             model.train()
-            batch = draw_batch(train_sets, counts, seed=seed, step=step, rank=info.rank, given_override=override)
-            batch = dataclasses.replace(
-                batch, images=batch.images.to(info.device), labels=batch.labels.to(info.device),
-                given=batch.given.to(info.device), roles=batch.roles.to(info.device),
-            )  # fmt: skip
+            batch = draw_batch(train_sets, counts, seed=seed, step=step, rank=info.rank, given_override=override).to(
+                info.device
+            )
             for g in opt.param_groups:
                 g["lr"] = lr_at(step - 1, cfg)
             parts = compute_loss(spec, net, batch, cfg, gen, t)
@@ -244,14 +239,15 @@ def train_unit(
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 distributed.sync_batchnorm_stats(model)
                 val = data.val.get("selection", unit)
-                auc = label_metrics(predict(model, val.images, cfg.eval_batch_size, info.device), val, names, t, [])
+                probs = predict(model, val.images, cfg.eval_batch_size, info.device)
+                auc = label_metrics(probs, val, names, t, data.minority)
                 point = {"step": step, "val_target_auc": auc["target_auc"], "val_macro_auc": auc["macro_auc"]}
                 curve.append(point)
                 metrics.log({"unit": unit, "arm": arm, "seed": seed, "split": "val", **point})
                 if auc["target_auc"] > best["auc"]:
-                    best = {"auc": auc["target_auc"], "step": step, "state": copy.deepcopy(model.state_dict())}
+                    state = copy.deepcopy(model.state_dict())
+                    best = {"auc": auc["target_auc"], "step": step, "state": state, "val": auc}
     model.load_state_dict(best["state"])
-    val = data.val.get("selection", unit)
     result: dict[str, Any] = {
         "arm": arm,
         "seed": seed,
@@ -259,9 +255,7 @@ def train_unit(
         "steps": cfg.max_steps,
         "best_step": best["step"],
         "curve": curve,
-        "val": label_metrics(
-            predict(model, val.images, cfg.eval_batch_size, info.device), val, names, t, data.minority
-        ),
+        "val": best["val"],
         "train_seconds": t_train,
         "train_images_per_s": cfg.max_steps * cfg.batch_size * (2 if spec.strong_view else 1) / max(t_train, 1e-9),
         "params": sum(p.numel() for p in model.parameters()),
@@ -301,7 +295,7 @@ def model_card(cfg: DataAssembleConfig, arm: str, seed: int, names: list[str], h
     }
 
 
-def trivial_unit(cfg: DataAssembleConfig, data: AssembleData, run_dir: Path) -> dict[str, Any]:
+def trivial_unit(cfg: DataAssembleConfig, data: AssembleData) -> dict[str, Any]:
     """The training-free baseline: target AUC of the pixel-space k-NN vote over source A, on validation and
     test."""
     t = data.target_index
@@ -479,7 +473,7 @@ def train(cfg: DataAssembleConfig) -> dict[str, Any]:
     if "eval" in cfg.stages and info.is_main:
         if not results:
             results, sweep = load_results(run_dir, cfg)
-        trivial = trivial_unit(cfg, data, run_dir)
+        trivial = trivial_unit(cfg, data)
         split = "test" if cfg.final_test else "val"
         tables = [auc_table(results, trivial, split)]
         claims: list[Claim] = []
@@ -513,8 +507,9 @@ def load_results(run_dir: Path, cfg: DataAssembleConfig) -> tuple[dict, dict]:
                 path = unit_dir_for(run_dir, arm, seed, n) / "result.json"
                 if not path.exists():
                     path = unit_dir_for(run_dir, arm, seed) / "result.json"
-                if path.exists() and json.loads(path.read_text())["count"] == n:
-                    sweep.setdefault(n, {}).setdefault(arm, {})[seed] = json.loads(path.read_text())
+                res = json.loads(path.read_text()) if path.exists() else None
+                if res is not None and res["count"] == n:
+                    sweep.setdefault(n, {}).setdefault(arm, {})[seed] = res
     if not results:
         raise ConfigError(f"stages=[eval] found no finished units under {run_dir}/units; run the train stage first")
     return results, sweep

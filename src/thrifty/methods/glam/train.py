@@ -31,12 +31,11 @@ from thrifty.core.claims import Claim, paired_claim, value_claim, works_claim
 from thrifty.core.config import ConfigError
 from thrifty.core.run import (
     MetricsLog,
-    configure_torch,
     data_root,
     finish_run,
-    prepare_run_dir,
+    main_first,
+    open_run,
     progress,
-    resolve_device,
     seed_everything,
     write_json,
 )
@@ -563,16 +562,10 @@ def make_claims(
 def train(cfg: GlamConfig) -> dict[str, Any]:
     """Run the whole GLaM recipe; returns the ``results.json`` content."""
     t_start = time.perf_counter()
-    configure_torch(cfg)
-    info = distributed.init(resolve_device(cfg.device))
-    run_dir = prepare_run_dir(RECIPE, cfg, write=info.is_main)
-    distributed.barrier()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    info, run_dir, metrics = open_run(RECIPE, cfg)
 
     check_world_size(cfg, info)
-    data = prepare_data(cfg) if info.is_main else None
-    distributed.barrier()
-    data = data or prepare_data(cfg)  # other ranks read the caches rank 0 just wrote
+    data = main_first(lambda: prepare_data(cfg), info)  # other ranks read the caches rank 0 just wrote
     if info.is_main:
         check_same_corpus(run_dir, data)
     if data.vocab_size != cfg.model.vocab_size:
