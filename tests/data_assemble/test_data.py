@@ -249,12 +249,50 @@ def test_source_b_gives_every_label_but_the_target_and_c_gives_none(small_data):
     assert data.oracle_available
 
 
-def test_source_b_comes_from_another_scanner(small_data):
-    """Domain B is brighter and flatter than domain A (its gamma < 1, contrast 0.75, brightness +0.08)."""
-    data, _ = small_data
-    a, b = data.train["unlabelled"].images, data.train["assembled"].images  # C is domain A
-    assert float(b.mean()) > float(a.mean())
-    assert float(b.flatten(1).std(1).mean()) < float(a.flatten(1).std(1).mean())
+def test_source_b_comes_from_another_scanner(data_dir):
+    """Domain B is brighter and flatter than domain A (its gamma < 1, contrast 0.85, brightness +0.05) as
+    generated; the default per-image intensity window removes most of that linear shift."""
+
+    def scanner_gap(window: list[float]) -> tuple[float, float]:
+        cfg = small_config(assembled_images=64, unlabelled_images=64)
+        cfg.data.intensity_window = window
+        data = prepare_data(cfg, data_dir, AccessLog())
+        a, b = data.train["unlabelled"].images.flatten(1), data.train["assembled"].images.flatten(1)  # C: A
+        return float(b.mean() - a.mean()), float(b.std(1).mean() - a.std(1).mean())
+
+    raw_mean, raw_std = scanner_gap([])
+    assert raw_mean > 0.03 and raw_std < -0.01
+    win_mean, win_std = scanner_gap([1.0, 99.0])
+    assert abs(win_mean) < abs(raw_mean) / 2 and abs(win_std) < abs(raw_std) / 2
+
+
+def test_window_intensity_splits_large_batches_without_changing_the_result(monkeypatch):
+    x = torch.rand(7, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    whole = da.window_intensity(x, [1.0, 99.0])
+    monkeypatch.setattr(da, "_QUANTILE_MAX_ELEMENTS", 300)  # two images per torch.quantile call
+    torch.testing.assert_close(da.window_intensity(x, [1.0, 99.0]), whole, atol=0, rtol=0)
+
+
+def test_window_intensity_matches_monai_and_maps_each_images_percentiles_to_0_and_1():
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 16, 16, generator=gen) ** 2 * torch.linspace(0.3, 1.0, 6).view(6, 1, 1, 1)
+    out = da.window_intensity(x, [2.0, 97.0])
+    ref = ScaleIntensityRangePercentiles(lower=2.0, upper=97.0, b_min=0.0, b_max=1.0, clip=True)
+    expected = torch.stack([torch.as_tensor(ref(img)).as_subclass(torch.Tensor) for img in x])
+    torch.testing.assert_close(out, expected.float(), atol=1e-6, rtol=0)
+    # a linear change of contrast and brightness leaves the windowed image unchanged
+    torch.testing.assert_close(da.window_intensity(0.6 * x + 0.2, [2.0, 97.0]), out, atol=1e-5, rtol=0)
+    assert da.window_intensity(x, []) is x
+    flat = da.window_intensity(torch.full((2, 1, 4, 4), 0.7), [1.0, 99.0])
+    assert torch.equal(flat, torch.zeros_like(flat))
+    assert da.window_intensity(torch.zeros(0, 1, 4, 4), [1.0, 99.0]).shape == (0, 1, 4, 4)
+    for bad in ([99.0, 1.0], [1.0], [-1.0, 50.0], [1.0, 101.0]):
+        with pytest.raises(ValueError, match="percentiles"):
+            da.window_intensity(x, bad)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        da.window_intensity(x[0], [1.0, 99.0])
 
 
 def test_validation_and_test_give_every_label(small_data):

@@ -3,6 +3,7 @@ folders are scored into probabilities.csv, bad images and bad unit directories a
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -42,8 +43,11 @@ def trained(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def test_split(trained, tmp_path_factory):
-    """The test split regenerated from the config in an empty cache (the recipe's own data path)."""
+    """The test split regenerated from the config in an empty cache (the recipe's own data path), as raw images
+    in [0, 1]: the Predictor applies the card's intensity window itself."""
     _, cfg = trained
+    cfg = copy.deepcopy(cfg)
+    cfg.data.intensity_window = []
     data = prepare_data(cfg, tmp_path_factory.mktemp("fresh-data"), AccessLog())
     return data.test.get("final_test", "scoring-test"), data.target_index
 
@@ -77,6 +81,7 @@ def test_predictor_reproduces_the_units_test_probabilities(trained, test_split, 
     predictor = Predictor.load(units[arm])
     assert predictor.labels == list(FINDINGS) and predictor.image_size == 32
     assert predictor.card["head"] == ("adapter" if arm == "assemble_adapter" else "multihead")
+    assert predictor.card["intensity_window"] == [1.0, 99.0]
     probs = predictor.predict(test.images[:16], batch_size=5)
     assert probs.shape == (16, len(FINDINGS))
     assert ((probs > 0) & (probs < 1)).all()

@@ -392,6 +392,9 @@ def test_validation_only_run_never_reads_the_test_split(tmp_path, data_dir):
         ("batch_size=0", "batch_size"),
         ("on_par_margin=-1", "on_par_margin"),
         ("max_step=3", "max_steps"),
+        ("data.intensity_window=[99,1]", "intensity_window"),
+        ("data.intensity_window=[5]", "intensity_window"),
+        ("data.synthetic.assembled_domain=C", "assembled_domain"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, match, tmp_path, capsys):

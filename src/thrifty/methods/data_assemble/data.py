@@ -49,6 +49,36 @@ GENERATOR_VERSION = 3
 SPLITS = ("target_pos", "target_neg", "assembled", "unlabelled", "val", "test")
 
 
+_QUANTILE_MAX_ELEMENTS = 2**24
+
+
+def window_intensity(images: torch.Tensor, percentiles: list[float] | tuple[float, ...]) -> torch.Tensor:
+    """Per-image intensity window: map each image's ``percentiles = (low, high)`` (in %) to 0 and 1, clipped.
+
+    ``images`` (N, C, H, W) float -> same shape in [0, 1]; the percentiles are taken over each image's pixels
+    (all channels), with linear interpolation as ``numpy.percentile`` and MONAI's
+    ``ScaleIntensityRangePercentiles(lower, upper, b_min=0, b_max=1, clip=True)`` do. It removes a scanner's
+    linear contrast and brightness, which a from-scratch network otherwise learns as a cue (recipe README,
+    calibration step 9). An empty ``percentiles`` returns ``images`` unchanged; a flat image maps to 0.
+    """
+    if not percentiles:
+        return images
+    if len(percentiles) != 2 or not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+        raise ValueError(f"intensity window: expected two percentiles 0 <= low < high <= 100, got {percentiles}")
+    if images.ndim != 4:
+        raise ValueError(f"intensity window: expected images (N, C, H, W), got {tuple(images.shape)}")
+    if images.numel() == 0:
+        return images
+    flat = images.reshape(len(images), -1).float()
+    q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], dtype=flat.dtype)
+    chunk = max(1, _QUANTILE_MAX_ELEMENTS // flat.shape[1])  # torch.quantile refuses larger inputs
+    bounds = [torch.quantile(part, q, dim=1, keepdim=True) for part in flat.split(chunk)]
+    lo, hi = torch.cat([b[0] for b in bounds]), torch.cat([b[1] for b in bounds])
+    span = hi - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return out.clamp(0.0, 1.0).reshape(images.shape).to(images.dtype)
+
+
 @dataclasses.dataclass
 class LabelledImages:
     """Images with their complete ground truth and the mask of labels the source gives.
@@ -164,7 +194,7 @@ def _generate_splits(cfg: DataAssembleConfig) -> dict[str, chest_synth.ChestBatc
     return {
         "target_pos": gen(n_pos, "target_pos", "A", {target: 1.0}),
         "target_neg": gen(pool - n_pos, "target_neg", "A", {target: 0.0}),
-        "assembled": gen(syn.assembled_images, "assembled", "B", {target: syn.assembled_target_prevalence}),
+        "assembled": gen(syn.assembled_images, "assembled", syn.assembled_domain, {target: syn.assembled_target_prevalence}),
         "unlabelled": gen(syn.unlabelled_images, "unlabelled", "A"),
         "val": gen(syn.val_images, "val", "A"),
         "test": gen(syn.test_images, "test", "A"),
@@ -202,14 +232,17 @@ def load_synthetic(cfg: DataAssembleConfig, root: Path) -> dict[str, chest_synth
     return splits
 
 
-def _labelled(batch: chest_synth.ChestBatch, columns: list[int], given: list[int], *, masks: bool) -> LabelledImages:
+def _labelled(
+    batch: chest_synth.ChestBatch, columns: list[int], given: list[int], *, masks: bool, window: list[float]
+) -> LabelledImages:
     labels = torch.from_numpy(np.asarray(batch.labels)[:, columns].astype(np.float32))
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, given] = True
     kept = None
     if masks and batch.masks.shape[1] == len(chest_synth.FINDINGS):
         kept = np.asarray(batch.masks)[:, columns]
-    return LabelledImages(torch.from_numpy(np.asarray(batch.images, dtype=np.float32)), labels, mask, batch.ids, kept)
+    images = window_intensity(torch.from_numpy(np.asarray(batch.images, dtype=np.float32)), window)
+    return LabelledImages(images, labels, mask, batch.ids, kept)
 
 
 def prevalence_of(cfg: DataAssembleConfig) -> dict[str, float]:
@@ -224,18 +257,19 @@ def synthetic_data(cfg: DataAssembleConfig, root: Path, access: AccessLog) -> As
     others = [j for j in range(len(names)) if j != t]
     every = list(range(len(names)))
     splits = load_synthetic(cfg, root)
-    pos = _labelled(splits["target_pos"], cols, [t], masks=False)
-    neg = _labelled(splits["target_neg"], cols, [t], masks=False)
+    w = cfg.data.intensity_window
+    pos = _labelled(splits["target_pos"], cols, [t], masks=False, window=w)
+    neg = _labelled(splits["target_neg"], cols, [t], masks=False, window=w)
     prevalence = prevalence_of(cfg)
     data = AssembleData(
         label_names=names,
         target_index=t,
         train={
-            "assembled": _labelled(splits["assembled"], cols, others, masks=False),
-            "unlabelled": _labelled(splits["unlabelled"], cols, [], masks=False),
+            "assembled": _labelled(splits["assembled"], cols, others, masks=False, window=w),
+            "unlabelled": _labelled(splits["unlabelled"], cols, [], masks=False, window=w),
         },
-        val=GuardedSet("val", _labelled(splits["val"], cols, every, masks=True), access),
-        test=GuardedSet("test", _labelled(splits["test"], cols, every, masks=False), access),
+        val=GuardedSet("val", _labelled(splits["val"], cols, every, masks=True, window=w), access),
+        test=GuardedSet("test", _labelled(splits["test"], cols, every, masks=False, window=w), access),
         minority=[n for n in names if prevalence[n] < 0.05],
         oracle_available=True,
         info={},
@@ -282,6 +316,7 @@ def real_data(cfg: DataAssembleConfig, access: AccessLog) -> AssembleData:
     if cfg.data.target not in names:
         raise ValueError(f"config key 'data.target' ({cfg.data.target!r}) is not among the assembled labels {names}")
     images = torch.from_numpy(pl.load_table_images(table, size=cfg.data.image_size))
+    images = window_intensity(images, cfg.data.intensity_window)
     labels = torch.from_numpy(table.labels.astype(np.float32))
     given = torch.from_numpy(table.mask)
     ids = np.asarray(table.patient_ids)

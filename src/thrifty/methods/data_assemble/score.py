@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_model
 
 from thrifty.data import images as imgio
+from thrifty.methods.data_assemble.data import window_intensity
 from thrifty.methods.data_assemble.model import AssembleNet, build_model
 
 
@@ -68,9 +69,11 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-        """Probabilities (N, L) for ``images`` (N, 1, S, S) in [0, 1] with S = the card's ``image_size``."""
+        """Probabilities (N, L) for ``images`` (N, 1, S, S) in [0, 1] with S = the card's ``image_size``; the
+        card's ``intensity_window`` (the training pipeline's) is applied here."""
         if images.ndim != 4 or tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"expected images (N, 1, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
+        images = window_intensity(images.float(), self.card.get("intensity_window", []))
         out = [torch.sigmoid(self.model(images[i : i + batch_size].float())) for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 

@@ -290,7 +290,9 @@ def model_card(cfg: DataAssembleConfig, arm: str, seed: int, names: list[str], h
         "model": to_dict(cfg.model) | {"weights": ""},
         "image_size": cfg.data.image_size,
         "in_channels": 1,
-        "input": "grayscale, resized and centre-cropped to image_size, scaled to [0, 1]",
+        "intensity_window": list(cfg.data.intensity_window),
+        "input": "grayscale, resized and centre-cropped to image_size, scaled to [0, 1], then each image's "
+        "intensity_window percentiles mapped to 0 and 1 (clipped)",
         "output": "one sigmoid probability per label, in the order of 'labels'",
     }
 
