@@ -271,8 +271,7 @@ class DataAssembleConfig(BaseConfig):
         window = self.data.intensity_window
         if window and not (len(window) == 2 and 0.0 <= window[0] < window[1] <= 100.0):
             raise ValueError(
-                "config key 'data.intensity_window' must be [] or two percentiles 0 <= low < high <= 100, "
-                f"got {window}"
+                f"config key 'data.intensity_window' must be [] or two percentiles 0 <= low < high <= 100, got {window}"
             )
         ratios = self.data.ratios
         if set(ratios) - set(ROLES) or any(v <= 0 for v in ratios.values()) or "target" not in ratios:

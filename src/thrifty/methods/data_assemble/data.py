@@ -194,7 +194,9 @@ def _generate_splits(cfg: DataAssembleConfig) -> dict[str, chest_synth.ChestBatc
     return {
         "target_pos": gen(n_pos, "target_pos", "A", {target: 1.0}),
         "target_neg": gen(pool - n_pos, "target_neg", "A", {target: 0.0}),
-        "assembled": gen(syn.assembled_images, "assembled", syn.assembled_domain, {target: syn.assembled_target_prevalence}),
+        "assembled": gen(
+            syn.assembled_images, "assembled", syn.assembled_domain, {target: syn.assembled_target_prevalence}
+        ),
         "unlabelled": gen(syn.unlabelled_images, "unlabelled", "A"),
         "val": gen(syn.val_images, "val", "A"),
         "test": gen(syn.test_images, "test", "A"),
