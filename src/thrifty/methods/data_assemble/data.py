@@ -27,8 +27,6 @@ drawn from a generator seeded by (seed, step, rank); the labels' masks travel wi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from thrifty.core import cache
 from thrifty.core.splits import AccessLog, Guarded
 from thrifty.data import chest_synth
 from thrifty.methods.data_assemble.config import ROLES, DataAssembleConfig
@@ -205,33 +204,29 @@ def _generate_splits(cfg: DataAssembleConfig) -> dict[str, chest_synth.ChestBatc
 
 def _cache_dir(cfg: DataAssembleConfig, root: Path) -> Path:
     """The cache directory of the synthetic splits: named by the digest of :func:`synthetic_settings`."""
-    blob = json.dumps(synthetic_settings(cfg), sort_keys=True).encode()
-    return root / f"data_assemble-{hashlib.sha256(blob).hexdigest()[:16]}"
+    return cache.cache_dir(root, "data_assemble", synthetic_settings(cfg))
 
 
 def load_synthetic(cfg: DataAssembleConfig, root: Path) -> dict[str, chest_synth.ChestBatch]:
     """The synthetic splits, generated once and cached as ``.npz`` under ``root`` (masks kept for validation
     only). The cache directory's name is the digest of :func:`synthetic_settings`."""
-    d = _cache_dir(cfg, root)
-    if all((d / f"{n}.npz").is_file() for n in SPLITS):
+
+    def build() -> dict[str, dict[str, np.ndarray]]:
         out = {}
-        for n in SPLITS:
-            with np.load(d / f"{n}.npz") as z:
-                masks = z["masks"] if "masks" in z.files else np.zeros((len(z["ids"]), 0, 1, 1), dtype=bool)
-                out[n] = chest_synth.ChestBatch(images=z["images"], labels=z["labels"], masks=masks, ids=z["ids"])
+        for n, batch in _generate_splits(cfg).items():
+            out[n] = {"images": batch.images, "labels": batch.labels, "ids": batch.ids}
+            if n == "val":
+                out[n]["masks"] = batch.masks
         return out
-    log.info("generating the synthetic chest sources once (cached in %s)", d)
-    splits = _generate_splits(cfg)
-    d.mkdir(parents=True, exist_ok=True)
-    for n, batch in splits.items():
-        arrays = {"images": batch.images, "labels": batch.labels, "ids": batch.ids}
-        if n == "val":
-            arrays["masks"] = batch.masks
-        tmp = d / f".{n}.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(d / f"{n}.npz")
-    (d / "settings.json").write_text(json.dumps(synthetic_settings(cfg), indent=2) + "\n")
-    return splits
+
+    arrays = cache.cached_splits(
+        _cache_dir(cfg, root), SPLITS, build, settings=synthetic_settings(cfg), what="synthetic chest sources"
+    )
+    none = {n: np.zeros((len(a["ids"]), 0, 1, 1), dtype=bool) for n, a in arrays.items()}  # no regions kept
+    return {
+        n: chest_synth.ChestBatch(images=a["images"], labels=a["labels"], ids=a["ids"], masks=a.get("masks", none[n]))
+        for n, a in arrays.items()
+    }
 
 
 def _labelled(
