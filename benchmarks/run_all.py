@@ -16,6 +16,7 @@ BENCHMARKS = [
     "genesis_unet.py",
     "bigssl_speed.py",
     "data_assemble_speed.py",
+    "temporal_gradient_speed.py",
 ]
 
 if __name__ == "__main__":

@@ -31,7 +31,15 @@ def _no_config_dir_env(monkeypatch):
 
 def test_names_lists_every_recipe_and_which_are_ready():
     assert names() == ALL
-    assert names(ready_only=True) == ["glam", "autodistill", "bigssl", "genesis", "squid", "data_assemble"]
+    assert names(ready_only=True) == [
+        "glam",
+        "autodistill",
+        "bigssl",
+        "genesis",
+        "squid",
+        "data_assemble",
+        "temporal_gradient",
+    ]
 
 
 def test_get_glam():

@@ -132,7 +132,8 @@ RECIPES: tuple[Recipe, ...] = (
         "Temporal-gradient semi-supervised action recognition",
         "2111.13241",
         "video",
-        None,
+        "thrifty.methods.temporal_gradient.train",
+        headline="tg_beats_fixmatch_03",
     ),
 )
 

@@ -1,0 +1,346 @@
+"""Data of the temporal-gradient recipe (Xiao et al., CVPR 2022, arXiv 2111.13241): videos, labelled subsets,
+the two streams of clips and their views.
+
+Synthetic (the card's miniature, :mod:`thrifty.data.motion_videos`): train / validation / test splits of
+``MotionVideos``, each from its own seed and its own MNIST digit pool, cached as ``.npz``. The labelled subset is
+a stratified ``labelled_fraction`` of the training split; the unlabelled stream is the whole training split (the
+release's setting). Validation and test are wrapped in :class:`~thrifty.core.splits.Guarded`, so every read names
+its purpose (``access_log.jsonl``) and the test split never reaches model selection.
+
+Clips follow the release's pairing (``build_rawframes_temporal_gradient.py`` and ``RawFrameDecode_Custom``): for a
+sampled raw index ``i`` (``i >= context`` of the modality, 1 for TG) the RGB frame is ``I[i - context]`` and the TG
+frame is ``(I[i-1] - I[i] + 1) / 2``; the method card's "``I_{t-1} - I_t``" with the RGB frame ``I_t`` was an
+inference the release does not bear out (its RGB frame is the *earlier* frame of the pair).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from thrifty.core import cache
+from thrifty.core.splits import AccessLog, Guarded
+from thrifty.data import motion_videos
+from thrifty.data.video import sample_clip_indices
+from thrifty.methods.temporal_gradient import augment, tg
+from thrifty.methods.temporal_gradient.config import TemporalGradientConfig
+
+log = logging.getLogger(__name__)
+
+VAL_PURPOSES = ("selection", "calibration", "figure")
+TEST_PURPOSES = ("final_test", "figure")
+SPLITS = ("train", "val", "test")
+GENERATOR_VERSION = 1
+
+
+@dataclasses.dataclass
+class VideoSet:
+    """Decoded videos: ``videos`` uint8 (N, F, H, W, 3), ``labels`` int64 (N,)."""
+
+    videos: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> VideoSet:
+        idx = np.asarray(idx, dtype=np.int64)
+        return VideoSet(self.videos[idx], self.labels[idx])
+
+
+class GuardedVideos(Guarded[VideoSet]):
+    """Validation or test videos that can only be read by naming an allowed purpose."""
+
+    def __init__(self, split: str, data: VideoSet, access: AccessLog) -> None:
+        super().__init__(split, data, access, allowed=VAL_PURPOSES if split == "val" else TEST_PURPOSES)
+
+
+@dataclasses.dataclass
+class TGData:
+    """Everything a unit trains and is judged on.
+
+    Attributes:
+        class_names: output order.
+        train: the training split (the unlabelled stream draws from all of it).
+        val / test: guarded held-out splits.
+        seed: the data seed (labelled subsets are drawn from it, so every arm and seed sees the same labels).
+        info: sizes and settings for ``results.json``.
+    """
+
+    class_names: list[str]
+    train: VideoSet
+    val: GuardedVideos
+    test: GuardedVideos
+    seed: int
+    info: dict[str, Any]
+
+    def labelled_indices(self, fraction: float) -> np.ndarray:
+        """Rows of the labelled subset at ``fraction`` (stratified; nested across fractions)."""
+        return stratified_subset(self.train.labels, fraction, seed=self.seed)
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, *, seed: int) -> np.ndarray:
+    """Sorted row indices holding ``max(1, round(fraction * n_c))`` rows of every class ``c`` (n_c rows).
+
+    Each class's rows are permuted once from ``seed`` and the subset takes a prefix, so the subset at a smaller
+    fraction is contained in the one at a larger fraction (the label-fraction sweep adds labels, never swaps them).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(17,)))
+    keep = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        keep.append(rows[: max(1, round(fraction * len(rows)))])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------- synthetic
+
+
+def synthetic_settings(cfg: TemporalGradientConfig) -> dict[str, Any]:
+    """What the cached synthetic splits depend on (their cache key)."""
+    return {
+        "synthetic": dataclasses.asdict(cfg.data.synthetic),
+        "spec": motion_videos.MotionSpec(**cfg.data.synthetic.spec).to_dict(),
+        "version": GENERATOR_VERSION,
+    }
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return int(np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split),)).generate_state(1)[0])
+
+
+def load_synthetic(cfg: TemporalGradientConfig, root: Path) -> dict[str, VideoSet]:
+    """The three ``MotionVideos`` splits, generated once and cached under ``root``."""
+    syn = cfg.data.synthetic
+    spec = motion_videos.MotionSpec(**syn.spec)
+    sizes = {"train": syn.train_videos, "val": syn.val_videos, "test": syn.test_videos}
+
+    def build() -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for split, n in sizes.items():
+            batch = motion_videos.generate(
+                n, seed=_split_seed(syn.seed, split), split=split, spec=spec, num_frames=syn.num_frames, size=syn.size
+            )
+            out[split] = {"videos": batch.videos, "labels": batch.labels}
+        return out
+
+    settings = synthetic_settings(cfg)
+    d = cache.cache_dir(root, "temporal_gradient", settings)
+    arrays = cache.cached_splits(d, SPLITS, build, settings=settings, what="motion videos")
+    return {s: VideoSet(a["videos"], a["labels"].astype(np.int64)) for s, a in arrays.items()}
+
+
+def prepare_data(cfg: TemporalGradientConfig, root: Path, access: AccessLog) -> TGData:
+    """The recipe's data (synthetic; real video datasets: see the README's full-scale section)."""
+    if cfg.data.source != "synthetic":
+        raise NotImplementedError(
+            f"data.source={cfg.data.source}: the real-video trainer path is not wired yet; the loaders "
+            "(thrifty.data.video) read UCF-101, HMDB-51 and Kinetics listings and decode clips"
+        )
+    splits = load_synthetic(cfg, root)
+    data = TGData(
+        class_names=list(motion_videos.MOTION_CLASSES),
+        train=splits["train"],
+        val=GuardedVideos("val", splits["val"], access),
+        test=GuardedVideos("test", splits["test"], access),
+        seed=cfg.data.synthetic.seed,
+        info={},
+    )
+    labelled = data.labelled_indices(cfg.data.labelled_fraction)
+    data.info = {
+        "source": "synthetic",
+        "classes": data.class_names,
+        "train_videos": len(data.train),
+        "labelled_videos": len(labelled),
+        "labelled_fraction": cfg.data.labelled_fraction,
+        "val_videos": len(splits["val"]),
+        "test_videos": len(splits["test"]),
+        "frames": int(data.train.videos.shape[1]),
+        "size": int(data.train.videos.shape[2]),
+    }
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------- streams
+
+
+def stream_indices(n: int, count: int, *, seed: int, stream: int, step: int, rank: int, world: int) -> np.ndarray:
+    """``count`` rows of a stream of ``n`` items for (``step`` >= 1, ``rank``): epochs of seeded permutations
+    dealt out in order, so the ranks of one step take disjoint slices and together cover every epoch exactly
+    (a ``DistributedSampler`` per stream, stateless, hence resumable)."""
+    if n < 1 or count < 1:
+        raise ValueError(f"a stream needs n >= 1 and count >= 1, got n={n}, count={count}")
+    start = ((step - 1) * world + rank) * count
+    pos = np.arange(start, start + count)
+    out = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(pos // n):
+        perm = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, int(epoch)))).permutation(n)
+        sel = pos // n == epoch
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+def frame_indices(
+    n: int,
+    num_frames: int,
+    cfg: TemporalGradientConfig,
+    *,
+    context: int,
+    rng: np.random.Generator | None,
+    test_mode: bool,
+) -> np.ndarray:
+    """(n, num_clips, clip_len) sampled raw indices, every one >= ``context`` (the modality's predecessor)."""
+    clips = cfg.test_clips if test_mode else 1
+    d = cfg.data
+    kwargs = {"clip_len": d.clip_len, "interval": d.frame_interval, "num_clips": clips, "test_mode": test_mode}
+    return np.stack([sample_clip_indices(num_frames, rng=rng, min_index=max(context, 1), **kwargs) for _ in range(n)])
+
+
+def context_of(modality: str) -> int:
+    """How many raw frames before a sampled index the modality reads (TG: 1); unknown names are a ValueError."""
+    if modality not in tg.MODALITIES:
+        raise ValueError(f"unknown motion modality {modality!r}; known: {', '.join(sorted(tg.MODALITIES))}")
+    return tg.MODALITIES[modality].context
+
+
+def to_float(videos: np.ndarray) -> torch.Tensor:
+    """uint8 (N, F, H, W, 3) -> float (N, 3, F, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(videos)).permute(0, 4, 1, 2, 3).float().div_(255.0)
+
+
+def two_streams(video: torch.Tensor, indices: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RGB clip and the motion clip of ``video`` (N, 3, F, H, W) at ``indices`` (N, T): each (N, 3, T, H, W).
+
+    The RGB frame of a sampled index ``i`` is ``I[i - context]``, the earlier frame of the modality's pair (the
+    release's pairing); the motion clip is the modality at ``i``."""
+    context = context_of(modality)
+    rgb = tg.gather_frames(video, indices - context)
+    return rgb, tg.motion_modality(modality, video, indices)
+
+
+def weak_views(
+    rgb: torch.Tensor, motion: torch.Tensor, cfg: TemporalGradientConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random resized crop and flip drawn once per clip and applied identically to both streams (an empty
+    ``motion`` stays empty: the RGB-only arms)."""
+    d = cfg.data
+    params = augment.sample_crop_flip(
+        len(rgb),
+        rgb.shape[-2],
+        rgb.shape[-1],
+        generator=gen,
+        scale=tuple(d.crop_area),
+        ratio=tuple(d.crop_ratio),
+        flip_p=d.flip_p,
+    )
+    out = augment.apply_crop_flip(rgb, params, d.crop_size)
+    if len(motion) == 0:
+        return out, out[:0]
+    return out, augment.apply_crop_flip(motion, params, d.crop_size)
+
+
+def normalised(x: torch.Tensor) -> torch.Tensor:
+    """RGB's mean and std, for both streams (the card and the release's ``Normalize_Diff``)."""
+    return tg.normalise(x, tg.RGB_MEAN, tg.RGB_STD)
+
+
+@dataclasses.dataclass
+class StepClips:
+    """One step's clips, normalised, each (n, 3, T, S, S): the labelled weak views with their labels, and the
+    unlabelled weak and strong views with their hidden labels (for pseudo-label diagnostics only)."""
+
+    rgb_l: torch.Tensor
+    tg_l: torch.Tensor
+    y_l: torch.Tensor
+    rgb_uw: torch.Tensor
+    tg_uw: torch.Tensor
+    rgb_us: torch.Tensor
+    tg_us: torch.Tensor
+    y_u: torch.Tensor
+
+    def to(self, device: torch.device) -> StepClips:
+        return StepClips(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def draw_step(
+    data: TGData,
+    labelled: np.ndarray,
+    cfg: TemporalGradientConfig,
+    *,
+    seed: int,
+    step: int,
+    rank: int,
+    world: int,
+    gen: torch.Generator,
+    unlabelled: bool,
+    motion: bool = True,
+) -> StepClips:
+    """The clips of one step: ``labelled_per_step / world`` labelled clips and (when ``unlabelled``) as many
+    unlabelled ones from the whole training split, each stream with its own sampler. ``motion=False`` (the
+    RGB-only arms) skips the motion stream: its tensors are then empty."""
+    d = cfg.data
+    n_l, n_u = d.labelled_per_step // world, d.unlabelled_per_step // world
+    rows_l = labelled[stream_indices(len(labelled), n_l, seed=seed, stream=0, step=step, rank=rank, world=world)]
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, step, rank)))
+    context = context_of(d.modality)
+    frames = data.train.videos.shape[1]
+
+    def clips(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(frame_indices(len(rows), frames, cfg, context=context, rng=rng, test_mode=False)[:, 0])
+        video = to_float(data.train.videos[rows])
+        if not motion:
+            rgb = tg.gather_frames(video, idx - context)
+            return weak_views(rgb, rgb[:0], cfg, gen)
+        rgb, moving = two_streams(video, idx, d.modality)
+        return weak_views(rgb, moving, cfg, gen)
+
+    rgb_l, tg_l = clips(rows_l)
+    empty = torch.zeros((0, *rgb_l.shape[1:]))
+    if unlabelled and n_u:
+        rows_u = stream_indices(len(data.train), n_u, seed=seed, stream=1, step=step, rank=rank, world=world)
+        rgb_uw, tg_uw = clips(rows_u)
+        if motion:  # the weak view's crop, each stream its own strong draws (as released)
+            rgb_us, tg_us = augment.strong_augment_pair(rgb_uw, tg_uw, generator=gen)
+        else:
+            rgb_us, tg_us = augment.strong_augment(rgb_uw, generator=gen), tg_uw
+        y_u = torch.from_numpy(data.train.labels[rows_u])
+    else:
+        rgb_uw = tg_uw = rgb_us = tg_us = empty
+        y_u = torch.zeros(0, dtype=torch.int64)
+    return StepClips(
+        normalised(rgb_l),
+        normalised(tg_l),
+        torch.from_numpy(data.train.labels[rows_l]),
+        normalised(rgb_uw),
+        normalised(tg_uw),
+        normalised(rgb_us),
+        normalised(tg_us),
+        y_u,
+    )
+
+
+def eval_views(videos: np.ndarray, cfg: TemporalGradientConfig) -> torch.Tensor:
+    """Test-time RGB views of ``videos`` (N, F, H, W, 3) uint8: (N, V, 3, T, S, S) normalised, V = test_clips x
+    test_crops (evenly spaced clips; the short side resized to ``crop_size`` then 1 centre or 3 crops)."""
+    d = cfg.data
+    context = context_of(d.modality)
+    idx = torch.from_numpy(frame_indices(len(videos), videos.shape[1], cfg, context=context, rng=None, test_mode=True))
+    video = to_float(videos)
+    views = []
+    for c in range(idx.shape[1]):
+        rgb = augment.resize_short(tg.gather_frames(video, idx[:, c] - context), d.crop_size)
+        if cfg.test_crops == 3:
+            views.extend(augment.three_crop(rgb, d.crop_size).unbind(1))
+        else:
+            h, w = rgb.shape[-2:]
+            top, left = (h - d.crop_size) // 2, (w - d.crop_size) // 2
+            views.append(rgb[..., top : top + d.crop_size, left : left + d.crop_size])
+    return normalised(torch.stack(views, dim=1).flatten(0, 1)).unflatten(0, (len(videos), len(views)))
