@@ -465,3 +465,39 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(ok)
+
+
+def load_unit_results(
+    run_dir: Path,
+    unit_dir: Callable[..., Path],
+    *,
+    arms: list[str],
+    seeds: list[int],
+    sweep_points: list[Any] | None = None,
+    sweep_arms: list[str] | None = None,
+    point_of: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[dict[str, dict[int, dict]], dict[Any, dict[str, dict[int, dict]]]]:
+    """The ``result.json`` of every finished unit of an earlier ``train`` stage (for ``stages=[eval]``).
+
+    ``unit_dir(run_dir, arm, seed)`` is a main unit's directory and ``unit_dir(run_dir, arm, seed, point)`` a sweep
+    unit's; a sweep point the main run already covers is read from the main unit when ``point_of(result)`` equals
+    it. Returns ``(results[arm][seed], sweep[point][arm][seed])``; :class:`ConfigError` when nothing finished."""
+    results: dict[str, dict[int, dict]] = {}
+    sweep: dict[Any, dict[str, dict[int, dict]]] = {}
+    for arm in arms:
+        for seed in seeds:
+            path = unit_dir(run_dir, arm, seed) / "result.json"
+            if path.exists():
+                results.setdefault(arm, {})[seed] = json.loads(path.read_text())
+    for point in sweep_points or []:
+        for arm in sweep_arms or []:
+            for seed in seeds:
+                path = unit_dir(run_dir, arm, seed, point) / "result.json"
+                if not path.exists():
+                    path = unit_dir(run_dir, arm, seed) / "result.json"
+                res = json.loads(path.read_text()) if path.exists() else None
+                if res is not None and (point_of is None or point_of(res) == point):
+                    sweep.setdefault(point, {}).setdefault(arm, {})[seed] = res
+    if not results:
+        raise ConfigError(f"stages=[eval] found no finished units under {run_dir}/units; run the train stage first")
+    return results, sweep

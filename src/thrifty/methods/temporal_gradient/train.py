@@ -42,6 +42,7 @@ from thrifty.core.run import (
     MetricsLog,
     data_root,
     finish_run,
+    load_unit_results,
     main_first,
     new_summary,
     open_run,
@@ -661,22 +662,12 @@ def train(cfg: TemporalGradientConfig) -> dict[str, Any]:
 
 def load_results(run_dir: Path, cfg: TemporalGradientConfig) -> tuple[dict, dict]:
     """Finished units of an earlier ``train`` stage (for ``stages=[eval]``)."""
-    results: dict[str, dict[int, dict]] = {}
-    sweep: dict[float, dict[str, dict[int, dict]]] = {}
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            path = unit_dir_for(run_dir, arm, seed) / "result.json"
-            if path.exists():
-                results.setdefault(arm, {})[seed] = json.loads(path.read_text())
-    for f in cfg.sweep.labelled_fractions:
-        for arm in cfg.sweep.arms:
-            for seed in cfg.seeds:
-                path = unit_dir_for(run_dir, arm, seed, f) / "result.json"
-                if not path.exists():
-                    path = unit_dir_for(run_dir, arm, seed) / "result.json"
-                res = json.loads(path.read_text()) if path.exists() else None
-                if res is not None and res["labelled_fraction"] == f:
-                    sweep.setdefault(f, {}).setdefault(arm, {})[seed] = res
-    if not results:
-        raise ConfigError(f"stages=[eval] found no finished units under {run_dir}/units; run the train stage first")
-    return results, sweep
+    return load_unit_results(
+        run_dir,
+        unit_dir_for,
+        arms=cfg.arms,
+        seeds=cfg.seeds,
+        sweep_points=cfg.sweep.labelled_fractions,
+        sweep_arms=cfg.sweep.arms,
+        point_of=lambda r: r["labelled_fraction"],
+    )
