@@ -24,7 +24,7 @@ from thrifty.methods.temporal_gradient.config import ARMS, TemporalGradientConfi
 from thrifty.methods.temporal_gradient.data import draw_step, prepare_data
 from thrifty.methods.temporal_gradient.model import TwoStreamNet
 from thrifty.methods.temporal_gradient.train import ARM_SPECS, ArmSpec, build_model, compute_loss, lr_at, predict
-from thrifty.methods.temporal_gradient.trivial import frame_accuracy, train_frame_classifier
+from thrifty.methods.temporal_gradient.trivial import frame_accuracy, train_frame_classifier, worst_frame_accuracy
 
 RUN_ARGS = [
     f"arms=[{','.join(ARMS)}]",
@@ -451,3 +451,22 @@ def test_the_single_frame_classifier_learns_when_appearance_carries_the_class():
     # the same classifier, untrained, is not that good: the accuracy comes from training
     untrained = train_frame_classifier(videos, labels, num_classes=10, steps=0, seed=0)
     assert frame_accuracy(untrained, test_videos, test_labels) < 60.0
+
+
+def test_the_control_reports_the_frame_position_that_leaks_the_class():
+    """A class cue only in the last frame: the middle frame hides it, the best-frame score finds it."""
+    rng = np.random.default_rng(3)
+    palette = np.random.default_rng(0).uniform(20, 235, size=(10, 3))
+
+    def videos_with_a_last_frame_cue(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 10, size=n)
+        videos = rng.integers(0, 256, size=(n, 4, 16, 16, 3)).astype(np.float64)
+        videos[:, -1] = palette[labels][:, None, None, :] + rng.normal(0, 8, size=(n, 16, 16, 3))
+        return np.clip(videos, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    train_v, train_y = videos_with_a_last_frame_cue(300)
+    test_v, test_y = videos_with_a_last_frame_cue(150)
+    model = train_frame_classifier(train_v, train_y, num_classes=10, steps=150, seed=0, batch_size=32)
+    assert frame_accuracy(model, test_v, test_y) < 40.0  # the middle frame (index 2) is noise
+    assert frame_accuracy(model, test_v, test_y, frame=3) >= 80.0
+    assert worst_frame_accuracy(model, test_v, test_y) == frame_accuracy(model, test_v, test_y, frame=3)

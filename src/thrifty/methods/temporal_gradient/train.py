@@ -62,13 +62,13 @@ from thrifty.methods.temporal_gradient.data import (
     prepare_data,
 )
 from thrifty.methods.temporal_gradient.model import TwoStreamNet, recompute_bn_stats
-from thrifty.methods.temporal_gradient.trivial import frame_accuracy, train_frame_classifier
+from thrifty.methods.temporal_gradient.trivial import train_frame_classifier, worst_frame_accuracy
 
 log = logging.getLogger(__name__)
 
 RECIPE = "temporal_gradient"
 Config = TemporalGradientConfig
-TRIVIAL_NAME = "single-frame classifier (all training labels)"
+TRIVIAL_NAME = "single-frame classifier (all training labels; its best frame position)"
 PAPER = {
     "title": "Learning from Temporal Gradient for Semi-supervised Action Recognition",
     "arxiv": "2111.13241",
@@ -414,9 +414,9 @@ def trivial_unit(cfg: TemporalGradientConfig, data: TGData) -> dict[str, Any]:
         model = train_frame_classifier(
             data.train.videos, data.train.labels, num_classes=k, steps=cfg.trivial_steps, seed=seed
         )
-        out["val"][seed] = frame_accuracy(model, val.videos, val.labels)
+        out["val"][seed] = worst_frame_accuracy(model, val.videos, val.labels)
         if test is not None:
-            out["test"][seed] = frame_accuracy(model, test.videos, test.labels)
+            out["test"][seed] = worst_frame_accuracy(model, test.videos, test.labels)
     return out
 
 
@@ -536,7 +536,7 @@ def make_claims(
                 baseline="chance + 5 points",
                 unit="top-1 %",
                 statement="a single-frame classifier trained on every training label stays within 5 points of chance "
-                "(the class lives in the motion)",
+                "at its best frame position (the class lives in the motion)",
                 paper_value="the card's sanity control (~10%)",
             )
         )
