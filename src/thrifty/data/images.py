@@ -27,8 +27,9 @@ import contextlib
 import csv
 import dataclasses
 import logging
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -413,16 +414,64 @@ def scan_zhanglab(root: str | os.PathLike[str], split: str) -> list[ImageRecord]
     return [ImageRecord(p, 0, "normal") for p in normals] + [ImageRecord(p, 1, _zhanglab_kind(p)) for p in pneumonia]
 
 
-def _chexpert_value(raw: str | None, *, csv_path: Path, line: int, column: str) -> float:
-    text = (raw or "").strip()
+# ------------------------------------------------------------------------------- CSV helpers (shared)
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        where = f"; {path.parent} holds: {_listing(path.parent)}" if path.parent.is_dir() else ""
+        raise ImageDataError(f"{path}: {what} {state}{where}")
+
+
+def _csv_rows(path: Path, required: Mapping[str, str], what: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line, row)`` for each data row of the CSV at ``path``, after checking the ``required`` columns.
+
+    ``required`` maps a role (for the message) to a column name. A row too short to hold a required column
+    raises; values are stripped and ``None`` becomes ``""``.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [(c or "").strip() for c in (reader.fieldnames or [])]
+            if not header:
+                raise ImageDataError(f"{path}: {what} is empty; expected a header row")
+            missing = [f"{col!r} ({role})" for role, col in required.items() if col not in header]
+            if missing:
+                raise ImageDataError(
+                    f"{path}: {what} lacks column(s) {', '.join(missing)}; it has {header} "
+                    "(column names are configurable through columns=)"
+                )
+            reader.fieldnames = header
+            for row in reader:
+                short = [col for col in required.values() if row.get(col) is None]
+                if short:
+                    raise ImageDataError(
+                        f"{path}:{reader.line_num}: row has fewer fields than the header (no value for {short})"
+                    )
+                yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if isinstance(k, str)}
+    except UnicodeDecodeError as exc:
+        raise ImageDataError(f"{path}: {what} is not UTF-8 text ({exc})") from exc
+    except csv.Error as exc:
+        raise ImageDataError(f"{path}: {what} is not a readable CSV ({exc})") from exc
+
+
+def _views(views: Iterable[str] | None) -> set[str] | None:
+    if views is None:
+        return None
+    return {v.strip().upper() for v in ([views] if isinstance(views, str) else views)}
+
+
+def _chexpert_cell(text: str, *, csv_path: Path, line: int, column: str) -> float | None:
+    """1.0 / 0.0 / -1.0, or None for blank; anything else raises."""
     if not text:
-        return 0.0  # blank = not mentioned = negative
+        return None
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
+        value = math.nan
     if value not in (1.0, 0.0, -1.0):
-        raise ImageDataError(f"{csv_path}:{line}: column {column!r} has {text!r}, expected 1.0, 0.0, -1.0 or blank")
+        raise ImageDataError(f"{csv_path}:{line}: column {column!r} has {text!r}; expected 1, 0, -1 or blank")
     return value
 
 
@@ -455,45 +504,35 @@ def scan_chexpert(
     """
     if uncertain not in UNCERTAIN_MODES:
         raise ValueError(f"uncertain must be one of {UNCERTAIN_MODES}, got {uncertain!r}")
-    views_upper = {v.strip().upper() for v in ([views] if isinstance(views, str) else views)}
+    views_upper = _views(views) or set()
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ImageDataError(f"{csv_path}: CheXpert CSV does not exist")
+    _require_file(csv_path, "CheXpert CSV")
     roots = [Path(image_root)] if image_root is not None else [csv_path.parent.parent, csv_path.parent]
     records: list[ImageRecord] = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in CHEXPERT_REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ImageDataError(f"{csv_path}: CheXpert CSV is missing required column(s) {missing}; it has {header}")
-        reader.fieldnames = header
-        for line, row in enumerate(reader, start=2):
-            if (row.get("Frontal/Lateral") or "").strip().lower() != "frontal":
+    for line, row in _csv_rows(csv_path, {c: c for c in CHEXPERT_REQUIRED_COLUMNS}, "CheXpert CSV"):
+        if row["Frontal/Lateral"].lower() != "frontal" or row["AP/PA"].upper() not in views_upper:
+            continue
+        values = {f: _chexpert_cell(row[f], csv_path=csv_path, line=line, column=f) or 0.0 for f in CHEXPERT_FINDINGS}
+        if any(v == -1.0 for v in values.values()):
+            if uncertain == "exclude":
                 continue
-            if (row.get("AP/PA") or "").strip().upper() not in views_upper:
-                continue
-            values = {f: _chexpert_value(row.get(f), csv_path=csv_path, line=line, column=f) for f in CHEXPERT_FINDINGS}
-            if any(v == -1.0 for v in values.values()):
-                if uncertain == "exclude":
-                    continue
-                fill = 1.0 if uncertain == "ones" else 0.0
-                values = {f: (fill if v == -1.0 else v) for f, v in values.items()}
-            positives = [f for f in CHEXPERT_FINDINGS if values[f] == 1.0 and f not in _CHEXPERT_NOT_ABNORMAL]
-            if positives:
-                label, kind = 1, positives[0]
-            elif values["No Finding"] == 1.0 and values["Support Devices"] != 1.0:
-                label, kind = 0, "normal"
-            else:
-                continue
-            rel = (row.get("Path") or "").strip()
-            if not rel:
-                raise ImageDataError(f"{csv_path}:{line}: empty Path")
-            resolved = _resolve(rel, roots)
-            if resolved is None:
-                tried = ", ".join(str(r) for r in roots)
-                raise ImageDataError(f"{csv_path}:{line}: image {rel!r} not found under any of: {tried}")
-            records.append(ImageRecord(resolved, label, kind))
+            fill = 1.0 if uncertain == "ones" else 0.0
+            values = {f: (fill if v == -1.0 else v) for f, v in values.items()}
+        positives = [f for f in CHEXPERT_FINDINGS if values[f] == 1.0 and f not in _CHEXPERT_NOT_ABNORMAL]
+        if positives:
+            label, kind = 1, positives[0]
+        elif values["No Finding"] == 1.0 and values["Support Devices"] != 1.0:
+            label, kind = 0, "normal"
+        else:
+            continue
+        rel = row["Path"]
+        if not rel:
+            raise ImageDataError(f"{csv_path}:{line}: empty Path")
+        resolved = _resolve(rel, roots)
+        if resolved is None:
+            tried = ", ".join(str(r) for r in roots)
+            raise ImageDataError(f"{csv_path}:{line}: image {rel!r} not found under any of: {tried}")
+        records.append(ImageRecord(resolved, label, kind))
     return records
 
 

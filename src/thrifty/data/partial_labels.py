@@ -29,7 +29,6 @@ naming the file (and the line, where there is one) and saying what was expected;
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -43,7 +42,18 @@ from typing import Any
 
 import numpy as np
 
-from thrifty.data.images import CHEXPERT_FINDINGS, IMAGE_SUFFIXES, ImageDataError, _listing, _resolve, load_image
+from thrifty.data.images import (
+    CHEXPERT_FINDINGS,
+    IMAGE_SUFFIXES,
+    ImageDataError,
+    _chexpert_cell,
+    _csv_rows,
+    _listing,
+    _require_file,
+    _resolve,
+    _views,
+    load_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -360,13 +370,6 @@ def check_protocols(protocols: Sequence[SourceProtocol]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- file helpers
 
 
-def _require_file(path: Path, what: str) -> None:
-    if not path.is_file():
-        state = "is a folder, not a file" if path.is_dir() else "does not exist"
-        where = f"; {path.parent} holds: {_listing(path.parent)}" if path.parent.is_dir() else ""
-        raise ImageDataError(f"{path}: {what} {state}{where}")
-
-
 def _column_names(columns: Mapping[str, str] | None, defaults: Mapping[str, str]) -> dict[str, str]:
     merged = dict(defaults)
     if columns is not None:
@@ -375,38 +378,6 @@ def _column_names(columns: Mapping[str, str] | None, defaults: Mapping[str, str]
             raise ValueError(f"unknown column key(s) {unknown}; the keys are {sorted(defaults)}")
         merged.update(columns)
     return merged
-
-
-def _csv_rows(path: Path, required: Mapping[str, str], what: str) -> Iterator[tuple[int, dict[str, str]]]:
-    """``(line, row)`` for each data row of the CSV at ``path``, after checking the ``required`` columns.
-
-    ``required`` maps a role (for the message) to a column name. A row too short to hold a required column
-    raises; values are stripped and ``None`` becomes ``""``.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [(c or "").strip() for c in (reader.fieldnames or [])]
-            if not header:
-                raise ImageDataError(f"{path}: {what} is empty; expected a header row")
-            missing = [f"{col!r} ({role})" for role, col in required.items() if col not in header]
-            if missing:
-                raise ImageDataError(
-                    f"{path}: {what} lacks column(s) {', '.join(missing)}; it has {header} "
-                    "(column names are configurable through columns=)"
-                )
-            reader.fieldnames = header
-            for row in reader:
-                short = [col for col in required.values() if row.get(col) is None]
-                if short:
-                    raise ImageDataError(
-                        f"{path}:{reader.line_num}: row has fewer fields than the header (no value for {short})"
-                    )
-                yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if isinstance(k, str)}
-    except UnicodeDecodeError as exc:
-        raise ImageDataError(f"{path}: {what} is not UTF-8 text ({exc})") from exc
-    except csv.Error as exc:
-        raise ImageDataError(f"{path}: {what} is not a readable CSV ({exc})") from exc
 
 
 def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
@@ -445,12 +416,6 @@ def _image_index(root: Path, pattern: str) -> tuple[dict[str, Path], list[Path]]
                         raise ImageDataError(f"{root}: image {entry.name!r} is present twice: {prev} and {entry.path}")
                     index[entry.name] = Path(entry.path)
     return index, searched
-
-
-def _views(views: Iterable[str] | None) -> set[str] | None:
-    if views is None:
-        return None
-    return {v.strip().upper() for v in ([views] if isinstance(views, str) else views)}
 
 
 # ----------------------------------------------------------------------------------------------- ChestX-ray14
@@ -557,19 +522,6 @@ def scan_chestxray14(
 
 
 # ----------------------------------------------------------------------------------------------- CheXpert
-
-
-def _chexpert_cell(text: str, *, csv_path: Path, line: int, column: str) -> float | None:
-    """1.0 / 0.0 / -1.0, or None for blank; anything else raises."""
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if value not in (1.0, 0.0, -1.0):
-        raise ImageDataError(f"{csv_path}:{line}: column {column!r} has {text!r}; expected 1, 0, -1 or blank")
-    return value
 
 
 def scan_chexpert_partial(
