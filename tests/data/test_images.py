@@ -616,3 +616,13 @@ def test_module_constants():
     assert CHEXPERT_FINDINGS[-1] == "Support Devices"
     with pytest.raises(ValueError):
         ImageRecord(Path("x.png"), 2, "normal")
+
+
+def test_scan_chexpert_names_the_physical_line_after_a_multi_line_quoted_field(tmp_path):
+    # the first row's "Sex" cell holds a quoted line break, so the second row starts on line 4 of the file
+    rows = [_row(1, No_Finding="1.0"), _row(2, Edema="maybe")]
+    csv_path = _chexpert_csv(tmp_path / "train.csv", rows, image_base=tmp_path)
+    text = csv_path.read_text().replace("Female", '"Fe\nmale"', 1)
+    csv_path.write_text(text)
+    with pytest.raises(ImageDataError, match=r"train\.csv:4: column 'Edema' has 'maybe'"):
+        scan_chexpert(csv_path)
