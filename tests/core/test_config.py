@@ -450,3 +450,11 @@ def test_diff_between_real_configs():
     a = to_dict(load_config(GlamConfig, _smoke()))
     b = to_dict(load_config(GlamConfig, _smoke(), ["moe.num_experts=8", "max_steps=21", "progress=false"]))
     assert diff(a, b) == ["max_steps", "moe.num_experts", "progress"]
+
+
+def test_check_choices_names_the_key_and_the_unknown_values():
+    from thrifty.core.config import check_choices
+
+    check_choices(("arms", ("a", "b"), ["a"]), ("stages", ("x",), []))  # all fine: no error
+    with pytest.raises(ValueError, match=r"config key 'sweep\.arms': unknown \['c'\]; choose from \['a', 'b'\]"):
+        check_choices(("arms", ("a", "b"), ["b"]), ("sweep.arms", ("a", "b"), ["a", "c"]))

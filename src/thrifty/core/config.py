@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -218,6 +219,16 @@ def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(prefix + k)
     return out
+
+
+def check_choices(*checks: tuple[str, Sequence[str], Sequence[str]]) -> None:
+    """``ValueError`` naming the config key when a list setting holds a value outside its choices.
+
+    Each check is ``(key, allowed, values)``, e.g. ``("arms", ARMS, cfg.arms)``."""
+    for key, allowed, values in checks:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
 
 
 @dataclasses.dataclass

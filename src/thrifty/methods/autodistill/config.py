@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from thrifty.core.config import BaseConfig
+from thrifty.core.config import BaseConfig, check_choices
 
 STAGES = ("teacher", "search", "rank_fidelity", "evaluate")
 SAMPLERS = ("gp", "tpe", "random", "nsga2")
@@ -257,14 +257,11 @@ class AutodistillConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         self.stages = ["teacher" if s == "teacher_head" else s for s in self.stages]  # the old name still works
-        for key, allowed, values in (
+        check_choices(
             ("stages", STAGES, self.stages),
             ("search.compare_samplers", SAMPLERS, self.search.compare_samplers),
             ("eval.tasks", TASKS, self.eval.tasks),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+        )
         if self.teacher.source not in TEACHER_SOURCES:
             raise ValueError(f"config key 'teacher.source' must be one of {list(TEACHER_SOURCES)}")
         if self.teacher.source == "path" and not self.teacher.path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from thrifty.core.config import BaseConfig
+from thrifty.core.config import BaseConfig, check_choices
 from thrifty.data.chest_synth import DOMAINS, FINDINGS, TARGET
 
 #: the card's arms: 1 target-only, 2 naive assemble (masked BCE), 3 the paper's method (+ pseudo-labels +
@@ -222,14 +222,11 @@ class DataAssembleConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key, allowed, values in (
+        check_choices(
             ("stages", STAGES, self.stages),
             ("arms", ARMS, self.arms),
             ("sweep.arms", ARMS, self.sweep.arms),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+        )
         if self.data.source not in SOURCES:
             raise ValueError(f"config key 'data.source' must be one of {list(SOURCES)}, got {self.data.source!r}")
         if self.model.backbone not in BACKBONES:

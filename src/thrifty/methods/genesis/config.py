@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from thrifty.core.config import BaseConfig
+from thrifty.core.config import BaseConfig, check_choices
 
 PRETEXTS = ("genesis", "inpaint", "shuffle", "rotation")
 STAGES = ("data", "discover", "pretrain", "finetune", "evaluate")
@@ -257,13 +257,10 @@ class GenesisConfig(BaseConfig):
                 "finetune.test=false is for calibration pilots, which must not score the test split: run "
                 "stages=[data,discover,pretrain,finetune] (no evaluate)"
             )
-        for key, allowed, values in (
+        check_choices(
             ("stages", STAGES, self.stages),
             ("finetune.tasks", TASKS, self.finetune.tasks),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+        )
         if not self.arms:
             raise ValueError("config key 'arms' must list at least one arm")
         if self.pretrain.pretext and self.pretrain.pretext not in PRETEXTS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from thrifty.core.config import BaseConfig
+from thrifty.core.config import BaseConfig, check_choices
 from thrifty.data.digit_anatomy import ANOMALY_TYPES
 
 BASELINES = ("ae", "memae", "knn")
@@ -216,16 +216,13 @@ class SquidConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key, allowed, values in (
+        check_choices(
             ("stages", STAGES, self.stages),
             ("arms", ARMS, self.arms),
             ("ablations", ABLATIONS, self.ablations),
             ("trivial.arms", TRIVIAL, self.trivial.arms),
             ("data.anomaly_types", ANOMALY_TYPES, self.data.anomaly_types),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+        )
         if "knn" in self.arms and "ae" not in self.arms:
             raise ValueError("config key 'arms': knn scores the AE encoder's features, so it needs 'ae' too")
         if self.score not in SCORES:

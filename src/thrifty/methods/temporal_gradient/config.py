@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from thrifty.core.config import BaseConfig
+from thrifty.core.config import BaseConfig, check_choices
 
 #: the card's arms: (1) supervised (RGB only), (2) FixMatch tau 0.95, (3) FixMatch tau 0.3, (4) TG-full, and the
 #: ablations of TG-full without alignment, without the contrastive term, and with RGB-only pseudo-labels
@@ -226,14 +226,11 @@ class TemporalGradientConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key, allowed, values in (
+        check_choices(
             ("stages", STAGES, self.stages),
             ("arms", ARMS, self.arms),
             ("sweep.arms", ARMS, self.sweep.arms),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+        )
         d = self.data
         if d.source not in SOURCES:
             raise ValueError(f"config key 'data.source' must be one of {list(SOURCES)}, got {d.source!r}")
