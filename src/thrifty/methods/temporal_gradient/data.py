@@ -216,14 +216,16 @@ def to_float(videos: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(videos)).permute(0, 4, 1, 2, 3).float().div_(255.0)
 
 
-def two_streams(video: torch.Tensor, indices: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RGB clip and the motion clip of ``video`` (N, 3, F, H, W) at ``indices`` (N, T): each (N, 3, T, H, W).
+def rgb_clip(video: torch.Tensor, indices: torch.Tensor, modality: str) -> torch.Tensor:
+    """The RGB clip (N, 3, T, H, W) of ``video`` (N, 3, F, H, W) at sampled ``indices`` (N, T): frame
+    ``I[i - context]``, the earlier frame of the modality's pair (the release's pairing)."""
+    return tg.gather_frames(video, indices - context_of(modality))
 
-    The RGB frame of a sampled index ``i`` is ``I[i - context]``, the earlier frame of the modality's pair (the
-    release's pairing); the motion clip is the modality at ``i``."""
-    context = context_of(modality)
-    rgb = tg.gather_frames(video, indices - context)
-    return rgb, tg.motion_modality(modality, video, indices)
+
+def two_streams(video: torch.Tensor, indices: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RGB clip (:func:`rgb_clip`) and the motion clip (the modality at each sampled ``i``) of ``video``
+    (N, 3, F, H, W) at ``indices`` (N, T): each (N, 3, T, H, W)."""
+    return rgb_clip(video, indices, modality), tg.motion_modality(modality, video, indices)
 
 
 def weak_views(
@@ -297,7 +299,7 @@ def draw_step(
         idx = torch.from_numpy(frame_indices(len(rows), frames, cfg, context=context, rng=rng, test_mode=False)[:, 0])
         video = to_float(data.train.videos[rows])
         if not motion:
-            rgb = tg.gather_frames(video, idx - context)
+            rgb = rgb_clip(video, idx, d.modality)
             return weak_views(rgb, rgb[:0], cfg, gen)
         rgb, moving = two_streams(video, idx, d.modality)
         return weak_views(rgb, moving, cfg, gen)
@@ -336,7 +338,7 @@ def eval_views(videos: np.ndarray, cfg: TemporalGradientConfig) -> torch.Tensor:
     video = to_float(videos)
     views = []
     for c in range(idx.shape[1]):
-        rgb = augment.resize_short(tg.gather_frames(video, idx[:, c] - context), d.crop_size)
+        rgb = augment.resize_short(rgb_clip(video, idx[:, c], d.modality), d.crop_size)
         if cfg.test_crops == 3:
             views.extend(augment.three_crop(rgb, d.crop_size).unbind(1))
         else:

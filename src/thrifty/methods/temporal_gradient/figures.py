@@ -15,7 +15,7 @@ import torch
 
 from thrifty.core.claims import mean_ci95
 from thrifty.core.figures import curves_with_band, grouped_bars, save_figure
-from thrifty.methods.temporal_gradient import tg
+from thrifty.methods.temporal_gradient.data import two_streams
 
 
 def accuracy_bars(results: dict[str, dict[int, dict]], trivial: dict[str, Any], split: str, path: Path) -> Path | None:
@@ -84,9 +84,8 @@ def example_clips(videos: np.ndarray, labels: np.ndarray, classes: list[str], in
     rows = [np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))]
     picks = np.concatenate(rows)
     video = torch.from_numpy(videos[picks]).permute(0, 4, 1, 2, 3).float() / 255.0
-    idx = torch.as_tensor(indices)
-    rgb = tg.gather_frames(video, idx - 1)
-    grad = tg.temporal_gradient(video, idx)
+    idx = torch.as_tensor(indices).expand(len(picks), -1)
+    rgb, grad = two_streams(video, idx, "tg")
     t = len(indices)
     fig, axes = plt.subplots(2 * len(picks), t, figsize=(t * 0.9, len(picks) * 1.9))
     for r in range(len(picks)):

@@ -222,8 +222,7 @@ def compute_loss(
     return StepLoss(total, parts, (yhat, mask))
 
 
-def precise_bn(
-    model: TwoStreamNet,
+def precise_bn_clips(
     data: TGData,
     labelled: np.ndarray,
     cfg: TemporalGradientConfig,
@@ -231,12 +230,10 @@ def precise_bn(
     info: distributed.DistInfo,
     *,
     unlabelled: bool,
-) -> None:
-    """Recompute the RGB network's BatchNorm statistics over ``precise_bn_batches`` weak batches (the release's
-    ``bn_range=['backbone', 'cls_head']``), averaged over DDP ranks; the unlabelled stream only for arms that
-    use it (the supervised arm never sees an unlabelled video)."""
-    if cfg.precise_bn_batches < 1:
-        return
+) -> list[torch.Tensor]:
+    """The ``precise_bn_batches`` weak RGB batches precise BN runs over (the same at every evaluation of a unit, so
+    drawn once); the unlabelled stream only for arms that use it (the supervised arm never sees an unlabelled
+    video)."""
     gen = torch.Generator().manual_seed(seed * 104729 + 1)
     batches = []
     for k in range(cfg.precise_bn_batches):
@@ -253,6 +250,14 @@ def precise_bn(
             motion=False,
         )
         batches.append(torch.cat([c.rgb_l, c.rgb_uw]).to(info.device))
+    return batches
+
+
+def precise_bn(model: TwoStreamNet, batches: list[torch.Tensor]) -> None:
+    """Recompute the RGB network's BatchNorm statistics over ``batches`` (the release's
+    ``bn_range=['backbone', 'cls_head']``), averaged over DDP ranks."""
+    if not batches:
+        return
     rgb = torch.nn.ModuleDict({"backbone": model.rgb_backbone, "head": model.rgb_head})
     recompute_bn_stats(rgb, batches, forward=lambda x: model(x))
     distributed.sync_batchnorm_stats(rgb)
@@ -298,6 +303,7 @@ def train_unit(
     n_logged, t_train = 0, 0.0
     pl_counts = np.zeros((k, k), dtype=np.int64)  # (true, pseudo) of kept pseudo-labels after warm-up
     pl_seen, pl_kept = 0, 0
+    bn_clips = precise_bn_clips(data, labelled, cfg, seed, info, unlabelled=spec.unlabelled)
     with progress(cfg.max_steps, unit, enabled=cfg.progress and info.is_main) as advance:
         for step in range(1, cfg.max_steps + 1):
             t0 = time.perf_counter()
@@ -336,7 +342,7 @@ def train_unit(
                 advance(n_logged, loss=avg["total"])
                 sums, n_logged = {}, 0
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                precise_bn(model, data, labelled, cfg, seed, info, unlabelled=spec.unlabelled)
+                precise_bn(model, bn_clips)
                 val = data.val.get("selection", unit)
                 acc = accuracy_metrics(predict(model, val.videos, cfg, info.device), val.labels, k)
                 point = {"step": step, "val_top1": acc["top1"], "val_mean_class": acc["mean_class"]}
