@@ -4,6 +4,7 @@ split is missing, and a clear error when a builder forgets a split."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,30 @@ def test_a_builder_that_omits_a_split_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="test"):
         cached_splits(tmp_path / "c", NAMES, lambda: partial, settings=SETTINGS, what="motion videos")
     assert not any((tmp_path / "c" / f"{n}.npz").exists() for n in NAMES)
+
+
+def test_concurrent_builders_of_the_same_data_do_not_collide(tmp_path: Path) -> None:
+    # two processes (here threads) that miss the cache at once both build and write; neither may fail
+    import threading
+
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def build() -> dict[str, dict[str, np.ndarray]]:
+        barrier.wait(timeout=10)  # both have missed the cache before either writes
+        return {"train": {"x": np.arange(1000)}, "val": {"x": np.arange(5)}}
+
+    def worker() -> None:
+        try:
+            out = cached_splits(tmp_path / "c", ["train", "val"], build, settings={"a": 1})
+            assert np.array_equal(out["train"]["x"], np.arange(1000))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["settings.json", "train.npz", "val.npz"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,9 @@ def cached_splits(
     if missing:
         raise ValueError(f"the {what} builder returned no split(s) {missing}")
     d.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        tmp = d / f".{n}.tmp.npz"
-        np.savez_compressed(tmp, **splits[n])
-        tmp.replace(d / f"{n}.npz")
+    for n in names:  # a private temporary name: processes building the same data at once do not collide
+        with tempfile.NamedTemporaryFile(dir=d, prefix=f".{n}.", suffix=".tmp.npz", delete=False) as f:
+            np.savez_compressed(f, **splits[n])
+        Path(f.name).replace(d / f"{n}.npz")
     (d / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
     return {n: dict(splits[n]) for n in names}
