@@ -34,7 +34,8 @@ from thrifty.methods.temporal_gradient.data import (
 
 
 def smoke_cfg(*overrides: str) -> TemporalGradientConfig:
-    return load_config("temporal_gradient", "smoke", ["progress=false", *overrides])[1]
+    # the coded-video tests decode pixels back from the release's fixed normalisation
+    return load_config("temporal_gradient", "smoke", ["progress=false", "data.rgb_norm=dataset", *overrides])[1]
 
 
 # ----------------------------------------------------------------------------------------- stratified_subset
@@ -285,6 +286,24 @@ def step(data, labelled, cfg, *, seed=0, step_=1, rank=0, world=1, gen_seed=0, u
 
 
 # ------------------------------------------------------------------------------------------------ draw_step
+
+
+def test_clip_normalisation_standardises_rgb_only():
+    data, labelled = coded_data(), np.array([1, 4, 6, 9, 13, 20])
+    fixed = step(data, labelled, smoke_cfg())
+    per_clip = step(data, labelled, smoke_cfg("data.rgb_norm=clip"))
+    mean = torch.tensor(tg.RGB_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(tg.RGB_STD).view(3, 1, 1, 1)
+    for name in ("rgb_l", "rgb_uw", "rgb_us"):  # the same draws, standardised per clip instead
+        raw = getattr(fixed, name) * std + mean
+        torch.testing.assert_close(getattr(per_clip, name), tg.standardise_clip(raw), atol=1e-4, rtol=1e-4)
+    for name in ("tg_l", "tg_uw", "tg_us"):  # the motion stream keeps the release's normalisation
+        assert torch.equal(getattr(per_clip, name), getattr(fixed, name)), name
+    views = eval_views(data.train.videos[:3], smoke_cfg("data.rgb_norm=clip"))
+    flat = views.flatten(3)
+    torch.testing.assert_close(flat.mean(-1), torch.zeros(flat.shape[:3]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="rgb_norm"):
+        smoke_cfg("data.rgb_norm=imagenet")
 
 
 def test_draw_step_shapes_labels_and_source_frames():

@@ -13,6 +13,7 @@ from thrifty.methods.temporal_gradient.tg import (
     motion_modality,
     normalise,
     register_modality,
+    standardise_clip,
     temporal_gradient,
     temporal_gradient_uint8,
 )
@@ -149,3 +150,23 @@ def test_normalise_uses_release_constants() -> None:
         normalise(x, RGB_MEAN[:2], RGB_STD[:2])
     with pytest.raises(ValueError):
         normalise(x, RGB_MEAN, (1.0, 0.0, 1.0))
+
+
+def test_standardise_clip_per_clip_and_channel() -> None:
+    x = _video(3, 3, 4, 5, 5)
+    # give every clip and channel its own offset and scale: standardising must undo them exactly
+    offset, scale = _video(3, 3, 1, 1, 1, seed=1), 0.1 + _video(3, 3, 1, 1, 1, seed=2)
+    out = standardise_clip(x * scale + offset)
+    torch.testing.assert_close(out, standardise_clip(x), atol=1e-5, rtol=1e-4)
+    flat = out.flatten(2)
+    torch.testing.assert_close(flat.mean(-1), torch.zeros(3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(-1, correction=0), torch.ones(3, 3), atol=1e-5, rtol=0)
+    # a clip's result does not depend on its batch-mates
+    torch.testing.assert_close(standardise_clip(x[1:2]), standardise_clip(x)[1:2])
+    # a constant clip maps to zeros (no division by zero), an empty batch stays empty
+    torch.testing.assert_close(
+        standardise_clip(torch.full((1, 3, 2, 2, 2), 0.3)), torch.zeros(1, 3, 2, 2, 2), atol=1e-4, rtol=0
+    )
+    assert standardise_clip(torch.zeros(0, 3, 2, 4, 4)).shape == (0, 3, 2, 4, 4)
+    with pytest.raises(ValueError, match="N, C, T, H, W"):
+        standardise_clip(x[0])

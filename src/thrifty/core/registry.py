@@ -133,6 +133,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2111.13241",
         "video",
         "thrifty.methods.temporal_gradient.train",
+        claim_preset="cpu",
         headline="tg_beats_fixmatch_03",
     ),
 )

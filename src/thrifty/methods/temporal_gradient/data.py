@@ -249,8 +249,17 @@ def weak_views(
     return out, augment.apply_crop_flip(motion, params, d.crop_size)
 
 
-def normalised(x: torch.Tensor) -> torch.Tensor:
-    """RGB's mean and std, for both streams (the card and the release's ``Normalize_Diff``)."""
+RGB_NORMS = ("dataset", "clip")
+
+
+def normalised(x: torch.Tensor, mode: str = "dataset") -> torch.Tensor:
+    """``dataset``: RGB's (ImageNet) mean and std, for both streams (the card and the release's
+    ``Normalize_Diff``); ``clip``: :func:`~thrifty.methods.temporal_gradient.tg.standardise_clip` (the synthetic
+    miniature's RGB stream, ``data.rgb_norm``). ``x`` (N, 3, T, H, W)."""
+    if mode == "clip":
+        return tg.standardise_clip(x)
+    if mode != "dataset":
+        raise ValueError(f"normalisation must be one of {RGB_NORMS}, got {mode!r}")
     return tg.normalise(x, tg.RGB_MEAN, tg.RGB_STD)
 
 
@@ -317,13 +326,14 @@ def draw_step(
     else:
         rgb_uw = tg_uw = rgb_us = tg_us = empty
         y_u = torch.zeros(0, dtype=torch.int64)
+    norm = d.rgb_norm
     return StepClips(
-        normalised(rgb_l),
+        normalised(rgb_l, norm),
         normalised(tg_l),
         torch.from_numpy(data.train.labels[rows_l]),
-        normalised(rgb_uw),
+        normalised(rgb_uw, norm),
         normalised(tg_uw),
-        normalised(rgb_us),
+        normalised(rgb_us, norm),
         normalised(tg_us),
         y_u,
     )
@@ -345,4 +355,4 @@ def eval_views(videos: np.ndarray, cfg: TemporalGradientConfig) -> torch.Tensor:
             h, w = rgb.shape[-2:]
             top, left = (h - d.crop_size) // 2, (w - d.crop_size) // 2
             views.append(rgb[..., top : top + d.crop_size, left : left + d.crop_size])
-    return normalised(torch.stack(views, dim=1).flatten(0, 1)).unflatten(0, (len(videos), len(views)))
+    return normalised(torch.stack(views, dim=1).flatten(0, 1), d.rgb_norm).unflatten(0, (len(videos), len(views)))

@@ -402,7 +402,13 @@ def model_card(cfg: TemporalGradientConfig, arm: str, seed: int, classes: list[s
         "clip_len": cfg.data.clip_len,
         "frame_interval": cfg.data.frame_interval,
         "crop_size": cfg.data.crop_size,
-        "input": "RGB clip (N, 3, clip_len, crop_size, crop_size) in [0, 1], normalised with the ImageNet mean/std",
+        "rgb_norm": cfg.data.rgb_norm,
+        "input": "RGB clip (N, 3, clip_len, crop_size, crop_size) in [0, 1], then normalised as 'rgb_norm' says: "
+        + (
+            "each clip's channels minus their mean over (T, H, W), divided by their std"
+            if cfg.data.rgb_norm == "clip"
+            else "the ImageNet mean/std"
+        ),
         "output": "one logit per class, in the order of 'classes'",
     }
 
