@@ -318,10 +318,11 @@ def _data_errors() -> tuple[type[Exception], ...]:
     (an ``except`` tuple is evaluated lazily), so ``thrifty list`` does not pay for importing torch."""
     from thrifty.data.digit_anatomy import DigitAnatomyError
     from thrifty.data.images import ImageDataError
+    from thrifty.data.video import VideoDataError
     from thrifty.methods.data_assemble.score import ScoringError as AssembleScoringError
     from thrifty.methods.squid.score import ScoringError
 
-    return (DigitAnatomyError, ImageDataError, ScoringError, AssembleScoringError)
+    return (DigitAnatomyError, ImageDataError, ScoringError, AssembleScoringError, VideoDataError)
 
 
 def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip_bad: bool) -> int:

@@ -15,6 +15,7 @@ from thrifty.core.config import ConfigError
 from thrifty.core.registry import load_config
 from thrifty.core.splits import AccessLog
 from thrifty.data import motion_videos
+from thrifty.data.video import VideoDataError
 from thrifty.methods.temporal_gradient import tg
 from thrifty.methods.temporal_gradient.config import TemporalGradientConfig
 from thrifty.methods.temporal_gradient.data import (
@@ -537,11 +538,14 @@ def test_a_changed_setting_gets_its_own_cache(tmp_path, monkeypatch):
     assert len(calls) == 6
 
 
-def test_a_real_dataset_source_is_refused_until_it_is_wired(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.source=ucf101: the real-video trainer path is not wired"):
-        smoke_cfg("data.source=ucf101", f"data.real.video_root={tmp_path}", f"data.real.split_dir={tmp_path}")
-    cfg = smoke_cfg()
-    cfg.data.source = "ucf101"  # past validation, prepare_data still refuses by name
-    with pytest.raises(NotImplementedError, match=r"data\.source=ucf101"):
-        prepare_data(cfg, tmp_path, AccessLog())
+def test_a_real_dataset_without_its_files_is_one_error_naming_them(tmp_path):
+    listing = tmp_path / "ucfTrainTestlist"
+    listing.mkdir()
+    real = [f"data.real.video_root={tmp_path / 'videos'}", f"data.real.split_dir={listing}"]
+    cfg = smoke_cfg("data.source=ucf101", *real)
+    root = tmp_path / "cache"
+    root.mkdir()
+    with pytest.raises(VideoDataError, match=r"classInd\.txt|trainlist01\.txt"):
+        prepare_data(cfg, root, AccessLog())
+    tmp_path = root
     assert not any(tmp_path.iterdir()), "nothing is generated for a real source"

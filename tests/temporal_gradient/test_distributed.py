@@ -28,6 +28,13 @@ def test_ddp_ranks_draw_their_own_clips_and_stay_identical():
     assert proc.stdout.count("DDP-TG-OK") == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def test_gathered_contrastive_loss_equals_one_process_on_the_global_batch():
+    proc = _torchrun(str(Path(__file__).with_name("gather_check.py")))
+    teardown_abort = "terminate called without an active exception" in proc.stderr
+    assert proc.returncode == 0 or teardown_abort, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("GATHER-OK") == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 def test_recipe_runs_under_torchrun(tmp_path, data_dir):
     proc = _torchrun(
         "-m", "thrifty", "run", "temporal_gradient", "--preset", "smoke", f"out_dir={tmp_path}",

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from thrifty.cli import EXIT_OK, EXIT_USAGE, main
+from thrifty.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from thrifty.core.registry import load_config
 from thrifty.core.splits import AccessLog
 from thrifty.methods.temporal_gradient import train as recipe
@@ -251,7 +251,7 @@ def test_eval_stage_on_an_empty_run_directory_is_a_clear_error(tmp_path, data_di
         (["data.synthetic.num_frames=16", "data.clip_len=9", "data.frame_interval=2"], "data.clip_len"),
         (["model.widths=[8,16,32]"], "model.widths"),
         (["loss.temperature=0"], "loss.temperature"),
-        (["data.source=ucf101"], "not wired yet"),
+        (["data.source=ucf101"], "data.real.video_root"),
         (["data.source=youtube"], "data.source"),
         (["data.synthetic.test_videos=0"], "test_videos"),
         (["loss.thresold=0.5"], "loss.thresold"),
@@ -273,10 +273,10 @@ def test_an_unknown_motion_modality_is_a_usage_error(tmp_path, data_dir, capsys)
     assert "data.modality" in capsys.readouterr().err
 
 
-def test_a_real_source_with_paths_is_a_clear_error_not_a_crash(tmp_path, data_dir, capsys):
+def test_a_real_source_without_its_files_is_a_clear_error_not_a_crash(tmp_path, data_dir, capsys):
     args = ["data.source=ucf101", f"data.real.video_root={tmp_path}", f"data.real.split_dir={tmp_path}"]
-    assert cli(tmp_path, data_dir, *args) == EXIT_USAGE
-    assert "ucf101" in capsys.readouterr().err
+    assert cli(tmp_path, data_dir, *args) == EXIT_FAILED
+    assert "classInd.txt" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- the schedule
@@ -470,3 +470,18 @@ def test_the_control_reports_the_frame_position_that_leaks_the_class():
     assert frame_accuracy(model, test_v, test_y) < 40.0  # the middle frame (index 2) is noise
     assert frame_accuracy(model, test_v, test_y, frame=3) >= 80.0
     assert worst_frame_accuracy(model, test_v, test_y) == frame_accuracy(model, test_v, test_y, frame=3)
+
+
+def test_sync_bn_only_under_ddp_on_cuda():
+    from thrifty.methods.temporal_gradient.train import with_sync_bn
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.BatchNorm3d(4))
+    assert count(with_sync_bn(net, enabled=True, device=torch.device("cpu"))) == 0  # gloo has no SyncBN
+    assert count(with_sync_bn(net, enabled=False, device=torch.device("cuda"))) == 0
+    keys = set(net.state_dict())
+    converted = with_sync_bn(net, enabled=True, device=torch.device("cuda"))  # converting needs no GPU
+    assert count(converted) == 1
+    assert set(converted.state_dict()) == keys  # exports keep their keys

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -128,6 +129,36 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: :func:`all_gather_cat`. Backward: the gradient of the whole gathered tensor summed over ranks, this
+    rank's rows returned (every rank holds a copy of the loss built from the gathered tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        ctx.rows = t.shape[0]
+        return all_gather_cat(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """:func:`all_gather_cat` through which gradients flow back to every rank's rows (identity without a process
+    group; works on gloo, which has no reduce-scatter).
+
+    If every rank computes the same loss from the gathered tensor and DDP then averages parameter gradients over the
+    ``W`` ranks, each rank's rows receive ``W`` times their share and the average is exactly the gradient of one
+    process computing the loss on the whole batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    return _GatherWithGrad.apply(t)
 
 
 def sync_batchnorm_stats(module: torch.nn.Module) -> None:

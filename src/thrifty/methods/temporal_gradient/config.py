@@ -78,6 +78,10 @@ class RealConfig:
             stratified with ``data.labelled_fraction``.
         rawframes: read raw-frame folders (``frame_pattern``) instead of decoding videos.
         frame_pattern: file name of frame k inside a raw-frame folder (MMAction2's ``img_{:05d}.jpg``).
+        short_side / aspect: decoded frames are centre-cropped to ``aspect`` (width / height) and resized to
+            ``short_side`` x ``round(short_side * aspect)`` (the release: short side 256; UCF-101 and HMDB-51 are 4:3).
+        kinetics_files: the training and validation CSVs inside ``split_dir`` (validation serves as test).
+        seed: draws the validation videos held out of the official training list (``data.val_fraction``).
     """
 
     video_root: str = ""
@@ -86,6 +90,10 @@ class RealConfig:
     labelled_list: str = ""
     rawframes: bool = False
     frame_pattern: str = "img_{:05d}.jpg"
+    short_side: int = 256
+    aspect: float = 4.0 / 3.0
+    kinetics_files: list[str] = dataclasses.field(default_factory=lambda: ["train.csv", "validate.csv"])
+    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -138,6 +146,8 @@ class ModelConfig:
         proj_dim: width of the contrast heads' 3-layer MLP (the release: 512).
         dropout: I3D head dropout (0.5).
         bn_eps: BatchNorm epsilon (the release: 1e-3).
+        sync_bn: under DDP on CUDA, convert every BatchNorm to ``SyncBatchNorm`` (the release's setting). On CPU
+            (gloo has no SyncBN) each rank normalises its own clips and precise BN's statistics are averaged.
     """
 
     widths: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32, 64])
@@ -145,6 +155,7 @@ class ModelConfig:
     proj_dim: int = 64
     dropout: float = 0.5
     bn_eps: float = 1e-3
+    sync_bn: bool = True
 
 
 @dataclasses.dataclass
@@ -159,6 +170,9 @@ class LossConfig:
             the release's ``SimCLRLoss_PTV_New.loss_weight``, which halves the *sum* of the two directions, and
             ``losses.nt_xent`` already returns their mean).
         temperature: NT-Xent temperature (0.5).
+        gather_negatives: under DDP, gather both modalities' embeddings from every rank before the contrastive
+            loss, so the negatives are the whole global batch (the release's ``differentiable_all_gather``); the
+            gradient equals one process computing the loss on the global batch. No effect in one process.
     """
 
     threshold: float = 0.3
@@ -167,6 +181,7 @@ class LossConfig:
     align_weight: float = 1.0
     contrast_weight: float = 1.0
     temperature: float = 0.5
+    gather_negatives: bool = True
 
 
 @dataclasses.dataclass
@@ -292,11 +307,26 @@ class TemporalGradientConfig(BaseConfig):
                 if getattr(syn, key) < 1:
                     raise ValueError(f"config key 'data.synthetic.{key}' must be >= 1")
         else:
-            raise ValueError(
-                f"data.source={d.source}: the real-video trainer path is not wired yet (the loaders in "
-                "thrifty.data.video read UCF-101, HMDB-51 and Kinetics listings and decode clips); use "
-                "data.source=synthetic"
-            )
+            r = d.real
+            missing = [k for k in ("video_root", "split_dir") if not getattr(r, k)]
+            if missing:
+                raise ValueError(
+                    f"data.source={d.source} reads your copy of the dataset: set "
+                    + ", ".join(f"'data.real.{k}'" for k in missing)
+                    + " (nothing is downloaded)"
+                )
+            if r.short_side < d.crop_size or not 0.25 <= r.aspect <= 4.0:
+                raise ValueError(
+                    "config keys 'data.real.short_side' must be >= 'data.crop_size' and 'data.real.aspect' in "
+                    f"[0.25, 4], got {r.short_side} and {r.aspect}"
+                )
+            if d.source == "kinetics" and len(r.kinetics_files) != 2:
+                raise ValueError("config key 'data.real.kinetics_files' must name [training CSV, validation CSV]")
+            if r.labelled_list and self.sweep.labelled_fractions:
+                raise ValueError(
+                    "config key 'data.real.labelled_list' fixes the labelled subset; the label-fraction sweep "
+                    "needs stratified subsets (set sweep.labelled_fractions=[])"
+                )
         for key in ("clip_len", "frame_interval", "crop_size", "labelled_per_step", "unlabelled_per_step"):
             if getattr(d, key) < 1:
                 raise ValueError(f"config key 'data.{key}' must be >= 1")

@@ -26,9 +26,10 @@ import torch
 from thrifty.core import cache
 from thrifty.core.splits import AccessLog, Guarded
 from thrifty.data import motion_videos
-from thrifty.data.video import sample_clip_indices
 from thrifty.methods.temporal_gradient import augment, tg
 from thrifty.methods.temporal_gradient.config import TemporalGradientConfig
+from thrifty.methods.temporal_gradient.real import VideoFiles, load_real
+from thrifty.methods.temporal_gradient.sampling import frame_indices, stratified_subset
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,26 @@ class VideoSet:
         idx = np.asarray(idx, dtype=np.int64)
         return VideoSet(self.videos[idx], self.labels[idx])
 
+    def clips(
+        self,
+        rows: np.ndarray,
+        cfg: TemporalGradientConfig,
+        *,
+        context: int,
+        rng: np.random.Generator | None,
+        test_mode: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The videos of ``rows`` as float (n, 3, F, H, W) in [0, 1] and their sampled raw indices int64
+        (n, num_clips, clip_len) (the same interface as :class:`~thrifty.methods.temporal_gradient.real.VideoFiles`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        idx = frame_indices(len(rows), self.videos.shape[1], cfg, context=context, rng=rng, test_mode=test_mode)
+        return to_float(self.videos[rows]), torch.from_numpy(idx)
 
-class GuardedVideos(Guarded[VideoSet]):
+
+class GuardedVideos(Guarded["VideoSet | VideoFiles"]):
     """Validation or test videos that can only be read by naming an allowed purpose."""
 
-    def __init__(self, split: str, data: VideoSet, access: AccessLog) -> None:
+    def __init__(self, split: str, data: VideoSet | VideoFiles, access: AccessLog) -> None:
         super().__init__(split, data, access, allowed=VAL_PURPOSES if split == "val" else TEST_PURPOSES)
 
 
@@ -70,35 +86,23 @@ class TGData:
         val / test: guarded held-out splits.
         seed: the data seed (labelled subsets are drawn from it, so every arm and seed sees the same labels).
         info: sizes and settings for ``results.json``.
+        labelled: a fixed labelled subset (a real dataset's ``data.real.labelled_list``), else None.
     """
 
     class_names: list[str]
-    train: VideoSet
+    train: VideoSet | VideoFiles
     val: GuardedVideos
     test: GuardedVideos
     seed: int
     info: dict[str, Any]
+    labelled: np.ndarray | None = None
 
     def labelled_indices(self, fraction: float) -> np.ndarray:
-        """Rows of the labelled subset at ``fraction`` (stratified; nested across fractions)."""
+        """Rows of the labelled subset at ``fraction`` (stratified; nested across fractions), or the rows a
+        release-style list named (``data.real.labelled_list``)."""
+        if self.labelled is not None:
+            return self.labelled
         return stratified_subset(self.train.labels, fraction, seed=self.seed)
-
-
-def stratified_subset(labels: np.ndarray, fraction: float, *, seed: int) -> np.ndarray:
-    """Sorted row indices holding ``max(1, round(fraction * n_c))`` rows of every class ``c`` (n_c rows).
-
-    Each class's rows are permuted once from ``seed`` and the subset takes a prefix, so the subset at a smaller
-    fraction is contained in the one at a larger fraction (the label-fraction sweep adds labels, never swaps them).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(17,)))
-    keep = []
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        keep.append(rows[: max(1, round(fraction * len(rows)))])
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------- synthetic
@@ -139,32 +143,37 @@ def load_synthetic(cfg: TemporalGradientConfig, root: Path) -> dict[str, VideoSe
 
 
 def prepare_data(cfg: TemporalGradientConfig, root: Path, access: AccessLog) -> TGData:
-    """The recipe's data (synthetic; real video datasets: see the README's full-scale section)."""
-    if cfg.data.source != "synthetic":
-        raise NotImplementedError(
-            f"data.source={cfg.data.source}: the real-video trainer path is not wired yet; the loaders "
-            "(thrifty.data.video) read UCF-101, HMDB-51 and Kinetics listings and decode clips"
-        )
-    splits = load_synthetic(cfg, root)
+    """The recipe's data: the synthetic miniature (decoded in memory, cached under ``root``) or a real dataset
+    (:mod:`~thrifty.methods.temporal_gradient.real`, decoded clip by clip)."""
+    labelled_rows = None
+    if cfg.data.source == "synthetic":
+        splits: dict[str, VideoSet | VideoFiles] = dict(load_synthetic(cfg, root))
+        classes, seed = list(motion_videos.MOTION_CLASSES), cfg.data.synthetic.seed
+        frames, size = int(splits["train"].videos.shape[1]), int(splits["train"].videos.shape[2])
+    else:
+        real_splits, classes, labelled_rows = load_real(cfg)
+        splits = dict(real_splits)
+        seed, frames, size = cfg.data.real.seed, None, cfg.data.real.short_side
     data = TGData(
-        class_names=list(motion_videos.MOTION_CLASSES),
+        class_names=classes,
         train=splits["train"],
         val=GuardedVideos("val", splits["val"], access),
         test=GuardedVideos("test", splits["test"], access),
-        seed=cfg.data.synthetic.seed,
+        seed=seed,
         info={},
+        labelled=labelled_rows,
     )
     labelled = data.labelled_indices(cfg.data.labelled_fraction)
     data.info = {
-        "source": "synthetic",
+        "source": cfg.data.source,
         "classes": data.class_names,
         "train_videos": len(data.train),
         "labelled_videos": len(labelled),
-        "labelled_fraction": cfg.data.labelled_fraction,
+        "labelled_fraction": cfg.data.labelled_fraction if labelled_rows is None else len(labelled) / len(data.train),
         "val_videos": len(splits["val"]),
         "test_videos": len(splits["test"]),
-        "frames": int(data.train.videos.shape[1]),
-        "size": int(data.train.videos.shape[2]),
+        "frames": frames,
+        "size": size,
     }
     return data
 
@@ -186,22 +195,6 @@ def stream_indices(n: int, count: int, *, seed: int, stream: int, step: int, ran
         sel = pos // n == epoch
         out[sel] = perm[pos[sel] % n]
     return out
-
-
-def frame_indices(
-    n: int,
-    num_frames: int,
-    cfg: TemporalGradientConfig,
-    *,
-    context: int,
-    rng: np.random.Generator | None,
-    test_mode: bool,
-) -> np.ndarray:
-    """(n, num_clips, clip_len) sampled raw indices, every one >= ``context`` (the modality's predecessor)."""
-    clips = cfg.test_clips if test_mode else 1
-    d = cfg.data
-    kwargs = {"clip_len": d.clip_len, "interval": d.frame_interval, "num_clips": clips, "test_mode": test_mode}
-    return np.stack([sample_clip_indices(num_frames, rng=rng, min_index=max(context, 1), **kwargs) for _ in range(n)])
 
 
 def context_of(modality: str) -> int:
@@ -302,11 +295,10 @@ def draw_step(
     rows_l = labelled[stream_indices(len(labelled), n_l, seed=seed, stream=0, step=step, rank=rank, world=world)]
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, step, rank)))
     context = context_of(d.modality)
-    frames = data.train.videos.shape[1]
 
     def clips(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(frame_indices(len(rows), frames, cfg, context=context, rng=rng, test_mode=False)[:, 0])
-        video = to_float(data.train.videos[rows])
+        video, idx = data.train.clips(rows, cfg, context=context, rng=rng, test_mode=False)
+        idx = idx[:, 0]
         if not motion:
             rgb = rgb_clip(video, idx, d.modality)
             return weak_views(rgb, rgb[:0], cfg, gen)
@@ -340,19 +332,26 @@ def draw_step(
 
 
 def eval_views(videos: np.ndarray, cfg: TemporalGradientConfig) -> torch.Tensor:
-    """Test-time RGB views of ``videos`` (N, F, H, W, 3) uint8: (N, V, 3, T, S, S) normalised, V = test_clips x
-    test_crops (evenly spaced clips; the short side resized to ``crop_size`` then 1 centre or 3 crops)."""
+    """Test-time RGB views of in-memory ``videos`` (N, F, H, W, 3) uint8: (N, V, 3, T, S, S) normalised
+    (:func:`views_of` at the evenly spaced test clips)."""
+    context = context_of(cfg.data.modality)
+    idx = frame_indices(len(videos), videos.shape[1], cfg, context=context, rng=None, test_mode=True)
+    return views_of(to_float(videos), torch.from_numpy(idx), cfg)
+
+
+def views_of(video: torch.Tensor, indices: torch.Tensor, cfg: TemporalGradientConfig) -> torch.Tensor:
+    """Test-time RGB views: ``video`` float (N, 3, F, H, W), ``indices`` (N, num_clips, T) sampled frames ->
+    (N, V, 3, T, S, S) normalised, V = num_clips x test_crops (the short side resized to ``crop_size``, then one
+    centre or three crops)."""
     d = cfg.data
-    context = context_of(d.modality)
-    idx = torch.from_numpy(frame_indices(len(videos), videos.shape[1], cfg, context=context, rng=None, test_mode=True))
-    video = to_float(videos)
     views = []
-    for c in range(idx.shape[1]):
-        rgb = augment.resize_short(rgb_clip(video, idx[:, c], d.modality), d.crop_size)
+    for c in range(indices.shape[1]):
+        rgb = augment.resize_short(rgb_clip(video, indices[:, c], d.modality), d.crop_size)
         if cfg.test_crops == 3:
             views.extend(augment.three_crop(rgb, d.crop_size).unbind(1))
         else:
             h, w = rgb.shape[-2:]
             top, left = (h - d.crop_size) // 2, (w - d.crop_size) // 2
             views.append(rgb[..., top : top + d.crop_size, left : left + d.crop_size])
-    return normalised(torch.stack(views, dim=1).flatten(0, 1), d.rgb_norm).unflatten(0, (len(videos), len(views)))
+    n = len(video)
+    return normalised(torch.stack(views, dim=1).flatten(0, 1), d.rgb_norm).unflatten(0, (n, len(views)))

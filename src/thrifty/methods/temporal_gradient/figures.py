@@ -78,22 +78,20 @@ def pseudo_label_quality(results: dict[str, dict[int, dict]], classes: list[str]
     return save_figure(fig, path)
 
 
-def example_clips(videos: np.ndarray, labels: np.ndarray, classes: list[str], indices: np.ndarray, path: Path,
-                  *, per_class: int = 1) -> Path:  # fmt: skip
-    """One row per class: the sampled RGB frames and, below them, their temporal gradient."""
-    rows = [np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))]
-    picks = np.concatenate(rows)
-    video = torch.from_numpy(videos[picks]).permute(0, 4, 1, 2, 3).float() / 255.0
-    idx = torch.as_tensor(indices).expand(len(picks), -1)
-    rgb, grad = two_streams(video, idx, "tg")
-    t = len(indices)
+def example_clips(video: torch.Tensor, indices: torch.Tensor, labels: np.ndarray, classes: list[str], path: Path
+                  ) -> Path:  # fmt: skip
+    """One row per clip: the sampled RGB frames and, below them, their temporal gradient. ``video`` float
+    (n, 3, F, H, W), ``indices`` (n, T) sampled frames, ``labels`` (n,)."""
+    picks = np.arange(len(video))
+    rgb, grad = two_streams(video, indices, "tg")
+    t = indices.shape[1]
     fig, axes = plt.subplots(2 * len(picks), t, figsize=(t * 0.9, len(picks) * 1.9))
     for r in range(len(picks)):
         for j in range(t):
             axes[2 * r, j].imshow(rgb[r, :, j].permute(1, 2, 0).numpy())
             g = grad[r, :, j].mean(0).numpy()
             axes[2 * r + 1, j].imshow(g, cmap="coolwarm", vmin=0.3, vmax=0.7)
-        axes[2 * r, 0].set_ylabel(classes[int(labels[picks[r]])], fontsize=7, rotation=0, ha="right")
+        axes[2 * r, 0].set_ylabel(classes[int(labels[r])], fontsize=7, rotation=0, ha="right")
         axes[2 * r + 1, 0].set_ylabel("TG", fontsize=7, rotation=0, ha="right")
     for ax in axes.flat:
         ax.set_xticks([])
@@ -102,8 +100,7 @@ def example_clips(videos: np.ndarray, labels: np.ndarray, classes: list[str], in
     return save_figure(fig, path)
 
 
-def make_all(run_dir: Path, results: dict, sweep: dict, trivial: dict, data: Any, cfg: Any, indices: np.ndarray
-             ) -> list[Path | None]:  # fmt: skip
+def make_all(run_dir: Path, results: dict, sweep: dict, trivial: dict, data: Any, cfg: Any) -> list[Path | None]:
     out = run_dir / "figures"
     split = "test" if cfg.final_test else "val"
     figs = [accuracy_bars(results, trivial, split, out / f"{split}_accuracy_per_arm.png")]
@@ -111,5 +108,7 @@ def make_all(run_dir: Path, results: dict, sweep: dict, trivial: dict, data: Any
         figs.append(fraction_curve(sweep, out / "label_fraction_curve.png"))
     figs.append(pseudo_label_quality(results, data.class_names, out / "pseudo_label_quality.png"))
     val = data.val.get("figure", "figures")
-    figs.append(example_clips(val.videos, val.labels, data.class_names, indices, out / "examples.png"))
+    picks = np.concatenate([np.flatnonzero(val.labels == c)[:1] for c in range(min(len(data.class_names), 10))])
+    video, idx = val.clips(picks, cfg, context=1, rng=None, test_mode=True)  # the first test clip of each
+    figs.append(example_clips(video, idx[:, 0], val.labels[picks], data.class_names, out / "examples.png"))
     return figs

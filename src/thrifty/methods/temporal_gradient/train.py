@@ -56,12 +56,15 @@ from thrifty.methods.temporal_gradient.config import TemporalGradientConfig
 from thrifty.methods.temporal_gradient.data import (
     StepClips,
     TGData,
+    VideoSet,
+    context_of,
     draw_step,
     eval_views,
-    frame_indices,
     prepare_data,
+    views_of,
 )
 from thrifty.methods.temporal_gradient.model import TwoStreamNet, recompute_bn_stats
+from thrifty.methods.temporal_gradient.real import VideoFiles
 from thrifty.methods.temporal_gradient.trivial import train_frame_classifier, worst_frame_accuracy
 
 log = logging.getLogger(__name__)
@@ -143,13 +146,21 @@ def build_model(cfg: TemporalGradientConfig, spec: ArmSpec, num_classes: int) ->
 
 
 @torch.inference_mode()
-def predict(model: TwoStreamNet, videos: np.ndarray, cfg: TemporalGradientConfig, device: torch.device) -> np.ndarray:
-    """Class probabilities (N, K) from the RGB network alone, averaged over the test views."""
+def predict(
+    model: TwoStreamNet, videos: np.ndarray | VideoSet | VideoFiles, cfg: TemporalGradientConfig, device: torch.device
+) -> np.ndarray:
+    """Class probabilities (N, K) from the RGB network alone, averaged over the test views; ``videos`` are uint8
+    (N, F, H, W, 3) in memory or a split (a real one is decoded batch by batch)."""
     was = model.training
     model.eval()
     out = []
+    context = context_of(cfg.data.modality)
     for i in range(0, len(videos), cfg.eval_batch_size):
-        views = eval_views(videos[i : i + cfg.eval_batch_size], cfg)  # (n, V, 3, T, S, S)
+        if isinstance(videos, np.ndarray):
+            views = eval_views(videos[i : i + cfg.eval_batch_size], cfg)  # (n, V, 3, T, S, S)
+        else:
+            rows = np.arange(i, min(i + cfg.eval_batch_size, len(videos)))
+            views = views_of(*videos.clips(rows, cfg, context=context, rng=None, test_mode=True), cfg)
         probs = torch.softmax(model(views.flatten(0, 1).to(device)), dim=1).cpu()
         out.append(probs.unflatten(0, views.shape[:2]).mean(1))
     model.train(was)
@@ -164,6 +175,14 @@ def accuracy_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) ->
 
 
 # --- one unit -----------------------------------------------------------------------------------------------
+
+
+def with_sync_bn(model: torch.nn.Module, *, enabled: bool, device: torch.device) -> torch.nn.Module:
+    """``model`` with every BatchNorm converted to ``SyncBatchNorm`` when ``enabled`` and on CUDA (the only device
+    SyncBN runs on); unchanged otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 @dataclasses.dataclass
@@ -215,7 +234,10 @@ def compute_loss(
         total = total + w.align_weight * al
         parts["align"] = al.item()
     if spec.contrast:
-        ct = losses.nt_xent(out.emb_rgb[:lw], out.emb_tg[:lw], temperature=w.temperature)
+        emb_rgb, emb_tg = out.emb_rgb[:lw], out.emb_tg[:lw]
+        if w.gather_negatives:  # the global batch's views as negatives (identity in one process)
+            emb_rgb, emb_tg = distributed.all_gather_with_grad(emb_rgb), distributed.all_gather_with_grad(emb_tg)
+        ct = losses.nt_xent(emb_rgb, emb_tg, temperature=w.temperature)
         total = total + w.contrast_weight * ct
         parts["contrast"] = ct.item()
     parts["total"] = total.item()
@@ -292,7 +314,8 @@ def train_unit(
     k = len(data.class_names)
 
     seed_everything(seed)
-    model = build_model(cfg, spec, k).to(info.device)
+    model = with_sync_bn(build_model(cfg, spec, k), enabled=info.enabled and cfg.model.sync_bn, device=info.device)
+    model = model.to(info.device)
     net = DDP(model) if info.enabled else model
     o = cfg.optim
     opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -344,7 +367,7 @@ def train_unit(
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 precise_bn(model, bn_clips)
                 val = data.val.get("selection", unit)
-                acc = accuracy_metrics(predict(model, val.videos, cfg, info.device), val.labels, k)
+                acc = accuracy_metrics(predict(model, val, cfg, info.device), val.labels, k)
                 point = {"step": step, "val_top1": acc["top1"], "val_mean_class": acc["mean_class"]}
                 curve.append(point)
                 metrics.log({"unit": unit, "arm": arm, "seed": seed, "split": "val", **point})
@@ -378,7 +401,7 @@ def train_unit(
     if cfg.final_test:
         test = data.test.get("final_test", unit)  # the only read of the test split
         t0 = time.perf_counter()
-        probs = predict(model, test.videos, cfg, info.device)
+        probs = predict(model, test, cfg, info.device)
         result["infer_clips_per_s"] = len(test) / max(time.perf_counter() - t0, 1e-9)
         result["test"] = accuracy_metrics(probs, test.labels, k)
     if info.is_main:
@@ -420,6 +443,10 @@ def trivial_unit(cfg: TemporalGradientConfig, data: TGData) -> dict[str, Any]:
     """The single-frame classifier, one per seed, trained on every training label (the sanity control)."""
     k = len(data.class_names)
     out: dict[str, Any] = {"arm": TRIVIAL_NAME, "val": {}, "test": {}}
+    if not isinstance(data.train, VideoSet):
+        log.info("no single-frame control on a real dataset (a frame of a real video shows its scene)")
+        out["note"] = "not run: the single-frame control is the synthetic miniature's sanity check"
+        return out
     val = data.val.get("calibration", "trivial")
     test = data.test.get("final_test", "trivial") if cfg.final_test else None
     for seed in cfg.seeds:
@@ -661,8 +688,7 @@ def train(cfg: TemporalGradientConfig) -> dict[str, Any]:
             claims = make_claims(cfg, results, trivial, sweep, len(data.class_names))
             if sweep:
                 tables.append(sweep_table(sweep))
-        frames = frame_indices(1, data.train.videos.shape[1], cfg, context=1, rng=None, test_mode=True)[0, 0]
-        figs = figures.make_all(run_dir, results, sweep, trivial, data, cfg, frames)
+        figs = figures.make_all(run_dir, results, sweep, trivial, data, cfg)
         summary.update(
             trivial=trivial,
             claims=[c.to_dict() for c in claims],
