@@ -300,8 +300,7 @@ def test_clip_normalisation_standardises_rgb_only():
         torch.testing.assert_close(getattr(per_clip, name), tg.standardise_clip(raw), atol=1e-4, rtol=1e-4)
     for name in ("tg_l", "tg_uw", "tg_us"):  # the motion stream keeps the release's normalisation
         assert torch.equal(getattr(per_clip, name), getattr(fixed, name)), name
-    views = eval_views(data.train.videos[:3], smoke_cfg("data.rgb_norm=clip"))
-    flat = views.flatten(3)
+    flat = views(data.train.videos[:3], smoke_cfg("data.rgb_norm=clip")).flatten(3)
     torch.testing.assert_close(flat.mean(-1), torch.zeros(flat.shape[:3]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="rgb_norm"):
         smoke_cfg("data.rgb_norm=imagenet")
@@ -379,14 +378,19 @@ def test_ranks_draw_disjoint_labelled_and_unlabelled_videos():
 # ----------------------------------------------------------------------------------------------- eval_views
 
 
+def views(videos: np.ndarray, cfg: TemporalGradientConfig) -> torch.Tensor:
+    """:func:`eval_views` of every video of an in-memory array."""
+    return eval_views(VideoSet(videos, np.zeros(len(videos), np.int64)), np.arange(len(videos)), cfg)
+
+
 @pytest.mark.parametrize(("clips", "crops"), [(1, 1), (2, 1), (2, 3)])
 def test_eval_views_shape_content_and_determinism(clips, crops):
     cfg = smoke_cfg(f"test_clips={clips}", f"test_crops={crops}")
     videos = coded_videos(3, 8, 16, 20)  # landscape frames: three crops along the width
-    views = eval_views(videos, cfg)
-    assert tuple(views.shape) == (3, clips * crops, 3, 4, 16, 16)
-    assert torch.equal(views, eval_views(videos, cfg))
-    vid, frame = decode(views.flatten(0, 1))
+    out = views(videos, cfg)
+    assert tuple(out.shape) == (3, clips * crops, 3, 4, 16, 16)
+    assert torch.equal(out, views(videos, cfg))
+    vid, frame = decode(out.flatten(0, 1))
     np.testing.assert_array_equal(
         vid.reshape(3, clips * crops, 4), np.broadcast_to(np.arange(3)[:, None, None], (3, clips * crops, 4))
     )
@@ -400,7 +404,7 @@ def test_any_accepted_test_crops_gives_clips_times_crops_views():
         cfg = smoke_cfg("test_crops=2")
     except ConfigError:
         return  # rejecting the value is a fine fix too
-    assert eval_views(coded_videos(2, 8, 16), cfg).shape[1] == 2
+    assert views(coded_videos(2, 8, 16), cfg).shape[1] == 2
 
 
 # --------------------------------------------------------------------------------------------- frame sampling

@@ -188,7 +188,7 @@ def test_saved_rgb_weights_load_alone_and_reproduce_the_test_accuracy(smoke_run,
         ).drop_training_branches()
         net.load_state_dict(load_file(str(unit_dir(run_dir, arm) / "model.safetensors")), strict=True)
         assert net.tg_backbone is None and net.tg_head is None
-        probs = predict(net, test.videos, cfg, torch.device("cpu"))
+        probs = predict(net, test, cfg, torch.device("cpu"))
         assert probs.shape == (20, 10)
         np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
         top1 = 100.0 * float(np.mean(probs.argmax(1) == test.labels))

@@ -27,6 +27,7 @@ ARMS = (
 )
 STAGES = ("data", "train", "eval")
 SOURCES = ("synthetic", "ucf101", "hmdb51", "kinetics")
+RGB_NORMS = ("dataset", "clip")
 
 
 #: The miniature's calibrated generator (README, calibration pilot, steps 12-19): at the generator's defaults the
@@ -288,7 +289,7 @@ class TemporalGradientConfig(BaseConfig):
             )
         if not 0.0 <= d.flip_p <= 1.0:
             raise ValueError("config key 'data.flip_p' must be in [0, 1]")
-        check_choices(("data.rgb_norm", ("dataset", "clip"), [d.rgb_norm]))
+        check_choices(("data.rgb_norm", RGB_NORMS, [d.rgb_norm]))
         from thrifty.methods.temporal_gradient.tg import MODALITIES  # torch-level module, imported when validating
 
         if d.modality not in MODALITIES:

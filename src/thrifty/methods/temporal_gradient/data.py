@@ -27,7 +27,7 @@ from thrifty.core import cache
 from thrifty.core.splits import AccessLog, Guarded
 from thrifty.data import motion_videos
 from thrifty.methods.temporal_gradient import augment, tg
-from thrifty.methods.temporal_gradient.config import TemporalGradientConfig
+from thrifty.methods.temporal_gradient.config import RGB_NORMS, TemporalGradientConfig
 from thrifty.methods.temporal_gradient.real import VideoFiles, load_real
 from thrifty.methods.temporal_gradient.sampling import frame_indices, stratified_subset
 
@@ -242,9 +242,6 @@ def weak_views(
     return out, augment.apply_crop_flip(motion, params, d.crop_size)
 
 
-RGB_NORMS = ("dataset", "clip")
-
-
 def normalised(x: torch.Tensor, mode: str = "dataset") -> torch.Tensor:
     """``dataset``: RGB's (ImageNet) mean and std, for both streams (the card and the release's
     ``Normalize_Diff``); ``clip``: :func:`~thrifty.methods.temporal_gradient.tg.standardise_clip` (the synthetic
@@ -331,19 +328,11 @@ def draw_step(
     )
 
 
-def eval_views(videos: np.ndarray, cfg: TemporalGradientConfig) -> torch.Tensor:
-    """Test-time RGB views of in-memory ``videos`` (N, F, H, W, 3) uint8: (N, V, 3, T, S, S) normalised
-    (:func:`views_of` at the evenly spaced test clips)."""
-    context = context_of(cfg.data.modality)
-    idx = frame_indices(len(videos), videos.shape[1], cfg, context=context, rng=None, test_mode=True)
-    return views_of(to_float(videos), torch.from_numpy(idx), cfg)
-
-
-def views_of(video: torch.Tensor, indices: torch.Tensor, cfg: TemporalGradientConfig) -> torch.Tensor:
-    """Test-time RGB views: ``video`` float (N, 3, F, H, W), ``indices`` (N, num_clips, T) sampled frames ->
-    (N, V, 3, T, S, S) normalised, V = num_clips x test_crops (the short side resized to ``crop_size``, then one
-    centre or three crops)."""
+def eval_views(split: VideoSet | VideoFiles, rows: np.ndarray, cfg: TemporalGradientConfig) -> torch.Tensor:
+    """Test-time RGB views of the videos ``rows`` of ``split``: (N, V, 3, T, S, S) normalised, V = test_clips x
+    test_crops (evenly spaced clips; the short side resized to ``crop_size``, then one centre or three crops)."""
     d = cfg.data
+    video, indices = split.clips(rows, cfg, context=context_of(d.modality), rng=None, test_mode=True)
     views = []
     for c in range(indices.shape[1]):
         rgb = augment.resize_short(rgb_clip(video, indices[:, c], d.modality), d.crop_size)

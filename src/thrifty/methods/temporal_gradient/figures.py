@@ -82,11 +82,10 @@ def example_clips(video: torch.Tensor, indices: torch.Tensor, labels: np.ndarray
                   ) -> Path:  # fmt: skip
     """One row per clip: the sampled RGB frames and, below them, their temporal gradient. ``video`` float
     (n, 3, F, H, W), ``indices`` (n, T) sampled frames, ``labels`` (n,)."""
-    picks = np.arange(len(video))
+    n, t = indices.shape
     rgb, grad = two_streams(video, indices, "tg")
-    t = indices.shape[1]
-    fig, axes = plt.subplots(2 * len(picks), t, figsize=(t * 0.9, len(picks) * 1.9))
-    for r in range(len(picks)):
+    fig, axes = plt.subplots(2 * n, t, figsize=(t * 0.9, n * 1.9))
+    for r in range(n):
         for j in range(t):
             axes[2 * r, j].imshow(rgb[r, :, j].permute(1, 2, 0).numpy())
             g = grad[r, :, j].mean(0).numpy()

@@ -57,11 +57,9 @@ from thrifty.methods.temporal_gradient.data import (
     StepClips,
     TGData,
     VideoSet,
-    context_of,
     draw_step,
     eval_views,
     prepare_data,
-    views_of,
 )
 from thrifty.methods.temporal_gradient.model import TwoStreamNet, recompute_bn_stats
 from thrifty.methods.temporal_gradient.real import VideoFiles
@@ -147,20 +145,16 @@ def build_model(cfg: TemporalGradientConfig, spec: ArmSpec, num_classes: int) ->
 
 @torch.inference_mode()
 def predict(
-    model: TwoStreamNet, videos: np.ndarray | VideoSet | VideoFiles, cfg: TemporalGradientConfig, device: torch.device
+    model: TwoStreamNet, videos: VideoSet | VideoFiles, cfg: TemporalGradientConfig, device: torch.device
 ) -> np.ndarray:
-    """Class probabilities (N, K) from the RGB network alone, averaged over the test views; ``videos`` are uint8
-    (N, F, H, W, 3) in memory or a split (a real one is decoded batch by batch)."""
+    """Class probabilities (N, K) from the RGB network alone, averaged over the test views (a real split is
+    decoded batch by batch)."""
     was = model.training
     model.eval()
     out = []
-    context = context_of(cfg.data.modality)
     for i in range(0, len(videos), cfg.eval_batch_size):
-        if isinstance(videos, np.ndarray):
-            views = eval_views(videos[i : i + cfg.eval_batch_size], cfg)  # (n, V, 3, T, S, S)
-        else:
-            rows = np.arange(i, min(i + cfg.eval_batch_size, len(videos)))
-            views = views_of(*videos.clips(rows, cfg, context=context, rng=None, test_mode=True), cfg)
+        rows = np.arange(i, min(i + cfg.eval_batch_size, len(videos)))
+        views = eval_views(videos, rows, cfg)  # (n, V, 3, T, S, S)
         probs = torch.softmax(model(views.flatten(0, 1).to(device)), dim=1).cpu()
         out.append(probs.unflatten(0, views.shape[:2]).mean(1))
     model.train(was)
