@@ -19,8 +19,9 @@ from thrifty.core.registry import load_config
 from thrifty.core.splits import AccessLog
 from thrifty.data.chest_synth import FINDINGS, TARGET
 from thrifty.data.images import ImageDataError
+from thrifty.data.images import expand_image_paths as expand_paths
 from thrifty.methods.data_assemble.data import prepare_data
-from thrifty.methods.data_assemble.score import Predictor, ScoringError, expand_paths, score_files
+from thrifty.methods.data_assemble.score import Predictor, ScoringError, score_files
 from thrifty.methods.data_assemble.train import train
 
 ARMS = ("assemble", "assemble_adapter")

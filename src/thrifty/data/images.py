@@ -563,3 +563,14 @@ def split_holdout(
     rest = [r for i, r in enumerate(records) if i not in chosen]
     holdout = [r for i, r in enumerate(records) if i in chosen]
     return rest, holdout
+
+
+def expand_image_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given; folders replaced by the image files under them (recursively, sorted; hidden ones skipped)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(_images_under(p, recursive=True))
+        else:
+            out.append(p)
+    return out

@@ -78,22 +78,11 @@ class Predictor:
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
 
-def expand_paths(paths: list[str | Path]) -> list[Path]:
-    """Files as given; folders replaced by the image files under them (recursively, sorted)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in imgio.IMAGE_SUFFIXES))
-        else:
-            out.append(p)
-    return out
-
-
 def score_files(unit_dir: str | Path, paths: list[str | Path], out_dir: str | Path, *, skip_bad: bool = False) -> Path:
     """Write ``probabilities.csv`` (file, one probability per label) for image files and folders; returns its
     path. An unreadable image is one clear error, or (``skip_bad``) a row saying why it was skipped."""
     predictor = Predictor.load(unit_dir)
-    records = [imgio.ImageRecord(p, 0, "unknown") for p in expand_paths(paths)]
+    records = [imgio.ImageRecord(p, 0, "unknown") for p in imgio.expand_image_paths(paths)]
     if not records:
         raise ScoringError(f"no image files in {[str(p) for p in paths]}")
     arr, kept, bad = imgio.load_images(records, size=predictor.image_size, grayscale=True, skip_bad=skip_bad)
