@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bigssl_speed.py",
     "data_assemble_speed.py",
     "temporal_gradient_speed.py",
+    "mt_transunet_speed.py",
 ]
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_unknown_recipe_exits_2_and_lists_known(capsys, cmd):
 
 
 def test_planned_recipe_exits_2(capsys):
-    assert main(["show-config", "mt_transunet"]) == EXIT_USAGE
+    assert main(["show-config", "pe_cad"]) == EXIT_USAGE
     assert "not implemented" in capsys.readouterr().err
 
 

@@ -111,14 +111,16 @@ def _parser() -> argparse.ArgumentParser:
         "score",
         help="score new images with a trained model (a CSV of scores or per-label probabilities)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipes with a scoring API: squid, data_assemble\n"
+        epilog="recipes with a scoring API: squid, data_assemble, mt_transunet\n"
         "  thrifty score squid --checkpoint runs/squid/quick/units/squid/seed0 xray1.png xray2.jpeg --out scored/\n"
-        "  thrifty score data_assemble --checkpoint runs/data_assemble/quick/units/assemble/seed0 xrays/ --out probs/",
+        "  thrifty score data_assemble --checkpoint runs/data_assemble/quick/units/assemble/seed0 xrays/ --out probs/\n"
+        "  thrifty score mt_transunet --checkpoint runs/mt_transunet/quick/units/seg+cls+dual/seed0 lesions/ "
+        "--out lesions_scored/",
     )
     sp.add_argument("recipe", help="recipe name (see `thrifty list`)")
     sp.add_argument(
         "images", nargs="+", type=Path, metavar="IMAGE",
-        help="image files (png, jpeg, bmp, tiff); data_assemble also takes folders",
+        help="image files (png, jpeg, bmp, tiff); data_assemble and mt_transunet also take folders",
     )  # fmt: skip
     sp.add_argument(
         "--checkpoint", required=True, type=Path, help="a trained unit directory (<run>/units/<arm>/seed<k>)"
@@ -320,9 +322,10 @@ def _data_errors() -> tuple[type[Exception], ...]:
     from thrifty.data.images import ImageDataError
     from thrifty.data.video import VideoDataError
     from thrifty.methods.data_assemble.score import ScoringError as AssembleScoringError
+    from thrifty.methods.mt_transunet.score import ScoringError as LesionScoringError
     from thrifty.methods.squid.score import ScoringError
 
-    return (DigitAnatomyError, ImageDataError, ScoringError, AssembleScoringError, VideoDataError)
+    return (DigitAnatomyError, ImageDataError, ScoringError, AssembleScoringError, LesionScoringError, VideoDataError)
 
 
 def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip_bad: bool) -> int:
@@ -337,10 +340,13 @@ def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip
     except ModuleNotFoundError as err:
         if err.name not in (name, f"thrifty.methods.{rec.name}"):
             raise  # a missing dependency, not a missing scoring API
-        raise RecipeNotReady(f"recipe {recipe!r} has no scoring API (recipes with one: squid, data_assemble)") from None
+        raise RecipeNotReady(
+            f"recipe {recipe!r} has no scoring API (recipes with one: squid, data_assemble, mt_transunet)"
+        ) from None
     csv_path = module.score_files(checkpoint, images, out, skip_bad=skip_bad)
-    heatmaps = csv_path.parent / "heatmaps"
-    print(f"scores: {csv_path}" + (f"  heat-maps: {heatmaps}" if heatmaps.is_dir() else ""))
+    extras = [f"  {what}: {csv_path.parent / name}" for name, what in (("heatmaps", "heat-maps"), ("masks", "masks"))
+              if (csv_path.parent / name).is_dir()]  # fmt: skip
+    print(f"scores: {csv_path}" + "".join(extras))
     return EXIT_OK
 
 

@@ -37,6 +37,7 @@ def test_names_lists_every_recipe_and_which_are_ready():
         "bigssl",
         "genesis",
         "squid",
+        "mt_transunet",
         "data_assemble",
         "temporal_gradient",
     ]
@@ -72,18 +73,18 @@ def test_unknown_recipe_without_close_match_has_no_hint():
 
 
 def test_planned_recipe_raises_not_ready_on_load():
-    r = get("mt_transunet")
+    r = get("pe_cad")
     assert r.ready is False
     with pytest.raises(RecipeNotReady) as ei:
         r.load()
     msg = str(ei.value)
-    assert "mt_transunet" in msg
+    assert "pe_cad" in msg
     assert "glam" in msg and "squid" in msg  # points at what is ready
 
 
 def test_load_config_of_planned_or_unknown_recipe():
     with pytest.raises(RecipeNotReady):
-        load_config("mt_transunet", "smoke")
+        load_config("pe_cad", "smoke")
     with pytest.raises(UnknownRecipe):
         load_config("glm", "smoke")
 
