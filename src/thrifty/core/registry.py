@@ -109,7 +109,9 @@ RECIPES: tuple[Recipe, ...] = (
         "MT-TransUNet: joint lesion segmentation + classification",
         "2112.01767",
         "dermoscopy",
-        None,
+        "thrifty.methods.mt_transunet.train",
+        claim_preset="cpu",
+        headline="dual_raises_jaccard",
     ),
     Recipe(
         "data_assemble",
