@@ -274,3 +274,15 @@ def test_floats_lists_every_term():
     values = mt_loss(out, **t, **FULL).floats()
     assert set(values) == {"total", "seg", "sdf", "cons", "cls", "att", "cs", "ac", "ds"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in values.values())
+
+
+def test_seg_ce_form_selects_the_release_term():
+    out, t = _batch(requires_grad=False)
+    flags = dict(use_seg=True, use_cls=False, use_dual=False, ramp=0.0)
+    channel = mt_loss(out, **t, **flags).seg
+    release = mt_loss(out, **t, **flags, seg_ce_form="release").seg
+    assert float(channel) == pytest.approx(float(seg_ce(out.seg_logits, t["masks"], t["has_mask"])))
+    assert float(release) == pytest.approx(float(release_seg_ce(out.seg_logits, t["masks"], t["has_mask"])))
+    assert float(channel) != pytest.approx(float(release))
+    with pytest.raises(ValueError, match="seg_ce_form"):
+        mt_loss(out, **t, **flags, seg_ce_form="width")

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from thrifty.methods.mt_transunet.augment import augment
-from thrifty.methods.mt_transunet.metrics import classification_metrics, segmentation_metrics
+from thrifty.methods.mt_transunet.metrics import (
+    attention_in_lesion,
+    classification_metrics,
+    segmentation_metrics,
+    sensitivity_specificity,
+    threshold_at_specificity,
+)
 
 
 def test_segmentation_metrics_known_values():
@@ -98,3 +104,36 @@ def test_augment_is_deterministic_under_a_seed():
 def test_augment_refuses_mismatched_masks():
     with pytest.raises(ValueError, match="masks"):
         augment(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 9), generator=torch.Generator())
+
+
+def test_threshold_at_specificity_reaches_it_on_the_data_it_was_chosen_on():
+    rng = np.random.default_rng(0)
+    scores = rng.random(200)
+    positive = rng.random(200) < 0.3
+    for spec in (0.5, 0.82, 0.89, 0.95):
+        thr = threshold_at_specificity(scores, positive, spec)
+        _, achieved = sensitivity_specificity(scores, positive, thr)
+        assert achieved >= 100 * spec - 1e-9
+        # the smallest such threshold: one negative less below it would miss the target
+        neg = np.sort(scores[~positive])
+        k = int(np.ceil(spec * len(neg)))
+        assert thr > neg[k - 1] and (k == len(neg) or thr <= neg[k])
+
+
+def test_sensitivity_specificity_known_values():
+    scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1])
+    positive = np.array([True, True, True, False, False, False])
+    assert sensitivity_specificity(scores, positive, 0.5) == pytest.approx((100 * 2 / 3, 100 * 2 / 3))
+
+
+def test_attention_in_lesion_uniform_attention_scores_the_lesion_share():
+    g, n = 4, 3
+    attn = np.full((n, 2, 1 + g * g, 1 + g * g), 1 / (1 + g * g))
+    masks = np.zeros((n, 16, 16), bool)
+    masks[:, :8, :8] = True  # a quarter of the tokens
+    assert attention_in_lesion(attn, masks) == pytest.approx(25.0)
+    focused = np.zeros_like(attn)
+    focused[:, :, 0, 1] = 1.0  # all CLS attention on token (0, 0), inside the lesion
+    assert attention_in_lesion(focused, masks) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="attention"):
+        attention_in_lesion(attn[:, :, :4, :4], masks)  # 3 tokens: no square grid

@@ -88,10 +88,15 @@ def test_smoke_run_writes_results_claims_tables_and_figures(smoke_run):
         assert c["seeds"] == [0] and c["preset"] == "smoke"
     titles = [t["title"] for t in results["tables"]]
     assert [t.split(" ")[0] for t in titles[:4]] == ["Test", "Test", "PH2-like", "PH2-like"]
-    assert titles[4].startswith("Masked-fraction sweep") and titles[5].startswith("Cost per unit")
+    assert titles[4].startswith("Test sensitivity (%) at the threshold giving 89% specificity on validation")
+    assert titles[5].startswith("Masked-fraction sweep") and titles[6].startswith("Cost per unit")
     # the sweep's rows: the asked fraction and the main run's 100% (its units reused, not retrained)
-    assert [r[0] for r in results["tables"][4]["rows"]] == ["50%", "100%"]
-    assert titles[6].startswith("Parameters and latency")
+    assert [r[0] for r in results["tables"][5]["rows"]] == ["50%", "100%"]
+    assert titles[7].startswith("Parameters and latency")
+    cls = unit_result(run_dir, "main")["test"]["cls"]  # the diagnostics of the classification checkpoint
+    assert 0.0 <= cls["attention_in_lesion"] <= 100.0
+    for key in ("melanoma_sens_at_fixed_spec", "melanoma_spec_at_fixed_spec", "sk_sens_at_fixed_spec"):
+        assert key in cls
     seg = results["tables"][0]
     assert seg["columns"] == ["arm", "seeds", "jaccard", "dice", "accuracy", "sensitivity", "specificity"]
     assert [r[0] for r in seg["rows"]] == [ARM, results["trivial"]["seg_name"]]
@@ -386,3 +391,14 @@ def test_bad_config_is_a_clear_error_naming_the_key(override, match, tmp_path, c
     assert main(["run", "mt_transunet", "--preset", "smoke", f"out_dir={tmp_path}", override]) == EXIT_USAGE
     assert match in capsys.readouterr().err
     assert not (tmp_path / "mt_transunet").exists()
+
+
+def test_training_lowers_the_loss(tmp_path, data_dir):
+    """40 steps of the full method on the smoke data: the logged total loss falls (the card's "the loss falls")."""
+    cfg = smoke(tmp_path, data_dir, f"arms=[{ARM}]", "seeds=[0]", "max_steps=40", "eval_every=40", "log_every=5",
+                "stages=[data,train]")  # fmt: skip
+    train(cfg)
+    run_dir = tmp_path / "mt_transunet" / "smoke"
+    totals = [r["total"] for r in read_jsonl(run_dir / "metrics.jsonl") if "total" in r]
+    assert len(totals) == 8
+    assert np.mean(totals[-2:]) < 0.7 * np.mean(totals[:2])

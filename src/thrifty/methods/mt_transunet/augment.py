@@ -49,3 +49,19 @@ def augment(
         out_i.append(img)
         out_m.append(m)
     return torch.cat(out_i), torch.cat(out_m)[:, 0].to(masks.dtype)
+
+
+def random_resize(
+    images: torch.Tensor, masks: torch.Tensor, *, sizes: list[int] | tuple[int, ...], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's ``--random_resize`` (``utils/runtime.py``): the whole batch resized to one side drawn from
+    ``sizes``, the images bilinear and the masks bilinear then thresholded at 0.5. ``images`` (B, 3, S, S),
+    ``masks`` (B, S, S) -> (B, 3, s, s), (B, s, s). Empty ``sizes`` returns the inputs."""
+    if not sizes:
+        return images, masks
+    s = int(sizes[int(torch.randint(0, len(sizes), (1,), generator=generator))])
+    if s == images.shape[-1]:
+        return images, masks
+    out_i = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False)
+    m = F.interpolate(masks[:, None].float(), size=(s, s), mode="bilinear", align_corners=False)[:, 0]
+    return out_i, (m >= 0.5).to(masks.dtype)

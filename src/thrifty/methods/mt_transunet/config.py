@@ -22,6 +22,7 @@ SOURCES = ("synthetic", "isic2017")
 BACKBONES = ("mini", "r50_vit_b16")
 POS_EMBEDS = ("none", "learned")
 CONS_ON = ("probs", "logits")
+SEG_CE = ("channel", "release")
 #: the classes, in the order of the classification head (ISIC-2017: melanoma, seborrheic keratosis, nevus)
 CLASSES = ("melanoma", "seborrheic_keratosis", "nevus")
 
@@ -81,11 +82,14 @@ class RealConfig:
 class AugmentConfig:
     """The release's training augmentation (:mod:`thrifty.methods.mt_transunet.augment`): a border crop with
     probability ``crop_prob`` removing a ``crop_fraction`` share of the side from every side, then vertical and
-    horizontal flips (``flip``)."""
+    horizontal flips (``flip``); optionally the release's per-batch random resize to one of ``random_sizes``
+    (its ``--random_resize``: 192, 224, 256, 288, 320; empty = off — the release's own option fails at any side
+    but 224, whose 14×14 token grid its loss hard-codes)."""
 
     crop_prob: float = 0.5
     crop_fraction: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.2])
     flip: bool = True
+    random_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -146,6 +150,9 @@ class LossConfig:
         ramp_epochs: the consistency ramp's length ``w(e) = exp(-5 (1 - min(e, L)/L)²)`` (the release: 40 epochs).
         sdf_k: the steepness in ``σ(-k·SDF)`` (1500).
         cons_on: ``probs`` (our default: softmax probabilities against the soft mask) or ``logits`` (the release).
+        seg_ce: ``channel`` (pixel cross-entropy over the two classes; default) or ``release`` (the release's
+            ``MyLabelSmoothingLoss`` at its default ``dim=-1``, whose softmax runs over the image width — a defect
+            kept only to reproduce it).
         label_smoothing: of CE_cls (the release: 0).
         optional_weight: the weight of ``cs``/``ac`` in the ``+cs``/``+ac`` arms (our choice: 0.1).
         att_weight / ds_weight: the release's optional attention-in-mask and deep-supervision terms (release: 0).
@@ -157,6 +164,7 @@ class LossConfig:
     ramp_epochs: float = 40.0
     sdf_k: float = 1500.0
     cons_on: str = "probs"
+    seg_ce: str = "channel"
     label_smoothing: float = 0.0
     optional_weight: float = 0.1
     att_weight: float = 0.0
@@ -165,13 +173,29 @@ class LossConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Adam with the release's poly schedule ``lr·(1 - it/max_iter)^power`` floored at ``min_lr``. The release's
-    optimiser receives no weight decay (``utils/optimizer.py``; its ``--weight_decay 5e-4`` is never used)."""
+    """Adam with the release's poly schedule ``lr·(1 - it/poly_steps)^power`` floored at ``min_lr``. The release's
+    optimiser receives no weight decay (``utils/optimizer.py``; its ``--weight_decay 5e-4`` is never used).
+
+    Attributes:
+        poly_steps: the schedule's length (0 = ``max_steps``); the release decays over 40,000 iterations and then
+            trains on at the floor to 500 epochs.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     power: float = 0.9
     min_lr: float = 5e-6
+    poly_steps: int = 0
+
+
+@dataclasses.dataclass
+class TTAConfig:
+    """Test-time augmentation (:func:`thrifty.methods.mt_transunet.inference.infer`), as the release's test: input
+    ``sizes`` (bicubic; the release: 224, 256, 288; empty = the training size only) and the six rotated/flipped
+    ``views``. Used for validation and test alike; the miniature uses none."""
+
+    sizes: list[int] = dataclasses.field(default_factory=list)
+    views: bool = False
 
 
 @dataclasses.dataclass
@@ -197,6 +221,8 @@ class MTTransUNetConfig(BaseConfig):
             and the best mean melanoma/SK AUC (classification checkpoint) are kept.
         final_test: False skips the test splits (calibration runs).
         works_margin: the "works" claims' margin over the trivial baselines (Jaccard / AUC points).
+        fixed_specificity: the operating point fixed on validation for the sensitivity diagnostic (the ISIC-2017
+            challenge reports sensitivity at 82%, 89% and 95% specificity).
         noninferiority_margin: the optional terms "do not hurt" when the Jaccard interval of (with − without) lies
             above minus this many points.
         latency_reps / latency_reps_full: timed forward passes (batch 1) of the miniature and of the ``full``
@@ -212,6 +238,7 @@ class MTTransUNetConfig(BaseConfig):
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    tta: TTAConfig = dataclasses.field(default_factory=TTAConfig)
     batch_size: int = 16
     max_steps: int = 150
     steps_per_epoch: int = 0
@@ -220,6 +247,7 @@ class MTTransUNetConfig(BaseConfig):
     log_every: int = 10
     final_test: bool = True
     works_margin: float = 5.0
+    fixed_specificity: float = 0.89
     noninferiority_margin: float = 1.0
     latency_reps: int = 20
     latency_reps_full: int = 3
@@ -236,6 +264,7 @@ class MTTransUNetConfig(BaseConfig):
             ("model.backbone", BACKBONES, self.model.backbone),
             ("model.pos_embed", POS_EMBEDS, self.model.pos_embed),
             ("loss.cons_on", CONS_ON, self.loss.cons_on),
+            ("loss.seg_ce", SEG_CE, self.loss.seg_ce),
         ):
             if value not in choices:
                 raise ValueError(f"config key {key!r} must be one of {list(choices)}, got {value!r}")
@@ -259,10 +288,14 @@ class MTTransUNetConfig(BaseConfig):
             raise ValueError("config key 'model.dim' must be divisible by 'model.num_heads'")
         if self.optim.lr <= 0 or self.optim.min_lr < 0:
             raise ValueError("config keys 'optim.lr' > 0 and 'optim.min_lr' >= 0")
+        if not 0.0 < self.fixed_specificity < 1.0:
+            raise ValueError("config key 'fixed_specificity' must be in (0, 1)")
         if self.latency_reps < 1 or self.latency_reps_full < 0:
             raise ValueError("config keys 'latency_reps' >= 1 and 'latency_reps_full' >= 0")
         if self.works_margin < 0 or self.noninferiority_margin < 0:
             raise ValueError("config keys 'works_margin' and 'noninferiority_margin' must be >= 0")
+        if any(s < 16 for s in self.tta.sizes) or any(s < 16 for s in self.data.augment.random_sizes):
+            raise ValueError("config keys 'tta.sizes' and 'data.augment.random_sizes' list image sides >= 16")
         aug = self.data.augment
         if (
             not 0.0 <= aug.crop_prob <= 1.0
@@ -271,5 +304,7 @@ class MTTransUNetConfig(BaseConfig):
         ):
             raise ValueError("config keys 'data.augment.crop_prob' in [0, 1] and 'data.augment.crop_fraction' "
                              "[low, high] with 0 <= low <= high < 0.5")  # fmt: skip
+        if self.optim.poly_steps < 0:
+            raise ValueError("config key 'optim.poly_steps' must be >= 0 (0 = max_steps)")
         if self.steps_per_epoch < 0:
             raise ValueError("config key 'steps_per_epoch' must be >= 0")

@@ -217,6 +217,11 @@ def prepare_real(cfg: MTTransUNetConfig, access: AccessLog) -> MTData:
     if real.extra_images:
         sets["unmasked"] = isic(real.extra_images, real.extra_labels, None).without_masks()
     else:
+        log.warning(
+            "no mask-free images (data.real.extra_images is empty): every batch is drawn from the masked images, so "
+            "the dual-task consistency sees no mask-free image; the release trains with ISIC-2017's 1,320 "
+            "'Training_addition' images"
+        )
         sets["unmasked"] = sets["masked"].subset([]).without_masks()
     shifted = None
     if real.ph2_root:

@@ -247,6 +247,7 @@ def mt_loss(
     cls_weight: float = 0.25,
     cons_weight: float = 1.0,
     cons_on: str = "probs",
+    seg_ce_form: str = "channel",
     sdf_k: float = 1500.0,
     label_smoothing: float = 0.0,
     att_weight: float = 0.0,
@@ -263,6 +264,9 @@ def mt_loss(
         total = [use_seg]·CE_seg + [use_dual]·(ramp·cons_weight·L_cons + sdf_weight·L_sdf) + [use_cls]·cls_weight·CE_cls
                 + att_weight·att + cs_weight·cs + ac_weight·ac + ds_weight·ds
 
+    ``seg_ce_form``: ``channel`` (the pixel cross-entropy over the two classes; default) or ``release`` (the
+    release's term, whose softmax runs over the image width: :func:`release_seg_ce`).
+
     A term that is off (its flag False or its weight 0) is not computed and adds nothing, so ``cls_only``
     (``use_seg=False, use_cls=True, use_dual=False``) gives exactly ``cls_weight·CE_cls`` (the release's
     ``cls_only`` uses weight 1: pass ``cls_weight=1`` for that). Raises ``ValueError`` when every term is off and
@@ -275,8 +279,11 @@ def mt_loss(
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
     terms = dict.fromkeys(("seg", "sdf", "cons", "cls", "att", "cs", "ac", "ds"), zero)
     total = zero
+    if seg_ce_form not in ("channel", "release"):
+        raise ValueError(f"seg_ce_form must be 'channel' or 'release', got {seg_ce_form!r}")
     if use_seg:
-        terms["seg"] = seg_ce(out.seg_logits, masks, has_mask)
+        seg_fn = seg_ce if seg_ce_form == "channel" else release_seg_ce
+        terms["seg"] = seg_fn(out.seg_logits, masks, has_mask)
         total = total + terms["seg"]
     if use_dual:
         terms["cons"] = consistency_loss(out.seg_logits, out.sdf, on=cons_on, k=sdf_k)

@@ -67,3 +67,51 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     out["melanoma_accuracy"] = 100 * float(((pred == 0) == (labels == 0)).mean())
     out["sk_accuracy"] = 100 * float(((pred == 1) == (labels == 1)).mean())
     return out
+
+
+def threshold_at_specificity(scores: np.ndarray, positive: np.ndarray, specificity: float) -> float:
+    """The smallest score threshold whose specificity (share of negatives scored below it) reaches
+    ``specificity``; chosen on validation, then applied to test (the ISIC-2017 challenge reports sensitivity at
+    fixed specificities)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    neg = np.sort(scores[~np.asarray(positive, dtype=bool)])
+    if not len(neg):
+        raise ValueError("threshold_at_specificity needs at least one negative")
+    if not 0.0 <= specificity <= 1.0:
+        raise ValueError(f"specificity must be in [0, 1], got {specificity}")
+    k = min(len(neg), max(1, int(np.ceil(specificity * len(neg) - 1e-9))))  # negatives that must lie below it
+    return float(np.nextafter(neg[k - 1], np.inf))
+
+
+def sensitivity_specificity(scores: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(sensitivity, specificity) in % of the decision ``score >= threshold``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    pred = scores >= threshold
+    sens = 100 * float(pred[positive].mean()) if positive.any() else float("nan")
+    spec = 100 * float((~pred[~positive]).mean()) if (~positive).any() else float("nan")
+    return sens, spec
+
+
+def attention_in_lesion(attention: np.ndarray, masks: np.ndarray) -> float:
+    """The mean share (%) of the CLS token's attention to the patches that falls on the lesion.
+
+    ``attention`` (N, heads, 1+g², 1+g²) softmax weights of one layer (CLS at index 0); ``masks`` (N, H, W) binary,
+    reduced to the g×g token grid by nearest-neighbour sampling of each token's centre. Images without a lesion are
+    skipped; a uniform attention scores the lesion's share of the tokens."""
+    attention = np.asarray(attention, dtype=np.float64)
+    masks = np.asarray(masks).astype(bool)
+    n_tok = attention.shape[-1] - 1
+    g = round(n_tok**0.5)
+    if g * g != n_tok or attention.shape[0] != masks.shape[0]:
+        raise ValueError(f"expected (N, heads, 1+g², 1+g²) attention for N masks, got {attention.shape}, {masks.shape}")
+    a = attention.mean(1)[:, 0, 1:]  # (N, g²) head-averaged CLS -> patches
+    a = a / a.sum(1, keepdims=True)
+    h, w = masks.shape[1:]
+    rows = ((np.arange(g) + 0.5) * h / g).astype(int)
+    cols = ((np.arange(g) + 0.5) * w / g).astype(int)
+    grid = masks[:, rows][:, :, cols].reshape(len(masks), -1)  # (N, g²)
+    keep = grid.any(1)
+    if not keep.any():
+        return float("nan")
+    return 100 * float((a[keep] * grid[keep]).sum(1).mean())

@@ -29,6 +29,7 @@ from safetensors.torch import load_model
 
 from thrifty.data.images import ImageDataError, expand_image_paths
 from thrifty.data.skin_lesions import load_rgb
+from thrifty.methods.mt_transunet.inference import infer
 from thrifty.methods.mt_transunet.model import MTTransUNet, build_model
 
 
@@ -69,21 +70,18 @@ class Predictor:
             )
         return cls(model, card)
 
-    @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Lesion probabilities (N, S, S) and class probabilities (N, C) for ``images`` (N, 3, S, S) in [0, 1]
-        with S = the card's ``image_size``."""
+        with S = the card's ``image_size``, with the test-time augmentation the card records (``tta``)."""
         s = self.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"expected images (N, 3, {s}, {s}) in [0, 1], got {tuple(images.shape)}")
-        segs, clss = [], []
-        for i in range(0, len(images), batch_size):
-            out = self.model(images[i : i + batch_size].float())
-            segs.append(out.seg_logits.softmax(1)[:, 1])
-            clss.append(out.cls_logits.softmax(1))
-        if not segs:
+        if not len(images):
             return np.zeros((0, s, s), np.float32), np.zeros((0, len(self.classes)), np.float32)
-        return torch.cat(segs).numpy(), torch.cat(clss).numpy()
+        tta = self.card.get("tta", {})
+        return infer(
+            self.model, images, batch_size=batch_size, sizes=tta.get("sizes", []), views=tta.get("views", False)
+        )
 
 
 def score_files(unit_dir: str | Path, paths: list[str | Path], out_dir: str | Path, *, skip_bad: bool = False) -> Path:

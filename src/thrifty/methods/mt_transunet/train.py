@@ -9,7 +9,7 @@ on and off:
 arm                        loss
 =========================  ============================================================================
 ``seg_only``               CE_seg on the masked half
-``cls_only``               0.25 · CE_cls on every image
+``cls_only``               CE_cls on every image (weight 1, as the release)
 ``seg+cls``                both
 ``seg+dual``               CE_seg + 5 · L_sdf (masked half) + w(e) · L_cons (whole batch)
 ``seg+cls+dual``           the paper's loss (all of the above)
@@ -56,11 +56,18 @@ from thrifty.core.run import (
 from thrifty.core.splits import AccessLog
 from thrifty.data.dermoscopy import normalised_sdf
 from thrifty.methods.mt_transunet import figures
-from thrifty.methods.mt_transunet.augment import augment
+from thrifty.methods.mt_transunet.augment import augment, random_resize
 from thrifty.methods.mt_transunet.config import CLASSES, MTTransUNetConfig
 from thrifty.methods.mt_transunet.data import LesionSet, MTData, concat, prepare_data
+from thrifty.methods.mt_transunet.inference import infer
 from thrifty.methods.mt_transunet.losses import LossParts, mt_loss, ramp_weight
-from thrifty.methods.mt_transunet.metrics import classification_metrics, segmentation_metrics
+from thrifty.methods.mt_transunet.metrics import (
+    attention_in_lesion,
+    classification_metrics,
+    segmentation_metrics,
+    sensitivity_specificity,
+    threshold_at_specificity,
+)
 from thrifty.methods.mt_transunet.model import MTOutput, build_model, count_parameters
 from thrifty.methods.mt_transunet.sampling import TwoStreamBatchSampler, poly_lr
 from thrifty.methods.mt_transunet.trivial import HistogramClassifier, colour_threshold_masks
@@ -137,6 +144,7 @@ def make_batch(part: LesionSet, cfg: MTTransUNetConfig, gen: torch.Generator, de
     a = cfg.data.augment
     images, masks = augment(part.images, part.masks, generator=gen, crop_prob=a.crop_prob,
                             crop_fraction=tuple(a.crop_fraction), flip=a.flip)  # fmt: skip
+    images, masks = random_resize(images, masks, sizes=a.random_sizes, generator=gen)
     sdf = np.zeros(masks.shape, dtype=np.float32)
     keep = part.has_mask.numpy()
     if keep.any():
@@ -146,21 +154,44 @@ def make_batch(part: LesionSet, cfg: MTTransUNetConfig, gen: torch.Generator, de
                  part.has_mask.to(device), part.labels.to(device))  # fmt: skip
 
 
-@torch.inference_mode()
 def predict(
-    model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
+    model: torch.nn.Module, images: torch.Tensor, cfg: MTTransUNetConfig, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``model`` (eval mode) on ``images`` (N, 3, S, S): foreground probabilities (N, S, S) and class
-    probabilities (N, 3)."""
+    """Lesion probabilities (N, S, S) and class probabilities (N, 3) of ``model`` on ``images`` (N, 3, S, S), with
+    the configured test-time augmentation (``tta``; the miniature uses none)."""
+    return infer(model, images, batch_size=cfg.eval_batch_size, device=device, sizes=cfg.tta.sizes, views=cfg.tta.views)
+
+
+def specificity_thresholds(cls_probs: np.ndarray, labels: np.ndarray, cfg: MTTransUNetConfig) -> dict[str, float]:
+    """Melanoma and SK score thresholds reaching ``fixed_specificity`` on validation (NaN when a class is absent)."""
+    out = {}
+    for key, c in (("melanoma", 0), ("sk", 1)):
+        pos = labels == c
+        out[key] = threshold_at_specificity(cls_probs[:, c], pos, cfg.fixed_specificity) if (~pos).any() else math.nan
+    return out
+
+
+def at_fixed_specificity(cls_probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, float]) -> dict[str, float]:
+    """Test sensitivity and specificity (%) at the validation-fixed thresholds."""
+    out = {}
+    for key, c in (("melanoma", 0), ("sk", 1)):
+        sens, spec = sensitivity_specificity(cls_probs[:, c], labels == c, thresholds[key])
+        out[f"{key}_sens_at_fixed_spec"], out[f"{key}_spec_at_fixed_spec"] = sens, spec
+    return out
+
+
+@torch.inference_mode()
+def last_attention(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    """The last layer's attention maps (N, heads, 1+N_tok, 1+N_tok) of ``model`` on ``images`` (no test-time
+    augmentation), for the attention-in-lesion diagnostic."""
     was = model.training
     model.eval()
-    segs, clss = [], []
-    for i in range(0, len(images), batch_size):
-        out: MTOutput = model(images[i : i + batch_size].to(device))
-        segs.append(out.seg_logits.softmax(1)[:, 1].cpu())
-        clss.append(out.cls_logits.softmax(1).cpu())
+    maps = [
+        model(images[i : i + batch_size].to(device)).attentions[-1].float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     model.train(was)
-    return torch.cat(segs).numpy(), torch.cat(clss).numpy()
+    return torch.cat(maps).numpy()
 
 
 def evaluate(seg_probs: np.ndarray, cls_probs: np.ndarray, data: LesionSet, spec: ArmSpec) -> dict[str, Any]:
@@ -184,7 +215,7 @@ def compute_loss(spec: ArmSpec, net: torch.nn.Module, batch: Batch, cfg: MTTrans
     parts = mt_loss(
         out, masks=batch.masks, sdf_gt=batch.sdf, has_mask=batch.has_mask, labels=batch.labels,
         use_seg=spec.seg, use_cls=spec.cls, use_dual=spec.dual, ramp=ramp, sdf_weight=w.sdf_weight,
-        cls_weight=cls_weight, cons_weight=w.cons_weight, cons_on=w.cons_on, sdf_k=w.sdf_k,
+        cls_weight=cls_weight, cons_weight=w.cons_weight, cons_on=w.cons_on, seg_ce_form=w.seg_ce, sdf_k=w.sdf_k,
         label_smoothing=w.label_smoothing, att_weight=w.att_weight, ds_weight=w.ds_weight,
         cs_weight=w.optional_weight if spec.cs else 0.0, ac_weight=w.optional_weight if spec.ac else 0.0,
     )  # fmt: skip
@@ -227,7 +258,8 @@ def train_unit(
     )  # fmt: skip
     # an epoch = one pass over the whole masked half at its per-batch share, the same for every masked fraction, so
     # the consistency ramp keeps one schedule across the sweep
-    steps_per_epoch = cfg.steps_per_epoch or max(1, len(data.masked) // max(1, per_rank // 2 * info.world_size))
+    masked_per_batch = per_rank // 2 if len(data.unmasked) or masked_fraction < 1 else per_rank
+    steps_per_epoch = cfg.steps_per_epoch or max(1, len(data.masked) // (masked_per_batch * info.world_size))
 
     seed_everything(seed)
     model = build_model(cfg.model, num_classes=len(CLASSES), image_size=cfg.data.image_size).to(info.device)
@@ -248,8 +280,8 @@ def train_unit(
             t0 = time.perf_counter()
             model.train()
             batch = make_batch(train_set.subset(next(batches)), cfg, gen, info.device)
-            lr = poly_lr(step - 1, base_lr=cfg.optim.lr, max_steps=cfg.max_steps, power=cfg.optim.power,
-                         min_lr=cfg.optim.min_lr)  # fmt: skip
+            lr = poly_lr(step - 1, base_lr=cfg.optim.lr, max_steps=cfg.optim.poly_steps or cfg.max_steps,
+                         power=cfg.optim.power, min_lr=cfg.optim.min_lr)  # fmt: skip
             for g in opt.param_groups:
                 g["lr"] = lr
             ramp = ramp_weight((step - 1) / steps_per_epoch, length=cfg.loss.ramp_epochs)
@@ -269,7 +301,7 @@ def train_unit(
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 distributed.sync_batchnorm_stats(model)
                 val = data.val.get("selection", unit)
-                seg_p, cls_p = predict(model, val.images, cfg.eval_batch_size, info.device)
+                seg_p, cls_p = predict(model, val.images, cfg, info.device)
                 m = evaluate(seg_p, cls_p, val, spec)
                 point: dict[str, float] = {"step": step}
                 if "seg" in m:
@@ -282,6 +314,8 @@ def train_unit(
                     if key in point and point[key] > best[task]["score"]:
                         best[task] = {"score": point[key], "step": step, "state": copy.deepcopy(model.state_dict()),
                                       "val": m[task]}  # fmt: skip
+                        if task == "cls":  # operating points fixed on validation, applied to test
+                            best[task]["thresholds"] = specificity_thresholds(cls_p, val.labels.numpy(), cfg)
     result: dict[str, Any] = {
         "arm": arm,
         "seed": seed,
@@ -307,13 +341,16 @@ def train_unit(
                     continue
                 model.load_state_dict(b["state"])
                 t0 = time.perf_counter()
-                seg_p, cls_p = predict(model, test.images, cfg.eval_batch_size, info.device)
+                seg_p, cls_p = predict(model, test.images, cfg, info.device)
                 if name == "test" and task == "seg":
                     result["infer_images_per_s"] = len(test) / max(time.perf_counter() - t0, 1e-9)
                 result[name].update(evaluate(seg_p, cls_p, test, dataclasses.replace(
                     spec, seg=task == "seg", cls=task == "cls")))  # fmt: skip
                 if task == "cls":
                     result[name]["cls_probs"] = cls_p.round(5).tolist()
+                    result[name]["cls"].update(at_fixed_specificity(cls_p, test.labels.numpy(), b["thresholds"]))
+                    attn = last_attention(model, test.images, cfg.eval_batch_size, info.device)
+                    result[name]["cls"]["attention_in_lesion"] = attention_in_lesion(attn, test.masks.numpy())
     # the exported weights: the segmentation checkpoint when the arm segments, else the classification one
     chosen = best["seg"] if best["seg"]["state"] is not None else best["cls"]
     model.load_state_dict(chosen["state"])
@@ -337,6 +374,7 @@ def model_card(cfg: MTTransUNetConfig, arm: str, seed: int) -> dict[str, Any]:
         "model": to_dict(cfg.model) | {"weights": ""},
         "image_size": cfg.data.image_size,
         "input": "RGB resized (bicubic, aspect ratio not kept) to image_size x image_size, divided by 255",
+        "tta": to_dict(cfg.tta),
         "output": "segmentation: softmax over (background, lesion) per pixel; classification: softmax over 'classes'",
     }
 
@@ -479,6 +517,25 @@ def metric_table(
     }
 
 
+def diagnostic_table(results: dict[str, dict[int, dict]], cfg: MTTransUNetConfig) -> dict[str, Any] | None:
+    """Beyond the anchors: sensitivity at the validation-fixed specificity, and the share of the CLS token's
+    last-layer attention that falls on the lesion (test split, classification checkpoint)."""
+    keys = ("melanoma_sens_at_fixed_spec", "melanoma_spec_at_fixed_spec", "sk_sens_at_fixed_spec",
+            "sk_spec_at_fixed_spec", "attention_in_lesion")  # fmt: skip
+    rows = []
+    for arm, per in results.items():
+        rs = [r["test"]["cls"] for r in per.values() if "cls" in r.get("test", {}) and keys[0] in r["test"]["cls"]]
+        if rs:
+            rows.append([arm, len(rs), *[format_mean_ci([r[k] for r in rs if np.isfinite(r[k])]) for k in keys]])
+    if not rows:
+        return None
+    spec = f"{cfg.fixed_specificity:.0%}"
+    return {"title": f"Test sensitivity (%) at the threshold giving {spec} specificity on validation (the specificity "
+            "it reaches on test beside it), and the share (%) of the CLS token's last-layer attention on the lesion",
+            "columns": ["arm", "seeds", "melanoma sens", "melanoma spec", "SK sens", "SK spec", "attention on lesion"],
+            "rows": rows}  # fmt: skip
+
+
 def sweep_table(sweep: dict[float, dict[str, dict[int, dict]]]) -> dict[str, Any]:
     arms = sorted({a for per in sweep.values() for a in per})
     rows = [[f"{f:.0%}", *[format_mean_ci(list(_metric(sweep[f], a, "seg", "jaccard").values())) for a in arms]]
@@ -573,6 +630,7 @@ def train(cfg: MTTransUNetConfig) -> dict[str, Any]:
             claims = make_claims(cfg, results, trivial, sweep)
             if data.shifted_test is not None:
                 tables += [metric_table(results, trivial, "shifted_test", task) for task in ("seg", "cls")]
+            tables.append(diagnostic_table(results, cfg))
             if sweep:
                 tables.append(sweep_table(sweep))
         arch = architecture_cost(cfg)
