@@ -5,6 +5,7 @@ naming the broken file."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import random
 import re
 import sys
@@ -25,6 +26,7 @@ from thrifty.data.volumes import (
     load_metaimage,
     load_nifti,
     load_volume,
+    read_dicom_series,
 )
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -390,6 +392,69 @@ def test_dicom_series_errors_name_the_file(tmp_path):
     empty.mkdir()
     with pytest.raises(VolumeError, match="holds no files"):
         load_dicom_series(empty)
+
+
+def test_read_dicom_series_reports_files_positions_and_uids_in_volume_order(tmp_path):
+    z = [-75.7, -73.2, -70.7, -68.2]
+    paths = _write_series(tmp_path / "s", z, seed=5)  # paths[n] holds the slice at z[n]
+    series = read_dicom_series(tmp_path / "s")
+    np.testing.assert_array_equal(series.volume.array, load_dicom_series(tmp_path / "s").array)
+    assert series.files == paths
+    np.testing.assert_allclose(series.positions, z)  # the slice normal is +z for CT_small's orientation
+    np.testing.assert_allclose(series.image_positions[:, 2], z)
+    base = _ct_small()
+    assert series.sop_instance_uids == [f"{base.SOPInstanceUID}.{n + 1}" for n in range(4)]
+    assert series.instance_numbers == [1, 2, 3, 4]
+    assert series.series_instance_uid == str(base.SeriesInstanceUID)
+    assert series.study_instance_uid == str(base.StudyInstanceUID)
+    assert series.ordered_by == "position"
+
+
+def test_dicom_sort_by_z_needs_no_orientation(tmp_path):
+    paths = _write_series(tmp_path / "s", [0.0, 2.5, 5.0], seed=2)
+    for p in paths:  # reverse InstanceNumber and drop the orientation: "normal" falls back, "z" does not
+        ds = pydicom.dcmread(p)
+        del ds.ImageOrientationPatient
+        ds.InstanceNumber = 4 - int(ds.InstanceNumber)
+        ds.save_as(p)
+    by_z = read_dicom_series(tmp_path / "s", sort_by="z")
+    assert by_z.ordered_by == "position" and by_z.files == paths
+    assert by_z.volume.spacing[0] == pytest.approx(2.5)
+    by_number = read_dicom_series(tmp_path / "s")
+    assert by_number.ordered_by == "instance_number" and by_number.positions is None
+    assert by_number.files == paths[::-1]
+    with pytest.raises(ValueError, match="sort_by"):
+        load_dicom_series(tmp_path / "s", sort_by="x")
+
+
+def test_dicom_max_gap_ratio_refuses_a_missing_slice_naming_files_and_positions(tmp_path):
+    paths = _write_series(tmp_path / "gap", [0.0, 2.5, 5.0, 10.0, 12.5])
+    with pytest.raises(VolumeError, match="missing slice") as info:
+        load_dicom_series(tmp_path / "gap", allow_uneven_spacing=True, max_gap_ratio=1.5)
+    msg = str(info.value)
+    assert msg.startswith(str(paths[3])) and paths[2].name in msg and "(5.0000 mm)" in msg and "(10.0000 mm)" in msg
+    vol = load_dicom_series(tmp_path / "gap", allow_uneven_spacing=True, max_gap_ratio=2.5)
+    assert vol.spacing[0] == pytest.approx(2.5)
+    _write_series(tmp_path / "jitter", [0.0, 2.5, 5.2, 7.5])  # 2.7 mm < 1.5 x 2.5 mm: only the 1% rule objects
+    with pytest.raises(VolumeError, match="uneven slice spacing"):
+        load_dicom_series(tmp_path / "jitter", max_gap_ratio=1.5)
+    assert load_dicom_series(tmp_path / "jitter", allow_uneven_spacing=True, max_gap_ratio=1.5).shape[0] == 4
+    with pytest.raises(ValueError, match="max_gap_ratio"):
+        load_dicom_series(tmp_path / "jitter", max_gap_ratio=0.5)
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is not None for m in ("pylibjpeg", "gdcm", "jpeg_ls")),
+    reason="a JPEG-LS decoder is installed, so the file decodes",
+)
+def test_dicom_undecodable_compression_names_the_file_and_the_optional_package(tmp_path):
+    target = tmp_path / "jls.dcm"
+    target.write_bytes(Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).read_bytes())
+    with pytest.raises(VolumeError, match=re.escape(str(target))) as info:
+        load_dicom_series(target)
+    msg = str(info.value)
+    assert "cannot decode the pixel data" in msg and "JPEG-LS" in msg and "1.2.840.10008.1.2.4.80" in msg
+    assert "pip install pylibjpeg pylibjpeg-libjpeg" in msg and "python-gdcm" in msg
 
 
 # ----------------------------------------------------------------------------------------- misc helpers

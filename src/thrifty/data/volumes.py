@@ -5,7 +5,11 @@ Nothing is downloaded: every function reads files that are already on disk.
 * :func:`load_nifti` reads ``.nii`` / ``.nii.gz`` through nibabel (scaling ``scl_slope``/``scl_inter`` applied).
 * :func:`load_dicom_series` reads the slices of one DICOM series through pydicom, orders them along the slice
   normal (``ImagePositionPatient`` projected on the cross product of the ``ImageOrientationPatient`` cosines;
-  ``InstanceNumber`` when positions are missing) and applies ``RescaleSlope``/``RescaleIntercept`` per slice.
+  ``sort_by="z"``: ``ImagePositionPatient[2]``; ``InstanceNumber`` when positions are missing) and applies
+  ``RescaleSlope``/``RescaleIntercept`` per slice. :func:`read_dicom_series` does the same and also returns
+  the per-slice files, positions and ``SOPInstanceUID`` in volume order (:class:`DicomSeries`). Pixel data in a
+  compressed transfer syntax that no installed decoder handles raises :class:`VolumeError` naming the file and
+  the optional package(s) to install (pylibjpeg plugins or python-gdcm).
 * :func:`load_metaimage` is thrifty's own MetaImage (``.mhd`` + ``.raw``, or ``.mha``/``LOCAL``) reader, the
   format of LUNA16: 2-D/3-D scalar images of ``MET_CHAR``/``MET_UCHAR``/``MET_SHORT``/``MET_USHORT``/``MET_INT``/
   ``MET_UINT``/``MET_LONG_LONG``/``MET_ULONG_LONG``/``MET_FLOAT``/``MET_DOUBLE``, either byte order, raw or
@@ -65,6 +69,26 @@ METAIMAGE_TYPES: dict[str, str] = {
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _METAIMAGE_SUFFIXES = (".mhd", ".mha")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+
+DICOM_SORT_KEYS = ("normal", "z")
+
+# Compressed transfer syntaxes -> the optional decoders pydicom can use for them (a hint for the error message).
+_PYLIBJPEG_LIBJPEG = "`pip install pylibjpeg pylibjpeg-libjpeg`"
+_PYLIBJPEG_OPENJPEG = "`pip install pylibjpeg pylibjpeg-openjpeg`"
+_GDCM = "`pip install python-gdcm`"
+_DICOM_DECODERS: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": f"Pillow, {_PYLIBJPEG_LIBJPEG} or {_GDCM}",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": f"Pillow, {_PYLIBJPEG_LIBJPEG} or {_GDCM}",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": f"{_PYLIBJPEG_LIBJPEG} or {_GDCM}",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": f"{_PYLIBJPEG_LIBJPEG} or {_GDCM}",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": f"{_PYLIBJPEG_LIBJPEG}, `pip install pyjpegls` or {_GDCM}",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": f"{_PYLIBJPEG_LIBJPEG}, `pip install pyjpegls` or {_GDCM}",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": f"{_PYLIBJPEG_OPENJPEG}, Pillow with OpenJPEG or {_GDCM}",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": f"{_PYLIBJPEG_OPENJPEG}, Pillow with OpenJPEG or {_GDCM}",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _PYLIBJPEG_OPENJPEG,  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202": _PYLIBJPEG_OPENJPEG,  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203": _PYLIBJPEG_OPENJPEG,  # HTJ2K
+}
 
 
 class VolumeError(ValueError):
@@ -202,6 +226,35 @@ class _Slice:
     position: float | None = None
 
 
+@dataclasses.dataclass
+class DicomSeries:
+    """One DICOM series read by :func:`read_dicom_series`: the volume and, in its slice order, per-slice facts.
+
+    Attributes:
+        volume: the :class:`Volume` (HU, (z, y, x)); the same as :func:`load_dicom_series` returns.
+        files: slice files in volume order.
+        positions: each slice's position in mm along the sort axis (the slice normal, or z for ``sort_by="z"``),
+            ascending; ``None`` when the slices were ordered by ``InstanceNumber`` (no positions).
+        image_positions: each slice's ``ImagePositionPatient`` (x, y, z) in mm, shape (Z, 3), in volume order;
+            ``None`` unless every slice has one.
+        sop_instance_uids: each slice's ``SOPInstanceUID`` (``""`` where absent), in volume order.
+        instance_numbers: each slice's ``InstanceNumber`` (``None`` where absent), in volume order.
+        series_instance_uid: the series' ``SeriesInstanceUID`` (``""`` where absent).
+        study_instance_uid: the first slice's ``StudyInstanceUID`` (``""`` where absent).
+        ordered_by: ``"position"``, ``"instance_number"`` or ``"single"`` (one slice).
+    """
+
+    volume: Volume
+    files: list[Path]
+    positions: np.ndarray | None
+    image_positions: np.ndarray | None
+    sop_instance_uids: list[str]
+    instance_numbers: list[int | None]
+    series_instance_uid: str
+    study_instance_uid: str
+    ordered_by: str
+
+
 def _dicom_files(source: PathLike | Sequence[PathLike]) -> tuple[list[Path], Path]:
     """The files of a series and a name for it (the directory, or the first file)."""
     if isinstance(source, (str, os.PathLike)):
@@ -237,6 +290,8 @@ def load_dicom_series(
     *,
     series_uid: str | None = None,
     allow_uneven_spacing: bool = False,
+    sort_by: str = "normal",
+    max_gap_ratio: float | None = None,
 ) -> Volume:
     """Read one DICOM series (a directory of slice files, or a list of files) into a volume in HU.
 
@@ -250,11 +305,43 @@ def load_dicom_series(
         series_uid: keep only this ``SeriesInstanceUID`` (otherwise files of several series are an error).
         allow_uneven_spacing: accept slice gaps that differ by more than 1% (the median gap is used; a missing
             slice otherwise raises).
+        sort_by: ``"normal"`` (default): position along the slice normal, which needs ``ImagePositionPatient``
+            and ``ImageOrientationPatient`` on every slice; ``"z"``: ``ImagePositionPatient[2]`` alone (the
+            usual rule for axial CT, e.g. the RSNA-STR PE preprocessing). Either falls back to ``InstanceNumber``
+            (with a warning) when a slice lacks what it needs.
+        max_gap_ratio: if given, a gap between neighbouring positions larger than ``max_gap_ratio`` times the
+            median gap raises :class:`VolumeError` (missing slice; the message names both files and their
+            positions), whatever ``allow_uneven_spacing`` says.
 
     Returns:
         A :class:`Volume` with spacing (slice gap, PixelSpacing row, PixelSpacing column) and the position of
         the first slice as origin. A single slice's z spacing is ``SpacingBetweenSlices`` or ``SliceThickness``.
     """
+    return read_dicom_series(
+        source,
+        series_uid=series_uid,
+        allow_uneven_spacing=allow_uneven_spacing,
+        sort_by=sort_by,
+        max_gap_ratio=max_gap_ratio,
+    ).volume
+
+
+def read_dicom_series(
+    source: PathLike | Sequence[PathLike],
+    *,
+    series_uid: str | None = None,
+    allow_uneven_spacing: bool = False,
+    sort_by: str = "normal",
+    max_gap_ratio: float | None = None,
+) -> DicomSeries:
+    """:func:`load_dicom_series` plus the per-slice files, positions and UIDs in volume order (:class:`DicomSeries`).
+
+    Same arguments, rules and errors as :func:`load_dicom_series`.
+    """
+    if sort_by not in DICOM_SORT_KEYS:
+        raise ValueError(f"sort_by must be one of {DICOM_SORT_KEYS}, got {sort_by!r}")
+    if max_gap_ratio is not None and not (math.isfinite(max_gap_ratio) and max_gap_ratio > 1.0):
+        raise ValueError(f"max_gap_ratio must be a finite number > 1 (or None), got {max_gap_ratio!r}")
     pydicom = _require("pydicom", "reading DICOM")
     files, name = _dicom_files(source)
 
@@ -292,10 +379,7 @@ def load_dicom_series(
         try:
             arr = np.asarray(ds.pixel_array)
         except Exception as err:
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-            raise VolumeError(
-                f"{s.path}: cannot decode the pixel data (transfer syntax {syntax}): {type(err).__name__}: {err}"
-            ) from None
+            raise VolumeError(_decode_error(s.path, ds, err)) from None
         if arr.ndim != 2:
             raise VolumeError(f"{s.path}: expected a 2-D slice, got pixel array of shape {arr.shape}")
         if shape is None:
@@ -314,22 +398,78 @@ def load_dicom_series(
         pixels.append(arr.astype(np.float32) * np.float32(slope) + np.float32(intercept))
     assert pixel_spacing is not None
 
-    order, z_spacing = _order_slices(slices, name, allow_uneven_spacing=allow_uneven_spacing)
+    order, z_spacing = _order_slices(
+        slices, name, allow_uneven_spacing=allow_uneven_spacing, sort_by=sort_by, max_gap_ratio=max_gap_ratio
+    )
     volume = np.stack([pixels[i] for i in order])
     ipp = slices[order[0]].ds.get("ImagePositionPatient")
     origin = _floats(ipp, 3, what="ImagePositionPatient", path=slices[order[0]].path)[::-1] if ipp else (0.0,) * 3
-    return Volume(
-        array=volume,
-        spacing=(z_spacing, pixel_spacing[0], pixel_spacing[1]),
-        origin=origin,  # type: ignore[arg-type]
-        path=name,
+    ordered = [slices[i] for i in order]
+    has_positions = all(s.position is not None for s in ordered)
+    return DicomSeries(
+        volume=Volume(
+            array=volume,
+            spacing=(z_spacing, pixel_spacing[0], pixel_spacing[1]),
+            origin=origin,  # type: ignore[arg-type]
+            path=name,
+        ),
+        files=[s.path for s in ordered],
+        positions=np.array([s.position for s in ordered], dtype=np.float64) if has_positions else None,
+        image_positions=(
+            np.array(
+                [_floats(s.ds.ImagePositionPatient, 3, what="ImagePositionPatient", path=s.path) for s in ordered],
+                dtype=np.float64,
+            )
+            if all("ImagePositionPatient" in s.ds for s in ordered)
+            else None
+        ),
+        sop_instance_uids=[str(s.ds.get("SOPInstanceUID", "") or "") for s in ordered],
+        instance_numbers=[_instance_number(s) for s in ordered],
+        series_instance_uid=str(first.ds.get("SeriesInstanceUID", "") or ""),
+        study_instance_uid=str(first.ds.get("StudyInstanceUID", "") or ""),
+        ordered_by="single" if len(ordered) == 1 else "position" if has_positions else "instance_number",
     )
 
 
-def _order_slices(slices: list[_Slice], name: Path, *, allow_uneven_spacing: bool) -> tuple[list[int], float]:
-    """Slice order (indices into ``slices``) and the slice gap in mm."""
+def _instance_number(s: _Slice) -> int | None:
+    value = s.ds.get("InstanceNumber")
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _decode_error(path: Path, ds: Any, err: Exception) -> str:
+    """The message for pixel data pydicom could not decode, naming the optional decoder packages it needs."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    label = "unknown" if syntax is None else str(syntax)
+    name = str(getattr(syntax, "name", "") or "")
+    if name and name != label:  # pydicom names an unknown UID by the UID itself
+        label = f"{name} {label}"
+    msg = f"{path}: cannot decode the pixel data (transfer syntax {label}): {type(err).__name__}: {err}"
+    hint = _DICOM_DECODERS.get(str(syntax)) if syntax is not None else None
+    if hint:
+        msg += f"; this compressed transfer syntax needs an optional decoder package: {hint}"
+    return msg
+
+
+def _order_slices(
+    slices: list[_Slice],
+    name: Path,
+    *,
+    allow_uneven_spacing: bool,
+    sort_by: str = "normal",
+    max_gap_ratio: float | None = None,
+) -> tuple[list[int], float]:
+    """Slice order (indices into ``slices``) and the slice gap in mm; sets each slice's ``position``."""
     n = len(slices)
-    if all("ImagePositionPatient" in s.ds and "ImageOrientationPatient" in s.ds for s in slices):
+    if sort_by == "z" and all("ImagePositionPatient" in s.ds for s in slices):
+        for s in slices:
+            s.position = _floats(s.ds.ImagePositionPatient, 3, what="ImagePositionPatient", path=s.path)[2]
+        return _check_gaps(slices, name, allow_uneven_spacing=allow_uneven_spacing, max_gap_ratio=max_gap_ratio)
+    if sort_by == "normal" and all(
+        "ImagePositionPatient" in s.ds and "ImageOrientationPatient" in s.ds for s in slices
+    ):
         iop = _floats(slices[0].ds.ImageOrientationPatient, 6, what="ImageOrientationPatient", path=slices[0].path)
         for s in slices[1:]:
             other = _floats(s.ds.ImageOrientationPatient, 6, what="ImageOrientationPatient", path=s.path)
@@ -343,26 +483,7 @@ def _order_slices(slices: list[_Slice], name: Path, *, allow_uneven_spacing: boo
         for s in slices:
             ipp = _floats(s.ds.ImagePositionPatient, 3, what="ImagePositionPatient", path=s.path)
             s.position = float(np.dot(ipp, normal))
-        order = sorted(range(n), key=lambda i: slices[i].position)  # type: ignore[arg-type, return-value]
-        positions = np.array([slices[i].position for i in order], dtype=np.float64)
-        if n == 1:
-            return order, _thickness(slices[0])
-        gaps = np.diff(positions)
-        dup = int(np.argmin(gaps))
-        if gaps[dup] < 1e-4:
-            a, b = slices[order[dup]].path, slices[order[dup + 1]].path
-            raise VolumeError(f"{b}: same slice position {positions[dup]:.4f} mm as {a.name} (duplicate slice?)")
-        gap = float(np.median(gaps))
-        worst = int(np.argmax(np.abs(gaps - gap)))
-        if abs(gaps[worst] - gap) > max(1e-3, 1e-2 * gap):
-            msg = (
-                f"{name}: uneven slice spacing: gap {gaps[worst]:.4f} mm between {slices[order[worst]].path.name} "
-                f"and {slices[order[worst + 1]].path.name}, median {gap:.4f} mm (missing slice?)"
-            )
-            if not allow_uneven_spacing:
-                raise VolumeError(msg + "; pass allow_uneven_spacing=True to use the median gap")
-            log.warning("%s; using the median gap", msg)
-        return order, gap
+        return _check_gaps(slices, name, allow_uneven_spacing=allow_uneven_spacing, max_gap_ratio=max_gap_ratio)
     # no positions: InstanceNumber order and the nominal slice spacing
     if n > 1:
         missing = [s.path for s in slices if "InstanceNumber" not in s.ds]
@@ -376,6 +497,46 @@ def _order_slices(slices: list[_Slice], name: Path, *, allow_uneven_spacing: boo
         log.warning("%s: no ImagePositionPatient; slices ordered by InstanceNumber", name)
         return order, _thickness(slices[order[0]])
     return [0], _thickness(slices[0])
+
+
+def _check_gaps(
+    slices: list[_Slice], name: Path, *, allow_uneven_spacing: bool, max_gap_ratio: float | None
+) -> tuple[list[int], float]:
+    """Order slices whose ``position`` is set; refuse duplicates, missing slices and (unless allowed) uneven gaps."""
+    n = len(slices)
+    order = sorted(range(n), key=lambda i: slices[i].position)  # type: ignore[arg-type, return-value]
+    positions = np.array([slices[i].position for i in order], dtype=np.float64)
+    if n == 1:
+        return order, _thickness(slices[0])
+    gaps = np.diff(positions)
+    dup = int(np.argmin(gaps))
+    if gaps[dup] < 1e-4:
+        a, b = slices[order[dup]].path, slices[order[dup + 1]].path
+        raise VolumeError(f"{b}: same slice position {positions[dup]:.4f} mm as {a.name} (duplicate slice?)")
+    gap = float(np.median(gaps))
+    if max_gap_ratio is not None:
+        big = np.flatnonzero(gaps > max_gap_ratio * gap)
+        if big.size:
+            listed = "; ".join(
+                f"{gaps[k]:.4f} mm between {slices[order[k]].path.name} ({positions[k]:.4f} mm) and "
+                f"{slices[order[k + 1]].path.name} ({positions[k + 1]:.4f} mm)"
+                for k in big[:5]
+            )
+            more = f" (and {big.size - 5} more)" if big.size > 5 else ""
+            raise VolumeError(
+                f"{slices[order[big[0] + 1]].path}: missing slice(s) in {name}: {big.size} gap(s) larger than "
+                f"{max_gap_ratio:g}x the median gap {gap:.4f} mm: {listed}{more}"
+            )
+    worst = int(np.argmax(np.abs(gaps - gap)))
+    if abs(gaps[worst] - gap) > max(1e-3, 1e-2 * gap):
+        msg = (
+            f"{name}: uneven slice spacing: gap {gaps[worst]:.4f} mm between {slices[order[worst]].path.name} "
+            f"and {slices[order[worst + 1]].path.name}, median {gap:.4f} mm (missing slice?)"
+        )
+        if not allow_uneven_spacing:
+            raise VolumeError(msg + "; pass allow_uneven_spacing=True to use the median gap")
+        log.warning("%s; using the median gap", msg)
+    return order, gap
 
 
 def _thickness(s: _Slice) -> float:
