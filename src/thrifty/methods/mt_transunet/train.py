@@ -54,6 +54,7 @@ from thrifty.core.run import (
     write_json,
 )
 from thrifty.core.splits import AccessLog
+from thrifty.core.tables import IMAGE_COST_COLUMNS, first_of, per_arm_table
 from thrifty.data.dermoscopy import normalised_sdf
 from thrifty.methods.mt_transunet import figures
 from thrifty.methods.mt_transunet.augment import augment, random_resize
@@ -545,17 +546,11 @@ def sweep_table(sweep: dict[float, dict[str, dict[int, dict]]]) -> dict[str, Any
 
 
 def cost_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    rows = []
-    for arm, per in results.items():
-        rs = list(per.values())
-        inf = [r["infer_images_per_s"] for r in rs if "infer_images_per_s" in r]
-        rows.append([
-            arm, round(float(np.mean([r["train_seconds"] for r in rs])), 1),
-            round(float(np.mean([r["train_images_per_s"] for r in rs])), 1),
-            round(float(np.mean(inf)), 1) if inf else "", rs[0]["params"], rs[0]["steps"],
-        ])  # fmt: skip
-    return {"title": "Cost per unit (mean over seeds): training seconds, training and inference images/s",
-            "columns": ["arm", "train s", "train img/s", "infer img/s", "params", "steps"], "rows": rows}  # fmt: skip
+    return per_arm_table(
+        results,
+        title="Cost per unit (mean over seeds): training seconds, training and inference images/s",
+        columns=[*IMAGE_COST_COLUMNS, ("params", first_of("params")), ("steps", first_of("steps"))],
+    )
 
 
 def architecture_cost(cfg: MTTransUNetConfig) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from thrifty.core.run import (
     seed_everything,
     write_json,
 )
+from thrifty.core.tables import IMAGE_COST_COLUMNS, first_of, per_arm_table
 from thrifty.methods.squid import figures
 from thrifty.methods.squid.config import BASELINES, SCORES, TRIVIAL, SquidConfig
 from thrifty.methods.squid.data import AccessLog, AnomalyData, ImageSet, prepare_data
@@ -729,26 +730,12 @@ def validation_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
 
 
 def cost_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    rows = []
-    for arm, per in results.items():
-        rs = list(per.values())
-        rows.append(
-            [
-                arm,
-                round(float(np.mean([r["train_seconds"] for r in rs])), 1),
-                round(float(np.mean([r["train_images_per_s"] for r in rs])), 1),
-                round(float(np.mean(inf)), 1)
-                if (inf := [r["infer_images_per_s"] for r in rs if "infer_images_per_s" in r])
-                else "",
-                rs[0].get("params", rs[0].get("bank_size", "")),
-                rs[0].get("steps", ""),
-            ]
-        )
-    return {
-        "title": "Cost per unit (mean over seeds): training seconds, training and inference images/s",
-        "columns": ["arm", "train s", "train img/s", "infer img/s", "params (bank images)", "steps"],
-        "rows": rows,
-    }
+    return per_arm_table(
+        results,
+        title="Cost per unit (mean over seeds): training seconds, training and inference images/s",
+        columns=[*IMAGE_COST_COLUMNS, ("params (bank images)", first_of("params", "bank_size")),
+                 ("steps", first_of("steps"))],
+    )  # fmt: skip
 
 
 # --- the recipe -----------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from thrifty.core.run import (
     write_json,
 )
 from thrifty.core.splits import AccessLog
+from thrifty.core.tables import first_of, mean_of, per_arm_table
 from thrifty.methods.temporal_gradient import figures, losses
 from thrifty.methods.temporal_gradient.config import TemporalGradientConfig
 from thrifty.methods.temporal_gradient.data import (
@@ -625,26 +626,14 @@ def sweep_table(sweep: dict[float, dict[str, dict[int, dict]]]) -> dict[str, Any
 
 
 def cost_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    rows = []
-    for arm, per in results.items():
-        rs = list(per.values())
-        inf = [r["infer_clips_per_s"] for r in rs if "infer_clips_per_s" in r]
-        rows.append(
-            [
-                arm,
-                round(float(np.mean([r["train_seconds"] for r in rs])), 1),
-                round(float(np.mean([r["train_clips_per_s"] for r in rs])), 1),
-                round(float(np.mean(inf)), 1) if inf else "",
-                rs[0]["params"],
-                rs[0]["inference_params"],
-            ]
-        )
-    return {
-        "title": "Cost per unit (mean over seeds): training seconds, training clips/s (strong views counted), "
+    return per_arm_table(
+        results,
+        title="Cost per unit (mean over seeds): training seconds, training clips/s (strong views counted), "
         "inference videos/s, parameters trained and used at inference",
-        "columns": ["arm", "train s", "train clips/s", "infer videos/s", "params", "inference params"],
-        "rows": rows,
-    }
+        columns=[("train s", mean_of("train_seconds")), ("train clips/s", mean_of("train_clips_per_s")),
+                 ("infer videos/s", mean_of("infer_clips_per_s")), ("params", first_of("params")),
+                 ("inference params", first_of("inference_params"))],
+    )  # fmt: skip
 
 
 # --- the recipe -----------------------------------------------------------------------------------------
