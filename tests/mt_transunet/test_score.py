@@ -160,7 +160,7 @@ def test_bad_unit_directories_are_scoring_errors(trained, tmp_path):
     shutil.copytree(unit, broken)
     for text in (json.dumps({"classes": ["a"]}), "{not json"):
         (broken / "card.json").write_text(text)
-        with pytest.raises(ScoringError, match="not an mt_transunet model card"):
+        with pytest.raises(ScoringError, match="not a mt_transunet model card"):
             Predictor.load(broken)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ScoringError, match="no image files"):

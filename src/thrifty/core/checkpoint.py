@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,36 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state({k: v for k, v in other.items() if k.startswith("rng.")}, state["rng"])
     return {"step": int(state["step"]), "extra": state.get("extra", {})}
+
+
+def load_unit_model(
+    unit_dir: str | Path,
+    build: Callable[[dict[str, Any]], torch.nn.Module],
+    *,
+    recipe: str,
+    error: type[Exception] = ValueError,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trained unit's exported model: ``card.json`` read, ``build(card)`` constructs the network, and
+    ``model.safetensors`` fills it (every weight must match; nothing is unpickled). Returns ``(model, card)``.
+
+    ``error`` (a recipe's scoring error) is raised, naming the file, for a missing file, a card that is not this
+    ``recipe``'s (JSON, missing keys, values ``build`` refuses) or weights that do not fit the card."""
+    unit_dir = Path(unit_dir)
+    card_path, weights = unit_dir / "card.json", unit_dir / "model.safetensors"
+    for path in (card_path, weights):
+        if not path.is_file():
+            raise error(f"{path} does not exist: pass a trained unit directory (<run>/units/<arm>/seed<k>)")
+    try:
+        card = json.loads(card_path.read_text())
+        model = build(card)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise error(f"{card_path} is not a {recipe} model card ({err})") from None
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except RuntimeError as err:  # same keys, other shapes
+        raise error(f"{weights} does not match {card_path} ({err})") from None
+    if missing or unexpected:
+        raise error(
+            f"{weights} does not match {card_path} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return model, card

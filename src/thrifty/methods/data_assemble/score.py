@@ -15,15 +15,14 @@ which writes ``probabilities.csv``: one row per image, one column per label.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model
 
+from thrifty.core.checkpoint import load_unit_model
 from thrifty.data import images as imgio
 from thrifty.methods.data_assemble.data import window_intensity
 from thrifty.methods.data_assemble.model import AssembleNet, build_model
@@ -44,27 +43,11 @@ class Predictor:
 
     @classmethod
     def load(cls, unit_dir: str | Path) -> Predictor:
-        unit_dir = Path(unit_dir)
-        card_path, weights = unit_dir / "card.json", unit_dir / "model.safetensors"
-        for path in (card_path, weights):
-            if not path.is_file():
-                raise ScoringError(f"{path} does not exist: pass a trained unit directory (<run>/units/<arm>/seed<k>)")
-        try:
-            card = json.loads(card_path.read_text())
-            model_cfg = SimpleNamespace(**card["model"])
-            model = build_model(model_cfg, num_labels=len(card["labels"]), head=card["head"],
-                                in_channels=int(card.get("in_channels", 1)))  # fmt: skip
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ScoringError(f"{card_path} is not a data_assemble model card ({err})") from None
-        try:
-            missing, unexpected = load_model(model, str(weights), strict=False)
-        except RuntimeError as err:  # same keys, other shapes
-            raise ScoringError(f"{weights} does not match {card_path} ({err})") from None
-        if missing or unexpected:
-            raise ScoringError(
-                f"{weights} does not match {card_path} (missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]})"
-            )
+        def build(card: dict[str, Any]) -> torch.nn.Module:
+            return build_model(SimpleNamespace(**card["model"]), num_labels=len(card["labels"]), head=card["head"],
+                               in_channels=int(card.get("in_channels", 1)))  # fmt: skip
+
+        model, card = load_unit_model(unit_dir, build, recipe="data_assemble", error=ScoringError)
         return cls(model, card)
 
     @torch.inference_mode()

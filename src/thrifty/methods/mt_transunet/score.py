@@ -16,7 +16,6 @@ share of the image) and ``masks/<name>.png``: the predicted lesion mask (0/255) 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_model
 
+from thrifty.core.checkpoint import load_unit_model
 from thrifty.data.images import ImageDataError, expand_image_paths
 from thrifty.data.skin_lesions import load_rgb
 from thrifty.methods.mt_transunet.inference import infer
@@ -48,26 +47,11 @@ class Predictor:
 
     @classmethod
     def load(cls, unit_dir: str | Path) -> Predictor:
-        unit_dir = Path(unit_dir)
-        card_path, weights = unit_dir / "card.json", unit_dir / "model.safetensors"
-        for path in (card_path, weights):
-            if not path.is_file():
-                raise ScoringError(f"{path} does not exist: pass a trained unit directory (<run>/units/<arm>/seed<k>)")
-        try:
-            card = json.loads(card_path.read_text())
-            model = build_model(SimpleNamespace(**card["model"]), num_classes=len(card["classes"]),
-                                image_size=int(card["image_size"]))  # fmt: skip
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ScoringError(f"{card_path} is not an mt_transunet model card ({err})") from None
-        try:
-            missing, unexpected = load_model(model, str(weights), strict=False)
-        except RuntimeError as err:  # same keys, other shapes
-            raise ScoringError(f"{weights} does not match {card_path} ({err})") from None
-        if missing or unexpected:
-            raise ScoringError(
-                f"{weights} does not match {card_path} (missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]})"
-            )
+        def build(card: dict[str, Any]) -> torch.nn.Module:
+            return build_model(SimpleNamespace(**card["model"]), num_classes=len(card["classes"]),
+                               image_size=int(card["image_size"]))  # fmt: skip
+
+        model, card = load_unit_model(unit_dir, build, recipe="mt_transunet", error=ScoringError)
         return cls(model, card)
 
     def predict(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
