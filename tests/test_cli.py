@@ -24,12 +24,29 @@ def _isolate(monkeypatch):
     root.setLevel(level)
 
 
+@pytest.fixture
+def planned_recipe(monkeypatch):
+    """A registry with one more recipe that is planned but not implemented (every real recipe is ready now)."""
+    from thrifty.core import registry
+
+    recipe = registry.Recipe("planned_demo", "A planned recipe", "0000.00000", "none", None)
+    monkeypatch.setattr(registry, "RECIPES", (*registry.RECIPES, recipe))
+    return recipe
+
+
 def test_list_mentions_glam(capsys):
     assert main(["list"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "glam" in out
+    assert "pe_cad" in out
     assert "ready" in out
-    assert "planned" in out
+
+
+def test_list_marks_a_planned_recipe(capsys, planned_recipe):
+    assert main(["list"]) == EXIT_OK
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "planned_demo" in line and "│" in line)
+    assert "planned" in row and "ready" not in row
 
 
 def test_show_config_prints_yaml_with_override_after_options(capsys):
@@ -67,8 +84,8 @@ def test_unknown_recipe_exits_2_and_lists_known(capsys, cmd):
     assert "Traceback" not in err
 
 
-def test_planned_recipe_exits_2(capsys):
-    assert main(["show-config", "pe_cad"]) == EXIT_USAGE
+def test_planned_recipe_exits_2(capsys, planned_recipe):
+    assert main(["show-config", "planned_demo"]) == EXIT_USAGE
     assert "not implemented" in capsys.readouterr().err
 
 
@@ -273,11 +290,15 @@ def test_reproduce_claim_budget_runs_each_recipes_claim_preset(capsys, monkeypat
     monkeypatch.setenv("THRIFTY_DOCS_DIR", str(tmp_path / "no-docs"))
     out_dir = tmp_path / "runs"
     assert main(["reproduce", "--budget", budget, "--out-dir", str(out_dir)]) == EXIT_OK
+    from thrifty.core.config import available_presets
+
     ready = registry.names(ready_only=True)
     with_claim = [n for n in ready if registry.get(n).claim_preset is not None]
     assert with_claim, "at least one recipe has a pre-registered claim preset"
+    with_cpu = [n for n in ready if n in with_claim or "cpu" in available_presets(n)]
+    assert "pe_cad" not in with_cpu  # no claim preset and no cpu preset yet: skipped at `cpu` too
     # `claim` runs only pre-registered claim presets; `cpu` also runs the others' cpu presets
-    expected = [(n, registry.get(n).claim_preset or "cpu") for n in (with_claim if budget == "claim" else ready)]
+    expected = [(n, registry.get(n).claim_preset or "cpu") for n in (with_claim if budget == "claim" else with_cpu)]
     assert [(r, p) for r, p, _ in calls] == expected
     for _, preset, overrides in calls:
         assert f"run_name={preset}" in overrides

@@ -245,6 +245,15 @@ def cmd_reproduce(recipes: list[str], budget: str, out_dir: str) -> int:
     if budget in CLAIM_BUDGETS:
         # `cpu` keeps meaning the cpu preset for a recipe without a pre-registered claim preset; `claim` skips it
         missing = [n for n in names if registry.get(n).claim_preset is None]
+        if budget == "cpu":  # a recipe with neither a claim preset nor a cpu preset has nothing to run at `cpu`
+            from thrifty.core.config import available_presets
+
+            no_cpu = [n for n in missing if "cpu" not in available_presets(n)]
+            if no_cpu:
+                logging.getLogger("thrifty").warning("no claim preset and no cpu preset yet (skipped): %s",
+                                                     ", ".join(no_cpu))  # fmt: skip
+            names = [n for n in names if n not in no_cpu]
+            missing = [n for n in missing if n not in no_cpu]
         if missing:
             what = "skipped" if budget == "claim" else "run at their cpu preset"
             logging.getLogger("thrifty").warning("no claim preset yet (%s): %s", what, ", ".join(missing))

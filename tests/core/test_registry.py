@@ -31,16 +31,20 @@ def _no_config_dir_env(monkeypatch):
 
 def test_names_lists_every_recipe_and_which_are_ready():
     assert names() == ALL
-    assert names(ready_only=True) == [
-        "glam",
-        "autodistill",
-        "bigssl",
-        "genesis",
-        "squid",
-        "mt_transunet",
-        "data_assemble",
-        "temporal_gradient",
-    ]
+    assert names(ready_only=True) == ALL  # every recipe is implemented
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """A registry with one more recipe that is planned but not implemented yet."""
+    recipe = registry.Recipe("planned_demo", "A planned recipe", "0000.00000", "none", None)
+    monkeypatch.setattr(registry, "RECIPES", (*registry.RECIPES, recipe))
+    return recipe
+
+
+def test_a_planned_recipe_is_listed_but_not_ready(planned):
+    assert names() == [*ALL, "planned_demo"]
+    assert names(ready_only=True) == ALL
 
 
 def test_get_glam():
@@ -72,19 +76,27 @@ def test_unknown_recipe_without_close_match_has_no_hint():
     assert "glam" in str(ei.value)
 
 
-def test_planned_recipe_raises_not_ready_on_load():
-    r = get("pe_cad")
+def test_planned_recipe_raises_not_ready_on_load(planned):
+    r = get("planned_demo")
     assert r.ready is False
     with pytest.raises(RecipeNotReady) as ei:
         r.load()
     msg = str(ei.value)
-    assert "pe_cad" in msg
-    assert "glam" in msg and "squid" in msg  # points at what is ready
+    assert "planned_demo" in msg
+    assert "glam" in msg and "pe_cad" in msg  # points at what is ready
+    assert "planned_demo" not in msg.split("ready recipes:")[1]
 
 
-def test_load_config_of_planned_or_unknown_recipe():
+def test_pe_cad_is_ready_without_a_claim_preset():
+    r = get("pe_cad")
+    assert r.ready and r.claim_preset is None
+    module = r.load()
+    assert callable(module.train) and module.Config.__name__ == "PECadConfig"
+
+
+def test_load_config_of_planned_or_unknown_recipe(planned):
     with pytest.raises(RecipeNotReady):
-        load_config("pe_cad", "smoke")
+        load_config("planned_demo", "smoke")
     with pytest.raises(UnknownRecipe):
         load_config("glm", "smoke")
 

@@ -127,7 +127,8 @@ RECIPES: tuple[Recipe, ...] = (
         "Pulmonary-embolism CAD: CNN vs ViT, SSL vs supervised, CC vs MIL",
         "2109.07029",
         "CTPA",
-        None,
+        "thrifty.methods.pe_cad.train",
+        headline="pretrained_beats_scratch_cnn_*",
     ),
     Recipe(
         "temporal_gradient",

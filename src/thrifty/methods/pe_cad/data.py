@@ -1,0 +1,454 @@
+"""Data of the PE CAD recipe (arXiv 2109.07029): CTPA exams as windowed, lung-cropped slices with slice and exam labels.
+
+Every exam goes through the same steps, synthetic or real (the release delegates them to the Kaggle first-place
+preprocessing; here they are native):
+
+1. the volume in HU, slices in ascending z (``thrifty.data.rsna_pe.load_exam`` sorts real series by
+   ``ImagePositionPatient[2]`` and applies the rescale; the generator draws them in order);
+2. the window, level 100 / width 700 ([-250, 450] HU -> [0, 1], clipped; ``ctpa_synth.window``);
+3. the exam's lung bounding box (``ctpa_synth.lung_bbox``: air-like voxels inside the body, over all slices) and a
+   bilinear resize of the crop to ``stage1.image_size`` (``stage1.crop_resize``, the release's ``cv2.resize``);
+4. the training-free baseline score of each slice on the raw HU (``ctpa_synth.defect_fraction``).
+
+The cache stores one channel per slice (float16); the three-channel stacks (slices i-1, i, i+1 of the same exam,
+edges replicated — ``stage1.stack_slices``) are gathered on the fly by :meth:`ExamSet.stacks`, so a split costs
+a third of the memory.
+
+Splits, by study (no study in two splits):
+
+=========  =============================================================================================
+split      what the recipe uses it for
+=========  =============================================================================================
+``train``  pretraining (its slices without labels; ``supervised`` uses a non-PE source task), stage 1, stage 2
+``val``    stage-1 step selection, the choice of the stage-1 arm whose features feed stage 2, stage-2 epoch
+           selection, the trivial baseline's calibration, figures
+``test``   read once per unit, at its end; feature extraction of the chosen arm; figures
+=========  =============================================================================================
+
+Synthetic (the card's miniature): 120 / 40 / 80 exams from :mod:`thrifty.data.ctpa_synth`, each split from its own
+seed (study ids ``ctpa-<seed>-<index>`` are unique per seed), cached as one ``.npz`` per split under the data
+directory by the digest of their settings. Real (``data.source=rsna``): the RSNA-STR ``train.csv`` and DICOM tree
+(:func:`thrifty.data.rsna_pe.scan_rsna`), split by a study-level manifest (given, or drawn and written into the
+run directory), cached the same way. Validation and test are :class:`~thrifty.core.splits.Guarded`: every read
+names its purpose and lands in ``access_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from thrifty.core import cache
+from thrifty.core.splits import AccessLog, Guarded
+from thrifty.data import ctpa_synth
+from thrifty.data.ctpa_synth import EXAM_LABELS
+from thrifty.methods.pe_cad.config import PECadConfig
+from thrifty.methods.pe_cad.stage1 import crop_resize
+
+log = logging.getLogger(__name__)
+
+VAL_PURPOSES = ("selection", "calibration", "features", "figure")
+TEST_PURPOSES = ("final_test", "features", "figure")
+SPLITS = ("train", "val", "test")
+DATA_VERSION = 1
+#: the emboli masks are kept for the splits the figures show (synthetic data only)
+MASK_SPLITS = ("val",)
+
+
+@dataclasses.dataclass
+class ExamSet:
+    """The slices of E exams, concatenated in exam order (N slices in all).
+
+    Attributes:
+        slices: float16 (N, H, W), windowed, lung-cropped and resized, in [0, 1].
+        offsets: int64 (E + 1,); exam e holds slices ``offsets[e] : offsets[e + 1]`` (ascending z).
+        slice_labels: uint8 (N,) ``pe_present_on_image``.
+        exam_labels: uint8 (E, 9) in :data:`~thrifty.data.ctpa_synth.EXAM_LABELS` order.
+        study_ids: str (E,) ``StudyInstanceUID`` (synthetic: ``ctpa-<seed>-<index>``).
+        trivial: float64 (N,) the training-free defect-fraction score of each slice.
+        masks: uint8 (N, H, W) the emboli masks after the same crop and resize (synthetic validation only) or None.
+    """
+
+    slices: torch.Tensor
+    offsets: np.ndarray
+    slice_labels: np.ndarray
+    exam_labels: np.ndarray
+    study_ids: np.ndarray
+    trivial: np.ndarray
+    masks: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        counts = np.diff(self.offsets)
+        self.exam_of = np.repeat(np.arange(len(counts)), counts)
+        i = np.arange(self.num_slices)
+        start, end = self.offsets[:-1][self.exam_of], self.offsets[1:][self.exam_of]
+        # slices i-1, i, i+1 of the same exam, the first and last replicating themselves (stage1.stack_slices)
+        self.neighbours = torch.from_numpy(np.stack([np.maximum(i - 1, start), i, np.minimum(i + 1, end - 1)], 1))
+
+    def __len__(self) -> int:
+        return self.num_exams
+
+    @property
+    def num_exams(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def slice_counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def stacks(self, idx: torch.Tensor | np.ndarray | Sequence[int] | slice, dtype=torch.float32) -> torch.Tensor:
+        """The 3-slice stacks of slices ``idx``: (n, 3, H, W) in ``dtype``."""
+        nb = self.neighbours[idx] if isinstance(idx, slice) else self.neighbours[torch.as_tensor(idx)]
+        return self.slices[nb].to(dtype)
+
+    def exam_any_pe(self) -> np.ndarray:
+        """(E,) 1 where the exam has a PE-positive slice."""
+        return np.maximum.reduceat(self.slice_labels, self.offsets[:-1]) if self.num_slices else np.zeros(0)
+
+    def exam_max(self, per_slice: np.ndarray) -> np.ndarray:
+        """(E,) the maximum of a per-slice score over each exam's slices."""
+        return np.maximum.reduceat(np.asarray(per_slice, dtype=np.float64), self.offsets[:-1])
+
+
+def exam_set(arrays: dict[str, np.ndarray]) -> ExamSet:
+    """An :class:`ExamSet` from its cached arrays."""
+    return ExamSet(
+        slices=torch.from_numpy(np.ascontiguousarray(arrays["slices"], dtype=np.float16)),
+        offsets=np.asarray(arrays["offsets"], dtype=np.int64),
+        slice_labels=np.asarray(arrays["slice_labels"], dtype=np.uint8),
+        exam_labels=np.asarray(arrays["exam_labels"], dtype=np.uint8),
+        study_ids=np.asarray(arrays["study_ids"]).astype(str),
+        trivial=np.asarray(arrays["trivial"], dtype=np.float64),
+        masks=np.asarray(arrays["masks"], dtype=np.uint8) if "masks" in arrays else None,
+    )
+
+
+class GuardedExams(Guarded[ExamSet]):
+    """Validation or test exams that can only be read by naming an allowed purpose."""
+
+    def __init__(self, split: str, data: ExamSet, access: AccessLog) -> None:
+        super().__init__(split, data, access, allowed=VAL_PURPOSES if split == "val" else TEST_PURPOSES)
+
+
+@dataclasses.dataclass
+class PECadData:
+    """Everything the units train and are judged on.
+
+    Attributes:
+        train: the training exams (pretraining, stage 1, stage 2).
+        val / test: guarded held-out exams.
+        info: split sizes and label counts (for ``results.json``).
+        digest: the digest of the data settings (the pretraining cache key includes it).
+    """
+
+    train: ExamSet
+    val: GuardedExams
+    test: GuardedExams
+    info: dict[str, Any]
+    digest: str
+
+
+# ------------------------------------------------------------------------------------------ one exam
+
+
+def preprocess_exam(
+    volume_hu: np.ndarray,
+    *,
+    size: int,
+    level: float,
+    width: float,
+    lung_crop: bool,
+    masks: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """One exam (S, H, W) in HU -> ``slices`` float16 (S, size, size) windowed, cropped, resized; ``trivial``
+    (S,) the defect-fraction score on the raw HU; ``masks`` uint8 (S, size, size) when ``masks`` is given (the
+    same crop and resize, a pixel set where the resized mask exceeds 0.25 so thin emboli survive); ``bbox`` the
+    crop box (x0, y0, x1, y1)."""
+    vol = np.asarray(volume_hu)
+    if vol.ndim != 3 or 0 in vol.shape:
+        raise ValueError(f"expected an exam volume (S, H, W), got shape {vol.shape}")
+    _, h, w = vol.shape
+    y0, y1, x0, x1 = ctpa_synth.lung_bbox(vol) if lung_crop else (0, h, 0, w)
+    box = (x0, y0, x1, y1)
+    windowed = torch.from_numpy(ctpa_synth.window(vol, level=level, width=width))
+    out = {
+        "slices": crop_resize(windowed[:, None], box, size)[:, 0].numpy().astype(np.float16),
+        "trivial": ctpa_synth.defect_fraction(vol),
+        "bbox": np.asarray(box, dtype=np.int64),
+    }
+    if masks is not None:
+        m = crop_resize(torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None], box, size)[:, 0]
+        out["masks"] = (m.numpy() > 0.25).astype(np.uint8)
+    return out
+
+
+def assemble(exams: list[dict[str, Any]], *, keep_masks: bool) -> dict[str, np.ndarray]:
+    """Concatenate preprocessed exams (``slices``, ``trivial``, ``slice_labels``, ``exam_labels``, ``study_id``,
+    optional ``masks``) into one split's arrays."""
+    counts = [len(e["slices"]) for e in exams]
+    out = {
+        "slices": np.concatenate([e["slices"] for e in exams]),
+        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "slice_labels": np.concatenate([np.asarray(e["slice_labels"], dtype=np.uint8) for e in exams]),
+        "exam_labels": np.stack([np.asarray(e["exam_labels"], dtype=np.uint8) for e in exams]),
+        "study_ids": np.asarray([e["study_id"] for e in exams], dtype=str),
+        "trivial": np.concatenate([e["trivial"] for e in exams]).astype(np.float64),
+    }
+    if keep_masks:
+        out["masks"] = np.concatenate([e["masks"] for e in exams])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+
+
+def synthetic_settings(cfg: PECadConfig) -> dict[str, Any]:
+    """What the cached synthetic splits depend on (their cache key)."""
+    d = cfg.data
+    return {
+        "synthetic": dataclasses.asdict(d.synthetic),
+        "image_size": cfg.stage1.image_size,
+        "window": [d.window_level, d.window_width],
+        "lung_crop": d.lung_crop,
+        "version": DATA_VERSION,
+    }
+
+
+def split_seeds(seed: int) -> dict[str, int]:
+    """One generator seed per split, derived from the data seed (study ids are unique per seed)."""
+    return {name: seed * 100 + k for k, name in enumerate(SPLITS, start=1)}
+
+
+def _generate(cfg: PECadConfig) -> dict[str, dict[str, np.ndarray]]:
+    d, syn = cfg.data, cfg.data.synthetic
+    spec = ctpa_synth.CTPASpec.from_overrides(syn.spec)
+    seeds = split_seeds(syn.seed)
+    sizes = {"train": syn.train_exams, "val": syn.val_exams, "test": syn.test_exams}
+    out = {}
+    for name, n in sizes.items():
+        exams = []
+        for i in range(n):
+            ex = ctpa_synth.generate_exam(seeds[name], index=i, spec=spec)
+            keep = name in MASK_SPLITS
+            pre = preprocess_exam(ex.volume, size=cfg.stage1.image_size, level=d.window_level,
+                                  width=d.window_width, lung_crop=d.lung_crop,
+                                  masks=ex.emboli_masks if keep else None)  # fmt: skip
+            exams.append(pre | {"slice_labels": ex.slice_labels, "exam_labels": ex.exam_labels,
+                                "study_id": ex.study_id})  # fmt: skip
+        out[name] = assemble(exams, keep_masks=name in MASK_SPLITS)
+    return out
+
+
+def prepare_synthetic(cfg: PECadConfig, root: Path, access: AccessLog) -> PECadData:
+    settings = synthetic_settings(cfg)
+    directory = cache.cache_dir(root, "pe_cad", settings)
+    arrays = cache.cached_splits(directory, SPLITS, lambda: _generate(cfg), settings=settings, what="CTPA exams")
+    return _data(arrays, access, source="synthetic", digest=cache.settings_digest(settings))
+
+
+# ------------------------------------------------------------------------------------------------- real
+
+
+def _resolve(root: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def prepare_real(cfg: PECadConfig, root_cache: Path, run_dir: Path, access: AccessLog) -> PECadData:
+    """RSNA-STR exams from ``data.real``: the label CSV and DICOM tree, split by study (a given manifest, or one
+    drawn from ``split_fractions`` / ``split_seed`` and written to ``run_dir / split_manifest.json``)."""
+    from thrifty.data import rsna_pe
+
+    real, d = cfg.data.real, cfg.data
+    root = Path(real.root).expanduser()
+    records = rsna_pe.scan_rsna(root, _resolve(root, real.labels_csv), columns=real.columns or None,
+                                layout=real.layout)  # fmt: skip
+    studies = sorted({r.study for r in records})
+    if real.manifest:
+        manifest = _resolve(root, real.manifest)
+        splits = rsna_pe.read_manifest(manifest)
+        unknown = sorted({s for v in splits.values() for s in v} - set(studies))
+        if unknown:
+            raise rsna_pe.ExamDataError(
+                f"{manifest}: {len(unknown)} study(ies) not in the label CSV, e.g. {unknown[:3]}"
+            )
+        missing = len(set(studies) - {s for v in splits.values() for s in v})
+        if missing:
+            log.warning("%s: %d study(ies) of the label CSV are in no split and are not used", manifest, missing)
+    else:
+        splits = rsna_pe.split_studies(studies, fractions=real.split_fractions, seed=real.split_seed)
+    rsna_pe.write_manifest(run_dir / "split_manifest.json", splits)
+    for name in SPLITS:
+        if not splits.get(name):
+            raise rsna_pe.ExamDataError(f"split {name!r} has no study (data.real.manifest / split_fractions)")
+    settings = {
+        "rsna": {"root": str(root), "labels_csv": real.labels_csv, "columns": dict(real.columns),
+                 "layout": real.layout},
+        "splits": cache.settings_digest(splits),
+        "max_exams": real.max_exams,
+        "image_size": cfg.stage1.image_size,
+        "window": [d.window_level, d.window_width],
+        "lung_crop": d.lung_crop,
+        "version": DATA_VERSION,
+    }  # fmt: skip
+
+    def build() -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for name in SPLITS:
+            wanted = set(splits[name])
+            recs = [r for r in records if r.study in wanted]
+            if real.max_exams:
+                recs = recs[: real.max_exams]
+            exams = []
+            for r in recs:
+                volume, _, pe = rsna_pe.load_rsna_exam(r)
+                pre = preprocess_exam(volume, size=cfg.stage1.image_size, level=d.window_level,
+                                      width=d.window_width, lung_crop=d.lung_crop)  # fmt: skip
+                exams.append(pre | {"slice_labels": pe, "exam_labels": r.label_vector(), "study_id": r.study})
+            out[name] = assemble(exams, keep_masks=False)
+        return out
+
+    directory = cache.cache_dir(root_cache, "pe_cad-rsna", settings)
+    arrays = cache.cached_splits(directory, SPLITS, build, settings=settings, what="RSNA-STR exams")
+    return _data(arrays, access, source="rsna", digest=cache.settings_digest(settings))
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+
+def _data(arrays: dict[str, dict[str, np.ndarray]], access: AccessLog, *, source: str, digest: str) -> PECadData:
+    sets = {k: exam_set(v) for k, v in arrays.items()}
+    check_disjoint_studies(sets)
+    return PECadData(
+        train=sets["train"],
+        val=GuardedExams("val", sets["val"], access),
+        test=GuardedExams("test", sets["test"], access),
+        info=data_info(sets, source=source),
+        digest=digest,
+    )
+
+
+def check_disjoint_studies(sets: dict[str, ExamSet]) -> None:
+    """ValueError naming the study when one appears in two splits."""
+    owner: dict[str, str] = {}
+    for name, s in sets.items():
+        for study in s.study_ids.tolist():
+            if owner.get(study, name) != name:
+                raise ValueError(f"study {study!r} is in both split {owner[study]!r} and split {name!r}")
+            owner[study] = name
+
+
+def data_info(sets: dict[str, ExamSet], *, source: str) -> dict[str, Any]:
+    """Split sizes and label counts (for ``results.json``)."""
+    info: dict[str, Any] = {"source": source, "exam_labels": list(EXAM_LABELS)}
+    for name, s in sets.items():
+        counts = s.slice_counts
+        info[name] = {
+            "exams": s.num_exams,
+            "slices": s.num_slices,
+            "slices_per_exam": [int(counts.min()), int(counts.max())] if len(counts) else [0, 0],
+            "positive_slices": int(s.slice_labels.sum()),
+            "positive_exams": int(s.exam_any_pe().sum()),
+            "exam_label_counts": {n: int(c) for n, c in zip(EXAM_LABELS, s.exam_labels.sum(0).tolist())},
+        }
+    return info
+
+
+def prepare_data(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog) -> PECadData:
+    if cfg.data.source == "synthetic":
+        return prepare_synthetic(cfg, root, access)
+    return prepare_real(cfg, root, run_dir, access)
+
+
+# ------------------------------------------------------------------------------------ stage-1 features
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """One split's stage-1 slice features, per exam: what stage 2 reads.
+
+    The miniature stores one ``.npz`` per split (``units/stage1/<arm>/seed<k>/features/<split>.npz``); the card's
+    scale-out writes one file per exam, sharded over ranks, which this layout does not do yet.
+
+    Attributes:
+        features: float32 (N, D) penultimate features of every slice, exams concatenated in order.
+        probs: float32 (N,) the stage-1 PE probability of every slice.
+        offsets / slice_labels / exam_labels / study_ids: as :class:`ExamSet`.
+    """
+
+    features: torch.Tensor
+    probs: np.ndarray
+    offsets: np.ndarray
+    slice_labels: np.ndarray
+    exam_labels: np.ndarray
+    study_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def slice_counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def exams(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(feats (S, D), slice_labels (S,), exam_labels (9,))`` per exam (``stage2.collate_exams``' input)."""
+        out = []
+        for e in range(len(self)):
+            a, b = int(self.offsets[e]), int(self.offsets[e + 1])
+            out.append((self.features[a:b], torch.from_numpy(self.slice_labels[a:b].astype(np.float32)),
+                        torch.from_numpy(self.exam_labels[e].astype(np.float32))))  # fmt: skip
+        return out
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"features": self.features.numpy(), "probs": self.probs, "offsets": self.offsets,
+                "slice_labels": self.slice_labels, "exam_labels": self.exam_labels,
+                "study_ids": self.study_ids}  # fmt: skip
+
+
+def feature_set(arrays: dict[str, np.ndarray]) -> FeatureSet:
+    return FeatureSet(
+        features=torch.from_numpy(np.ascontiguousarray(arrays["features"], dtype=np.float32)),
+        probs=np.asarray(arrays["probs"], dtype=np.float32),
+        offsets=np.asarray(arrays["offsets"], dtype=np.int64),
+        slice_labels=np.asarray(arrays["slice_labels"], dtype=np.uint8),
+        exam_labels=np.asarray(arrays["exam_labels"], dtype=np.uint8),
+        study_ids=np.asarray(arrays["study_ids"]).astype(str),
+    )
+
+
+class GuardedFeatures(Guarded[FeatureSet]):
+    """Validation or test features: reads name their purpose, like the exams they come from."""
+
+    def __init__(self, split: str, data: FeatureSet, access: AccessLog) -> None:
+        super().__init__(split, data, access, allowed=VAL_PURPOSES if split == "val" else TEST_PURPOSES)
+
+
+__all__ = [
+    "MASK_SPLITS",
+    "SPLITS",
+    "TEST_PURPOSES",
+    "VAL_PURPOSES",
+    "ExamSet",
+    "FeatureSet",
+    "GuardedExams",
+    "GuardedFeatures",
+    "PECadData",
+    "assemble",
+    "check_disjoint_studies",
+    "data_info",
+    "exam_set",
+    "feature_set",
+    "prepare_data",
+    "preprocess_exam",
+    "split_seeds",
+]

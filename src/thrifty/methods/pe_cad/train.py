@@ -1,0 +1,822 @@
+"""The PE CAD recipe: slice classifiers (CNN vs ViT, scratch vs pretrained) and exam models (CC vs MIL) on CTPA.
+
+Islam et al., *Seeking an Optimal Approach for Computer-Aided Pulmonary Embolism Detection* (arXiv 2109.07029;
+official code ``Nahid1992/CAD_PE``). ``train`` reads top to bottom:
+
+1. **data** — windowed, lung-cropped slices of the train / val / test exams, split by study (:mod:`.data`);
+2. **pretraining** — for each stage-1 arm that is not randomly initialised, one backbone pretrained on the
+   training slices without their PE labels (``supervised`` on the slice's cranio-caudal level, ``ssl:simclr``,
+   ``ssl:genesis``), cached under the data directory by the digest of its settings and shared by every seed, as one
+   ImageNet checkpoint is in the paper;
+3. **stage 1** — every arm × seed fine-tunes on ``pe_present_on_image`` (BCE, Adam 4e-4, linear decay, the
+   release's augmentation); the step with the best validation image AUC is kept; the test split is read once;
+4. **features** — per seed, the stage-1 arm with the best validation image AUC (``stage2.features: best``) gives
+   the penultimate features of every slice of every exam, cached in its unit directory;
+5. **stage 2** — every kind × seed on those features: ``cc`` (the release's BiGRU with the slice term of the RSNA
+   loss), ``mil_attention`` / ``mil_max`` (exam labels only, ``image_weight`` 0: their image AUC is not
+   applicable), optionally ``evit``; the epoch with the best validation mean exam AUC is kept; test read once;
+6. **eval** — the trivial baseline (defect fraction per slice, its maximum per exam), the card's claims paired over
+   seeds, tables and figures.
+
+Every unit (``units/stage1/<arm>/seed<k>``, ``units/stage2/<kind>/seed<k>``) writes ``result.json`` last, so a
+rerun reuses finished units and trains only what is missing. Single process: ``torchrun`` is refused with a clear
+error (the card's DDP scale-out is not implemented yet).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from thrifty.core import cache
+from thrifty.core.claims import Claim, format_mean_ci, paired_claim, value_claim, works_claim
+from thrifty.core.config import ConfigError
+from thrifty.core.metrics import roc_auc
+from thrifty.core.run import (
+    MetricsLog,
+    data_root,
+    finish_run,
+    main_first,
+    new_summary,
+    open_run,
+    progress,
+    seed_everything,
+    write_json,
+)
+from thrifty.core.splits import AccessLog
+from thrifty.data.ctpa_synth import EXAM_LABELS
+from thrifty.methods.pe_cad import figures
+from thrifty.methods.pe_cad.config import BACKBONE_FAMILIES, PECadConfig, parse_arm
+from thrifty.methods.pe_cad.data import (
+    ExamSet,
+    FeatureSet,
+    GuardedFeatures,
+    PECadData,
+    feature_set,
+    prepare_data,
+)
+from thrifty.methods.pe_cad.losses import rsna_weighted_bce, rsna_weighted_log_loss
+from thrifty.methods.pe_cad.pretrain import initialise, slice_level_labels
+from thrifty.methods.pe_cad.stage1 import AugmentConfig as Stage1Augment
+from thrifty.methods.pe_cad.stage1 import augment, build_backbone, count_parameters, epoch_batches, linear_warmup_decay
+from thrifty.methods.pe_cad.stage2 import (
+    Stage2Batch,
+    build_stage2,
+    build_stage2_optimizer,
+    collate_exams,
+    unfit_predictions,
+)
+
+log = logging.getLogger(__name__)
+
+RECIPE = "pe_cad"
+Config = PECadConfig
+PAPER = {
+    "title": "Seeking an Optimal Approach for Computer-Aided Pulmonary Embolism Detection",
+    "arxiv": "2109.07029",
+}
+TRIVIAL = "defect fraction per slice (training-free); exam score = its maximum"
+PRETRAIN_VERSION = 1
+#: the parameters of a stage-1 classification head: a fresh one per fine-tuning run, never pretrained
+HEAD_PREFIXES = ("head.", "vit.classification_head.")
+#: stage-2 kinds that train the per-slice head (the others train on exam labels only)
+SLICE_TRAINED = ("cc", "evit")
+PRETRAIN_METHODS = {"supervised": "supervised", "ssl:simclr": "simclr", "ssl:genesis": "genesis"}
+SHORT_LABELS = ("negative", "indeterminate", "left", "right", "central", "RV/LV≥1", "RV/LV<1", "chronic",
+                "acute+chronic")  # fmt: skip
+
+
+# --- small helpers ----------------------------------------------------------------------------------------
+
+
+def arm_dirname(arm: str) -> str:
+    return arm.replace(":", "_")
+
+
+def stage1_dir(run_dir: Path, arm: str, seed: int) -> Path:
+    return run_dir / "units" / "stage1" / arm_dirname(arm) / f"seed{seed}"
+
+
+def stage2_dir(run_dir: Path, kind: str, seed: int) -> Path:
+    return run_dir / "units" / "stage2" / kind / f"seed{seed}"
+
+
+def auc_points(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """ROC AUC in points (0-100); None when the labels hold one class only (the AUC is undefined)."""
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if y.size == 0 or y.min() == y.max():
+        return None
+    return 100.0 * roc_auc(np.asarray(scores, dtype=np.float64).ravel(), y)
+
+
+def _finite(values: list[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def _score(value: float | None) -> float:
+    """A selection score: undefined values never win."""
+    return value if value is not None and math.isfinite(value) else -math.inf
+
+
+def backbone_spec(cfg: PECadConfig, family: str) -> tuple[str, dict[str, Any]]:
+    """The ``build_backbone`` name and keyword arguments of a backbone family."""
+    s1 = cfg.stage1
+    name = s1.cnn if family == "cnn" else s1.vit
+    if name == "small_cnn":
+        return name, dataclasses.asdict(s1.small_cnn)
+    if name == "small_vit":
+        return name, dataclasses.asdict(s1.small_vit)
+    return name, {}
+
+
+def build_stage1_model(cfg: PECadConfig, family: str, seed: int) -> nn.Module:
+    name, kwargs = backbone_spec(cfg, family)
+    return build_backbone(name, image_size=cfg.stage1.image_size, seed=seed, **kwargs)
+
+
+def stage1_augmentation(cfg: PECadConfig) -> Stage1Augment | None:
+    a = cfg.stage1.augment
+    if not a.enabled:
+        return None
+    return Stage1Augment(contrast=a.contrast, shift=a.shift, scale=a.scale, rotate=a.rotate,
+                         cutout_holes=a.cutout_holes, cutout_frac=a.cutout_frac)  # fmt: skip
+
+
+@torch.no_grad()
+def score_slices(
+    model: nn.Module, exams: ExamSet, *, batch_size: int, device: torch.device, features: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stage-1 PE probabilities (N,) of every slice of ``exams`` in eval mode, no augmentation, and with
+    ``features`` their penultimate features (N, D) (``save_features1.py``)."""
+    was = model.training
+    model.eval()
+    probs, feats = [], []
+    for i in range(0, exams.num_slices, batch_size):
+        f = model.features(exams.stacks(slice(i, i + batch_size)).to(device))
+        probs.append(torch.sigmoid(model.classify(f)).float().cpu())
+        if features:
+            feats.append(f.float().cpu())
+    model.train(was)
+    p = torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)
+    return p, (torch.cat(feats).numpy() if feats else None)
+
+
+# --- pretraining ------------------------------------------------------------------------------------------
+
+
+def pretrain_settings(cfg: PECadConfig, family: str, init: str, data: PECadData) -> dict[str, Any]:
+    """What a pretrained backbone depends on (its cache key)."""
+    name, kwargs = backbone_spec(cfg, family)
+    pre = cfg.pretrain
+    method = getattr(pre, PRETRAIN_METHODS[init])
+    extra: dict[str, Any] = {}
+    if init == "supervised":
+        extra = {"bins": pre.supervised_bins, "augment": dataclasses.asdict(cfg.stage1.augment)}
+    elif init == "ssl:simclr":
+        extra = {"temperature": pre.temperature, "proj_dim": pre.proj_dim,
+                 "augment": dataclasses.asdict(cfg.stage1.augment)}  # fmt: skip
+    return {"backbone": name, "backbone_kwargs": kwargs, "image_size": cfg.stage1.image_size, "init": init,
+            "steps": method.steps, "batch_size": method.batch_size, "lr": method.lr, "seed": pre.seed,
+            "data": data.digest, "version": PRETRAIN_VERSION, **extra}  # fmt: skip
+
+
+def pretrained_backbone(
+    cfg: PECadConfig, family: str, init: str, data: PECadData, root: Path, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone state pretrained with ``init`` on the training slices (labels unused, except the non-PE
+    source task of ``supervised``) and its record; read from the cache when it holds these settings."""
+    settings = pretrain_settings(cfg, family, init, data)
+    directory = cache.cache_dir(root, "pe_cad-pretrain", settings)
+    weights, record_file = directory / "backbone.safetensors", directory / "pretrain.json"
+    if weights.is_file() and record_file.is_file():
+        return load_file(str(weights)), json.loads(record_file.read_text()) | {"cached": True}
+    log.info("pretraining %s-%s once (cached in %s)", family, init, directory)
+    pre = cfg.pretrain
+    method = getattr(pre, PRETRAIN_METHODS[init])
+    backbone = build_stage1_model(cfg, family, seed=pre.seed).to(device)
+    slices = data.train.stacks(slice(None), dtype=torch.float16)  # (N, 3, H, W): the unlabelled training slices
+    kwargs: dict[str, Any] = {}
+    labels = None
+    if init == "supervised":
+        labels = slice_level_labels(data.train.slice_counts.tolist(), num_bins=pre.supervised_bins)
+        kwargs = {"num_classes": pre.supervised_bins, "augmentation": stage1_augmentation(cfg)}
+    elif init == "ssl:simclr":
+        kwargs = {"temperature": pre.temperature, "proj_dim": pre.proj_dim, "augmentation": stage1_augmentation(cfg)}
+    seed_everything(pre.seed)
+    t0 = time.perf_counter()
+    result = initialise(backbone, init, slices=slices, labels=labels, steps=method.steps,
+                        batch_size=method.batch_size, lr=method.lr, seed=pre.seed, **kwargs)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    k = max(1, min(10, len(result.losses) // 4))
+    record = {"family": family, "init": init, "settings": settings, "seconds": seconds, "steps": method.steps,
+              "loss_first": float(np.mean(result.losses[:k])), "loss_last": float(np.mean(result.losses[-k:])),
+              "losses": [round(v, 5) for v in result.losses]}  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: v.detach().cpu().contiguous() for key, v in result.state_dict.items()}
+    tmp = directory / f".backbone.{os.getpid()}.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(weights)
+    write_json(record_file, record)
+    return state, record | {"cached": False}
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a pretrained backbone into ``model``, keeping ``model``'s own (freshly drawn) classification head."""
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    missing = sorted(k for k in own if k not in body and not k.startswith(HEAD_PREFIXES))
+    if missing:
+        raise ValueError(f"the pretrained state lacks {missing[:5]} (a different backbone?)")
+    model.load_state_dict({**own, **body})
+
+
+# --- stage 1 ----------------------------------------------------------------------------------------------
+
+
+def stage1_unit(
+    arm: str,
+    seed: int,
+    cfg: PECadConfig,
+    data: PECadData,
+    run_dir: Path,
+    metrics: MetricsLog,
+    device: torch.device,
+    pretrained: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """Fine-tune one stage-1 arm with one seed; keep the step with the best validation image AUC; test once."""
+    unit = f"stage1/{arm}/seed{seed}"
+    unit_dir = stage1_dir(run_dir, arm, seed)
+    done = unit_dir / "result.json"
+    if cfg.resume and done.exists():
+        log.info("%s: finished earlier, reusing %s", unit, done)
+        return json.loads(done.read_text())
+    metrics.truncate(unit, 0)
+    family, init = parse_arm(arm)
+    s1 = cfg.stage1
+    seed_everything(seed)
+    model = build_stage1_model(cfg, family, seed).to(device)
+    if init != "random":
+        load_pretrained(model, pretrained[arm])
+    opt = torch.optim.Adam(model.parameters(), lr=s1.lr)
+    sched = linear_warmup_decay(opt, warmup_steps=s1.warmup_steps, total_steps=s1.steps)
+    gen = torch.Generator().manual_seed(seed * 7919 + 1)
+    aug = stage1_augmentation(cfg)
+    train = data.train
+    labels = torch.from_numpy(train.slice_labels.astype(np.float32))
+    best: dict[str, Any] = {"score": -math.inf, "step": 0, "auc": None, "state": None}
+    curve, losses, window = [], [], []
+    t_train = 0.0
+    model.train()
+    with progress(s1.steps, unit, enabled=cfg.progress) as advance:
+        for step, idx in enumerate(epoch_batches(train.num_slices, s1.batch_size, s1.steps, gen), start=1):
+            t0 = time.perf_counter()
+            x = train.stacks(idx).to(device)
+            if aug is not None:
+                x = augment(x, generator=gen, config=aug)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s1.amp):
+                logits = model(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            t_train += time.perf_counter() - t0
+            losses.append(float(loss.detach()))
+            window.append(losses[-1])
+            if step % cfg.log_every == 0 or step == s1.steps:
+                metrics.log({"unit": unit, "step": step, "loss": float(np.mean(window)), "lr": sched.get_last_lr()[0]})
+                advance(len(window), loss=float(np.mean(window)))
+                window = []
+            if step % s1.eval_every == 0 or step == s1.steps:
+                val = data.val.get("selection", unit)
+                probs, _ = score_slices(model, val, batch_size=s1.eval_batch_size, device=device)
+                auc = auc_points(probs, val.slice_labels)
+                curve.append({"step": step, "val_image_auc": auc})
+                metrics.log({"unit": unit, "step": step, "split": "val", "val_image_auc": auc})
+                if best["state"] is None or _score(auc) > best["score"]:
+                    best = {"score": _score(auc), "step": step, "auc": auc,
+                            "state": copy.deepcopy(model.state_dict())}  # fmt: skip
+    model.load_state_dict(best["state"])
+    k = max(1, min(10, len(losses) // 4))
+    result: dict[str, Any] = {
+        "arm": arm, "seed": seed, "backbone": backbone_spec(cfg, family)[0], "init": init, "steps": s1.steps,
+        "curve": curve, "best_step": best["step"], "val_image_auc": best["auc"],
+        "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+        "train_seconds": t_train, "train_slices_per_s": s1.steps * s1.batch_size / max(t_train, 1e-9),
+        "params": count_parameters(model),
+    }  # fmt: skip
+    if cfg.final_test:  # the unit's only read of the test split
+        test = data.test.get("final_test", unit)
+        probs, _ = score_slices(model, test, batch_size=s1.eval_batch_size, device=device)
+        result["test_image_auc"] = auc_points(probs, test.slice_labels)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(unit_dir / "model.safetensors"))
+    name, kwargs = backbone_spec(cfg, family)
+    write_json(unit_dir / "card.json", {
+        "recipe": RECIPE, "paper": PAPER, "arm": arm, "seed": seed, "backbone": name, "backbone_kwargs": kwargs,
+        "image_size": s1.image_size, "window": [cfg.data.window_level, cfg.data.window_width],
+        "input": "slices i-1, i, i+1 windowed to [0, 1], cropped to the exam's lung box, resized (bilinear)",
+        "output": "features(x): penultimate features; forward(x): the PE logit of the centre slice",
+    })  # fmt: skip
+    write_json(done, result)
+    return result
+
+
+def choose_features_arm(cfg: PECadConfig, stage1: dict[str, dict[int, dict]], seed: int) -> str:
+    """The stage-1 arm whose features feed stage 2 for ``seed``: ``stage2.features``, or with ``best`` the arm
+    with the highest validation image AUC for that seed (ties: the first in ``stage1.arms``). Validation only."""
+    if cfg.stage2.features != "best":
+        return cfg.stage2.features
+    missing = [arm for arm in cfg.stage1.arms if seed not in stage1.get(arm, {})]
+    if missing:
+        raise ConfigError(
+            f"choosing stage-2 features for seed {seed} needs every stage-1 arm of that seed; missing "
+            f"{missing} (run the stage1 stage first)"
+        )
+    return max(cfg.stage1.arms, key=lambda arm: _score(stage1[arm][seed]["val_image_auc"]))
+
+
+def features_unit(
+    arm: str, seed: int, cfg: PECadConfig, data: PECadData, run_dir: Path, device: torch.device
+) -> dict[str, FeatureSet]:
+    """The penultimate features of every slice of every exam (train, val and, with ``final_test``, test) under the
+    stage-1 unit's chosen weights, cached as ``features/<split>.npz`` in its unit directory."""
+    unit = f"features/{arm}/seed{seed}"
+    unit_dir = stage1_dir(run_dir, arm, seed)
+    if not (unit_dir / "model.safetensors").is_file():
+        raise ConfigError(f"no stage-1 weights in {unit_dir} (run the stage1 stage first)")
+    names = ("train", "val", "test") if cfg.final_test else ("train", "val")
+    family, _ = parse_arm(arm)
+
+    def build() -> dict[str, dict[str, np.ndarray]]:
+        model = build_stage1_model(cfg, family, seed)
+        load_model(model, str(unit_dir / "model.safetensors"))
+        model.to(device)
+        sets = {"train": data.train, "val": data.val.get("features", unit)}
+        if cfg.final_test:
+            sets["test"] = data.test.get("features", unit)
+        out = {}
+        for name, es in sets.items():
+            probs, feats = score_slices(model, es, batch_size=cfg.stage1.eval_batch_size, device=device,
+                                        features=True)  # fmt: skip
+            out[name] = {"features": feats, "probs": probs, "offsets": es.offsets, "slice_labels": es.slice_labels,
+                         "exam_labels": es.exam_labels, "study_ids": es.study_ids}  # fmt: skip
+        return out
+
+    settings = {"arm": arm, "seed": seed, "splits": list(names), "data": data.digest}
+    t0 = time.perf_counter()
+    arrays = cache.cached_splits(unit_dir / "features", names, build, settings=settings, what=f"features of {arm}")
+    seconds = time.perf_counter() - t0
+    timing = unit_dir / "features" / "timing.json"
+    if not timing.exists():
+        write_json(timing, {"seconds": seconds})
+    return {k: feature_set(v) for k, v in arrays.items()}
+
+
+# --- stage 2 ----------------------------------------------------------------------------------------------
+
+
+def collate(fs: FeatureSet, cfg: PECadConfig) -> Stage2Batch:
+    s2 = cfg.stage2
+    return collate_exams(fs.exams(), length=s2.seq_len, label_mode=s2.label_mode, long_mode=s2.long_mode)
+
+
+def take(batch: Stage2Batch, idx: torch.Tensor) -> Stage2Batch:
+    return Stage2Batch(**{f.name: getattr(batch, f.name)[idx] for f in dataclasses.fields(batch)})
+
+
+@torch.no_grad()
+def evaluate_stage2(
+    model: nn.Module, fs: FeatureSet, batch: Stage2Batch, cfg: PECadConfig, *, slice_trained: bool,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """Exam AUC per label (points) and their mean over the labels both classes of which occur; with a trained
+    slice head also the image AUC of its slice probabilities resized back to each exam's slices (as the release
+    evaluates) and the RSNA weighted log loss."""
+    was = model.training
+    model.eval()
+    exam_logits, slice_logits = [], []
+    for i in range(0, len(fs), 256):
+        b = take(batch, torch.arange(i, min(i + 256, len(fs)))).to(device)
+        out = model(b.x, b.valid)
+        exam_logits.append(out.exam_logits.float().cpu())
+        slice_logits.append(out.slice_logits.float().cpu())
+    model.train(was)
+    exam_p = torch.sigmoid(torch.cat(exam_logits)).numpy()
+    per_label = {name: auc_points(exam_p[:, k], fs.exam_labels[:, k]) for k, name in enumerate(EXAM_LABELS)}
+    defined = _finite(list(per_label.values()))
+    res: dict[str, Any] = {"exam_auc": per_label, "mean_exam_auc": float(np.mean(defined)) if defined else None,
+                           "image_auc": None, "exam_probs": exam_p}  # fmt: skip
+    if slice_trained:
+        slice_p = torch.sigmoid(torch.cat(slice_logits))
+        per_exam = [unfit_predictions(slice_p[e], int(s), long_mode=cfg.stage2.long_mode)
+                    for e, s in enumerate(fs.slice_counts)]  # fmt: skip
+        res["image_auc"] = auc_points(torch.cat(per_exam).numpy(), fs.slice_labels)
+        labels = [torch.from_numpy(fs.slice_labels[fs.offsets[e] : fs.offsets[e + 1]].astype(np.float64))
+                  for e in range(len(fs))]  # fmt: skip
+        res["rsna_log_loss"] = rsna_weighted_log_loss(
+            [p.clamp(1e-7, 1 - 1e-7) for p in per_exam], labels, torch.from_numpy(exam_p).clamp(1e-7, 1 - 1e-7),
+            torch.from_numpy(fs.exam_labels.astype(np.float64)), image_weight=cfg.stage2.image_weight,
+            exam_weights=cfg.stage2.exam_weights or None,
+        )  # fmt: skip
+    return res
+
+
+def _public(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation metrics as JSON (the probabilities rounded)."""
+    out = {k: v for k, v in metrics.items() if k != "exam_probs"}
+    out["exam_probs"] = np.round(metrics["exam_probs"], 5).tolist()
+    return out
+
+
+def stage2_unit(
+    kind: str,
+    seed: int,
+    features_arm: str,
+    cfg: PECadConfig,
+    feats: dict[str, Any],
+    run_dir: Path,
+    metrics: MetricsLog,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train one stage-2 kind with one seed on ``features_arm``'s features; keep the epoch with the best validation
+    mean exam AUC; test once. ``feats``: ``train`` (FeatureSet), ``val`` / ``test`` (GuardedFeatures) and their
+    collated batches ``batch/<split>``."""
+    unit = f"stage2/{kind}/seed{seed}"
+    unit_dir = stage2_dir(run_dir, kind, seed)
+    done = unit_dir / "result.json"
+    if cfg.resume and done.exists():
+        res = json.loads(done.read_text())
+        if res.get("features_arm") == features_arm:
+            log.info("%s: finished earlier, reusing %s", unit, done)
+            return res
+        log.info("%s: trained on %s features, now %s is chosen: training again", unit, res.get("features_arm"),
+                 features_arm)  # fmt: skip
+    metrics.truncate(unit, 0)
+    s2 = cfg.stage2
+    train_batch: Stage2Batch = feats["batch/train"]
+    slice_trained = kind in SLICE_TRAINED
+    image_weight = s2.image_weight if slice_trained else 0.0  # MIL: exam labels only
+    seed_everything(seed)
+    extra = {"attention": s2.attention} if kind == "cc" else {}
+    model = build_stage2(kind, in_dim=train_batch.x.shape[-1], hidden=s2.hidden, seq_len=s2.seq_len, **extra)
+    model.to(device)
+    opt, sched = build_stage2_optimizer(model, lr=s2.lr, step_size=s2.step_size, gamma=s2.gamma)
+    gen = torch.Generator().manual_seed(seed * 7919 + 2)
+    n = train_batch.x.shape[0]
+    best: dict[str, Any] = {"score": -math.inf, "epoch": 0, "val": None, "state": None}
+    curve = []
+    t_train = 0.0
+    with progress(s2.epochs, unit, enabled=cfg.progress) as advance:
+        for epoch in range(1, s2.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            epoch_losses = []
+            for i in range(0, n, s2.batch_size):
+                b = take(train_batch, perm[i : i + s2.batch_size]).to(device)
+                out = model(b.x, b.valid)
+                parts = rsna_weighted_bce(out, b.slice_labels, b.exam_labels, b.valid, image_weight=image_weight,
+                                          exam_weights=s2.exam_weights or None, num_slices=b.num_slices,
+                                          positive_ratio=b.positive_ratio, normalisation=s2.normalisation)  # fmt: skip
+                opt.zero_grad(set_to_none=True)
+                parts.total.backward()
+                opt.step()
+                epoch_losses.append(float(parts.total.detach()))
+            sched.step()
+            t_train += time.perf_counter() - t0
+            val = feats["val"].get("selection", unit)
+            m = evaluate_stage2(model, val, feats["batch/val"], cfg, slice_trained=slice_trained, device=device)
+            point = {"epoch": epoch, "loss": float(np.mean(epoch_losses)), "val_mean_exam_auc": m["mean_exam_auc"]}
+            curve.append(point)
+            metrics.log({"unit": unit, "step": epoch, **point})
+            advance(1, loss=point["loss"])
+            if best["state"] is None or _score(m["mean_exam_auc"]) > best["score"]:
+                best = {"score": _score(m["mean_exam_auc"]), "epoch": epoch, "val": m,
+                        "state": copy.deepcopy(model.state_dict())}  # fmt: skip
+    model.load_state_dict(best["state"])
+    result: dict[str, Any] = {
+        "kind": kind, "seed": seed, "features_arm": features_arm, "epochs": s2.epochs, "image_weight": image_weight,
+        "image_auc_applicable": slice_trained, "curve": curve, "best_epoch": best["epoch"],
+        "val": {k: v for k, v in best["val"].items() if k != "exam_probs"},
+        "train_seconds": t_train, "train_exams_per_s": s2.epochs * n / max(t_train, 1e-9),
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }  # fmt: skip
+    if cfg.final_test:  # the unit's only read of the test features
+        test = feats["test"].get("final_test", unit)
+        result["test"] = _public(evaluate_stage2(model, test, feats["batch/test"], cfg, slice_trained=slice_trained,
+                                                 device=device))  # fmt: skip
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(unit_dir / "model.safetensors"))
+    write_json(done, result)
+    return result
+
+
+# --- trivial baseline -------------------------------------------------------------------------------------
+
+
+def trivial_scores(exams: ExamSet) -> dict[str, Any]:
+    """The training-free baseline: the defect fraction as the slice score (image AUC) and its maximum over an
+    exam's slices as the exam score (AUC of "any PE", and of ``negative_exam_for_pe`` with the score negated)."""
+    exam_max = exams.exam_max(exams.trivial)
+    return {
+        "image_auc": auc_points(exams.trivial, exams.slice_labels),
+        "exam_any_pe_auc": auc_points(exam_max, exams.exam_any_pe()),
+        "exam_negative_auc": auc_points(-exam_max, exams.exam_labels[:, 0]),
+        "exam_scores": np.round(exam_max, 6).tolist(),
+    }
+
+
+def trivial_unit(cfg: PECadConfig, data: PECadData) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": TRIVIAL, "val": trivial_scores(data.val.get("calibration", "trivial"))}
+    if cfg.final_test:
+        out["test"] = trivial_scores(data.test.get("final_test", "trivial"))
+    return out
+
+
+# --- claims and tables ------------------------------------------------------------------------------------
+
+
+def _per_seed(per: dict[int, dict], get) -> dict[int, float]:
+    out = {}
+    for seed, r in per.items():
+        v = get(r)
+        if v is not None and math.isfinite(v):
+            out[seed] = float(v)
+    return out
+
+
+def _init_tag(init: str) -> str:
+    return init.replace(":", "_")
+
+
+PAPER_PRETRAINED = ("image AUC, random -> ImageNet init: ResNet50 0.9037 -> 0.9473, SeResNeXt50 0.8749 -> 0.9614, "
+                    "SeXception 0.9498 -> 0.9634")  # fmt: skip
+PAPER_SSL = ("image AUC, ResNet50: SSL (SeLa-v2 / DeepCluster-v2 0.9568, Barlow Twins 0.9566, SimCLR-v1 0.9545) vs "
+             "supervised ImageNet 0.9473; PIRL 0.8917 and MoCo-v2 0.892 no better than scratch")  # fmt: skip
+PAPER_VIT = "image AUC from random init: ViT-B/16 0.8385 vs ResNet50 0.9037 (CNNs up to 0.9634 pretrained)"
+PAPER_CC = ("exam AUC, CC / MIL: SeResNeXt50 0.8807 / 0.883, Xception 0.8912 / 0.8859, SeXception 0.8852 / "
+            "0.8773 (MIL ahead for one backbone)")  # fmt: skip
+
+
+def make_claims(
+    cfg: PECadConfig,
+    stage1: dict[str, dict[int, dict]],
+    stage2: dict[str, dict[int, dict]],
+    trivial: dict[str, Any],
+    selection: dict[int, str],
+) -> list[Claim]:
+    """The card's miniature claims and the two "works" claims, on the test split, paired over seeds."""
+    claims: list[Claim] = []
+    p, margin = cfg.preset, cfg.noninferiority_margin
+
+    def image(arm: str) -> dict[int, float]:
+        return _per_seed(stage1.get(arm, {}), lambda r: r.get("test_image_auc"))
+
+    for family in BACKBONE_FAMILIES:
+        scratch = image(f"{family}-random")
+        for init in ("supervised", "ssl:simclr", "ssl:genesis"):
+            a = image(f"{family}-{init}")
+            if set(a) & set(scratch):
+                claims.append(paired_claim(
+                    id=f"pretrained_beats_scratch_{family}_{_init_tag(init)}", a=a, b=scratch, direction="greater",
+                    statement=f"{init} pretraining raises the {family.upper()}'s test image AUC over random "
+                    f"initialisation (same fine-tuning budget)", paper_value=PAPER_PRETRAINED, preset=p,
+                    baseline=f"{family}-random", unit="AUC points",
+                ))  # fmt: skip
+        sup = image(f"{family}-supervised")
+        for ssl in ("ssl:simclr", "ssl:genesis"):
+            a = image(f"{family}-{ssl}")
+            seeds = sorted(set(a) & set(sup))
+            if seeds:
+                claims.append(value_claim(
+                    id=f"ssl_not_worse_than_supervised_{family}_{_init_tag(ssl)}",
+                    values=[a[s] - sup[s] for s in seeds], seeds=seeds, direction="greater", threshold=-margin,
+                    statement=f"{ssl} pretraining is not worse than supervised pretraining for the "
+                    f"{family.upper()}: test image AUC of {ssl} minus supervised above -{margin:g} points "
+                    "(non-inferiority)", paper_value=PAPER_SSL, preset=p,
+                    baseline=f"{family}-supervised - {margin:g}", unit="AUC points",
+                ))  # fmt: skip
+    cnn, vit = image("cnn-random"), image("vit-random")
+    if set(cnn) & set(vit):
+        claims.append(paired_claim(
+            id="cnn_beats_vit_random_init", a=cnn, b=vit, direction="greater", preset=p, baseline="vit-random",
+            statement="the small CNN's test image AUC beats the small ViT's, both randomly initialised, at the same "
+            "number of steps", paper_value=PAPER_VIT, unit="AUC points",
+        ))  # fmt: skip
+    cc = _per_seed(stage2.get("cc", {}), lambda r: r.get("test", {}).get("mean_exam_auc"))
+    for kind in ("mil_attention", "mil_max"):
+        mil = _per_seed(stage2.get(kind, {}), lambda r: r.get("test", {}).get("mean_exam_auc"))
+        seeds = sorted(set(cc) & set(mil))
+        if seeds:
+            claims.append(value_claim(
+                id=f"cc_not_worse_than_{kind}", values=[cc[s] - mil[s] for s in seeds], seeds=seeds,
+                direction="greater", threshold=-margin, preset=p, baseline=f"{kind} - {margin:g}", unit="AUC points",
+                statement=f"conventional classification (BiGRU, slice + exam labels) is not worse than {kind} (exam "
+                f"labels only) on the mean test exam AUC over the nine labels: CC minus MIL above -{margin:g} points",
+                paper_value=PAPER_CC,
+            ))  # fmt: skip
+    test = trivial.get("test", {})
+    chosen = {s: stage1[arm][s].get("test_image_auc") for s, arm in selection.items() if s in stage1.get(arm, {})}
+    chosen = {s: v for s, v in chosen.items() if v is not None}
+    if chosen and test.get("image_auc") is not None:
+        base = test["image_auc"]
+        claims.append(works_claim(
+            id="image_detection_works", method=chosen, baseline_value=base, margin=cfg.works_margin,
+            direction="greater", preset=p, baseline=f"defect fraction ({base:.1f})", unit="AUC points",
+            statement=f"the stage-1 arm chosen on validation beats the training-free defect-fraction score's test "
+            f"image AUC by more than {cfg.works_margin:g} points",
+        ))  # fmt: skip
+    negative = _per_seed(stage2.get("cc", {}), lambda r: r.get("test", {}).get("exam_auc", {}).get(EXAM_LABELS[0]))
+    if negative and test.get("exam_negative_auc") is not None:
+        base = test["exam_negative_auc"]
+        claims.append(works_claim(
+            id="exam_detection_works", method=negative, baseline_value=base, margin=cfg.works_margin,
+            direction="greater", preset=p, baseline=f"max defect fraction per exam ({base:.1f})", unit="AUC points",
+            statement=f"the CC model's test AUC of negative_exam_for_pe beats the exam's maximum defect fraction "
+            f"(negated) by more than {cfg.works_margin:g} points",
+        ))  # fmt: skip
+    return claims
+
+
+def stage1_table(cfg: PECadConfig, stage1: dict[str, dict[int, dict]], trivial: dict[str, Any],
+                 selection: dict[int, str]) -> dict[str, Any]:  # fmt: skip
+    rows = []
+    for arm, per in stage1.items():
+        rs = list(per.values())
+        chosen = sum(1 for s, a in selection.items() if a == arm)
+        rows.append([arm, len(rs), format_mean_ci(_finite([r["val_image_auc"] for r in rs])),
+                     format_mean_ci(_finite([r.get("test_image_auc") for r in rs])), f"{chosen}/{len(selection)}",
+                     rs[0]["params"]])  # fmt: skip
+    tv, tt = trivial["val"]["image_auc"], trivial.get("test", {}).get("image_auc")
+    rows.append([TRIVIAL.split(" (")[0], "-", "" if tv is None else f"{tv:.1f}", "" if tt is None else f"{tt:.1f}",
+                 "", ""])  # fmt: skip
+    return {"title": "Stage 1: image AUC (%) per arm, mean [95% t-interval] over seeds; 'chosen' counts the seeds "
+            "whose stage-2 features came from the arm (best validation image AUC)",
+            "columns": ["arm", "seeds", "val image AUC", "test image AUC", "chosen", "params"],
+            "rows": rows}  # fmt: skip
+
+
+def stage2_table(stage2: dict[str, dict[int, dict]], trivial: dict[str, Any], split: str) -> dict[str, Any]:
+    rows = []
+    for kind, per in stage2.items():
+        rs = [r[split] for r in per.values() if split in r]
+        if not rs:
+            continue
+        cells = [format_mean_ci(_finite([r["exam_auc"][n] for r in rs])) for n in EXAM_LABELS]
+        image = format_mean_ci(_finite([r["image_auc"] for r in rs])) if rs[0]["image_auc"] is not None else "n/a"
+        rows.append([kind, len(rs), *cells, format_mean_ci(_finite([r["mean_exam_auc"] for r in rs])), image])
+    t = trivial.get(split, {})
+    if t:
+        neg, img = t.get("exam_negative_auc"), t.get("image_auc")
+        rows.append([TRIVIAL.split(" (")[0], "-", "" if neg is None else f"{neg:.1f}", *[""] * 8, "",
+                     "" if img is None else f"{img:.1f}"])  # fmt: skip
+    where = "Test" if split == "test" else "Validation"
+    return {"title": f"Stage 2: {where.lower()} exam AUC (%) per label and their mean, and the image AUC of the "
+            "slice head (n/a: MIL trains on exam labels only), mean [95% t-interval] over seeds",
+            "columns": ["kind", "seeds", *SHORT_LABELS, "mean exam AUC", "image AUC"], "rows": rows}  # fmt: skip
+
+
+def cost_table(
+    stage1: dict[str, dict[int, dict]],
+    stage2: dict[str, dict[int, dict]],
+    pretraining: dict[str, dict[str, Any]],
+    feature_seconds: dict[str, float],
+) -> dict[str, Any]:
+    rows = []
+    for arm, per in stage1.items():
+        rs = list(per.values())
+        rows.append([f"stage 1 {arm}", round(float(np.mean([r["train_seconds"] for r in rs])), 1),
+                     round(float(np.mean([r["train_slices_per_s"] for r in rs])), 1), "slices/s", rs[0]["params"],
+                     f"{rs[0]['steps']} steps"])  # fmt: skip
+    for arm, rec in pretraining.items():
+        rows.append([f"pretraining {arm}" + (" (cached)" if rec.get("cached") else ""), round(rec["seconds"], 1), "",
+                     "", "", f"{rec['steps']} steps"])  # fmt: skip
+    for key, seconds in feature_seconds.items():
+        rows.append([f"features {key}", round(seconds, 1), "", "", "", ""])
+    for kind, per in stage2.items():
+        rs = list(per.values())
+        rows.append([f"stage 2 {kind}", round(float(np.mean([r["train_seconds"] for r in rs])), 1),
+                     round(float(np.mean([r["train_exams_per_s"] for r in rs])), 1), "exams/s", rs[0]["params"],
+                     f"{rs[0]['epochs']} epochs"])  # fmt: skip
+    return {"title": "Cost: training seconds per unit (mean over seeds), throughput, parameters, budget",
+            "columns": ["unit", "seconds", "throughput", "of", "params", "budget"], "rows": rows}  # fmt: skip
+
+
+# --- the recipe -------------------------------------------------------------------------------------------
+
+
+def _load_stage(run_dir: Path, unit_dir, names: list[str], seeds: list[int]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for name in names:
+        for seed in seeds:
+            path = unit_dir(run_dir, name, seed) / "result.json"
+            if path.exists():
+                out.setdefault(name, {})[seed] = json.loads(path.read_text())
+    return out
+
+
+def train(cfg: PECadConfig) -> dict[str, Any]:
+    """Run the recipe; returns the ``results.json`` content."""
+    t_start = time.perf_counter()
+    info, run_dir, metrics = open_run(RECIPE, cfg)
+    if info.enabled:
+        raise ConfigError("pe_cad runs in one process; torchrun / DDP is not implemented for this recipe yet")
+    device = info.device
+    access = AccessLog(run_dir / "access_log.jsonl")
+    root = data_root(cfg)
+    data = main_first(lambda: prepare_data(cfg, root, run_dir, access), info)
+    summary = new_summary(RECIPE, PAPER, cfg, run_dir, data=data.info)
+    seeds, arms, kinds = cfg.seeds, cfg.stage1.arms, cfg.stage2.kinds
+
+    pretraining: dict[str, dict[str, Any]] = {}
+    stage1: dict[str, dict[int, dict]] = {}
+    if "stage1" in cfg.stages:
+        pretrained = {}
+        for arm in arms:
+            family, init = parse_arm(arm)
+            if init != "random" and any(not (stage1_dir(run_dir, arm, s) / "result.json").exists() for s in seeds):
+                pretrained[arm], pretraining[arm] = pretrained_backbone(cfg, family, init, data, root, device)
+        for arm in arms:
+            for seed in seeds:
+                stage1.setdefault(arm, {})[seed] = stage1_unit(arm, seed, cfg, data, run_dir, metrics, device,
+                                                               pretrained)  # fmt: skip
+    if not stage1:
+        stage1 = _load_stage(run_dir, stage1_dir, arms, seeds)
+
+    selection: dict[int, str] = {}
+    features: dict[int, dict[str, FeatureSet]] = {}
+    feature_seconds: dict[str, float] = {}
+    if "features" in cfg.stages or "stage2" in cfg.stages:
+        for seed in seeds:
+            selection[seed] = choose_features_arm(cfg, stage1, seed)
+            fdir = stage1_dir(run_dir, selection[seed], seed) / "features"
+            if "features" not in cfg.stages and not (fdir / "train.npz").is_file():
+                raise ConfigError(f"no stage-1 features in {fdir} (run the features stage first)")
+            features[seed] = features_unit(selection[seed], seed, cfg, data, run_dir, device)
+            timing = fdir / "timing.json"
+            if timing.exists():
+                feature_seconds[f"{selection[seed]}/seed{seed}"] = json.loads(timing.read_text())["seconds"]
+
+    stage2: dict[str, dict[int, dict]] = {}
+    if "stage2" in cfg.stages:
+        for seed in seeds:
+            fs = features[seed]
+            feats: dict[str, Any] = {
+                "train": fs["train"],
+                "val": GuardedFeatures("val", fs["val"], access),
+                "batch/train": collate(fs["train"], cfg),
+                "batch/val": collate(fs["val"], cfg),
+            }
+            if cfg.final_test:
+                feats |= {"test": GuardedFeatures("test", fs["test"], access), "batch/test": collate(fs["test"], cfg)}
+            for kind in kinds:
+                stage2.setdefault(kind, {})[seed] = stage2_unit(kind, seed, selection[seed], cfg, feats, run_dir,
+                                                                metrics, device)  # fmt: skip
+
+    if "eval" in cfg.stages:
+        if not stage1:
+            raise ConfigError(f"stages=[eval] found no finished stage-1 units under {run_dir}/units; run stage1 first")
+        if not stage2:
+            stage2 = _load_stage(run_dir, stage2_dir, kinds, seeds)
+        if not selection:  # the choice recorded by the stage-2 units, else made now (validation only)
+            selection = {s: r["features_arm"] for per in stage2.values() for s, r in per.items()}
+            if not selection and all(s in stage1.get(a, {}) for a in arms for s in seeds):
+                selection = {s: choose_features_arm(cfg, stage1, s) for s in seeds}
+        trivial = trivial_unit(cfg, data)
+        claims = make_claims(cfg, stage1, stage2, trivial, selection) if cfg.final_test else []
+        split = "test" if cfg.final_test else "val"
+        tables = [stage1_table(cfg, stage1, trivial, selection)]
+        if stage2:
+            tables.append(stage2_table(stage2, trivial, split))
+        tables.append(cost_table(stage1, stage2, pretraining, feature_seconds))
+        example = None
+        if selection:
+            seed = min(selection)
+            probs_file = stage1_dir(run_dir, selection[seed], seed) / "features" / "val.npz"
+            if probs_file.is_file():
+                with np.load(probs_file, allow_pickle=False) as z:
+                    example = (f"{selection[seed]} seed {seed}", z["probs"])
+        figs = figures.make_all(run_dir, stage1, stage2, trivial, data, cfg, example_probs=example)
+        summary.update(
+            trivial=trivial,
+            selection={str(s): a for s, a in selection.items()},
+            pretraining={a: {k: v for k, v in r.items() if k != "losses"} for a, r in pretraining.items()},
+            claims=[c.to_dict() for c in claims],
+            tables=tables,
+            figures=[str(p.relative_to(run_dir)) for p in figs if p is not None],
+        )
+    return finish_run(summary, run_dir, cfg, t_start=t_start, info=info)
