@@ -43,6 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from thrifty.core.nn import count_parameters as count_parameters  # re-exported
+
 FULL_WIDTHS = (64, 128, 256, 512)
 FULL_HEAD_CHANNELS = 1024
 NUM_POOLS = 3
@@ -483,8 +485,3 @@ def to_device(x: torch.Tensor, device: torch.device | str, *, channels_last: boo
 def place(model: nn.Module, device: torch.device | str, *, channels_last: bool = False) -> nn.Module:
     """Move a network (in place) to ``device``, its 5-D conv weights in ``channels_last_3d`` when asked."""
     return model.to(device, memory_format=torch.channels_last_3d) if channels_last else model.to(device)
-
-
-def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

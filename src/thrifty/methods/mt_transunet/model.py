@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thrifty.core.nn import count_parameters as count_parameters  # re-exported
+
 __all__ = [
     "Attention",
     "Block",
@@ -88,11 +90,6 @@ logger = logging.getLogger(__name__)
 SEG_CLASSES = 2
 #: the release's hard-coded ``head_channels`` of ``conv_more`` (R50-ViT-B/16)
 R50_HEAD_CHANNELS = 512
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @dataclasses.dataclass

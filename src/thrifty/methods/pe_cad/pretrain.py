@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thrifty.core.nn import nt_xent as shared_nt_xent
 from thrifty.methods.genesis.transforms import flip, local_shuffle, nonlinear, painting
 from thrifty.methods.pe_cad.stage1 import AugmentConfig, augment, epoch_batches
 
@@ -194,19 +195,10 @@ def simclr_targets(n: int, *, device: torch.device | None = None) -> Tensor:
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5) -> Tensor:
-    """NT-Xent (normalised temperature-scaled cross-entropy) over 2N views.
-
-    z1, z2: (N, d) projections of the two views of the same N images → scalar: the mean over the 2N views of
-    ``-log softmax_j(sim(k, j) / τ)[pos(k)]`` with cosine similarities, j ranging over the other 2N - 1 views and
-    pos(k) = :func:`simclr_targets`.
-    """
-    if z1.shape != z2.shape:
-        raise ValueError(f"views must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    sim = z @ z.T / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    return F.cross_entropy(sim, simclr_targets(n, device=z.device))
+    """NT-Xent (normalised temperature-scaled cross-entropy) over 2N views: textbook SimCLR, each view against the
+    other 2N - 1, positives the pairs (k, k + N) (:func:`simclr_targets`). z1, z2: (N, d) projections of the two
+    views of the same N images → scalar (:func:`thrifty.core.nn.nt_xent` with ``same_modality_negatives``)."""
+    return shared_nt_xent(z1.float(), z2.float(), temperature=temperature, same_modality_negatives=True)
 
 
 def pretrain_simclr(

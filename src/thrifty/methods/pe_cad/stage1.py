@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thrifty.core.nn import count_parameters as count_parameters  # re-exported
+
 __all__ = [
     "FULL_BACKBONES",
     "IMAGENET_MEAN",
@@ -341,11 +343,6 @@ def augment(
 # ----------------------------------------------------------------------------------------------------------------
 # backbones: features(x) -> (N, D) penultimate, classify(f) -> (N,), forward(x) = classify(features(x)),
 # feature_map(x) -> (N, map_channels, h, w) (h = H / map_stride) for restoration heads
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _conv_bn(cin: int, cout: int, *, k: int = 3, stride: int = 1) -> nn.Sequential:

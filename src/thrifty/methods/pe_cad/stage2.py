@@ -80,6 +80,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from thrifty.core.nn import count_parameters as count_parameters  # re-exported
+
 __all__ = [
     "EXAM_LABELS",
     "AdditiveAttention",
@@ -126,11 +128,6 @@ NUM_EXAM_LABELS = len(EXAM_LABELS)
 LongMode = Literal["resize", "tail"]
 LabelMode = Literal["linear", "nearest", "threshold"]
 StageKind = Literal["cc", "mil_attention", "mil_max", "evit"]
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ------------------------------------------------------------------------------------------------------ sequences

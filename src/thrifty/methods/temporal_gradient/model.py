@@ -52,6 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from thrifty.core.nn import count_parameters as count_parameters  # re-exported
+
 __all__ = [
     "R3D18",
     "RGB_PREFIXES",
@@ -66,11 +68,6 @@ __all__ = [
 
 # State-dict prefixes of the modules that run at inference (see ``TwoStreamNet.rgb_only_state_dict``).
 RGB_PREFIXES: tuple[str, ...] = ("rgb_backbone.", "rgb_head.")
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 class BasicBlock3d(nn.Module):
