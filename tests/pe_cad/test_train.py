@@ -22,7 +22,7 @@ from thrifty.core.splits import AccessLog
 from thrifty.data import ctpa_synth
 from thrifty.methods.pe_cad import train as recipe
 from thrifty.methods.pe_cad.config import PECadConfig
-from thrifty.methods.pe_cad.data import ExamSet, exam_set, prepare_data, preprocess_exam
+from thrifty.methods.pe_cad.data import ExamSet, exam_set, load_feature_split, prepare_data, preprocess_exam
 from thrifty.methods.pe_cad.stage1 import build_backbone, stack_all
 from thrifty.methods.pe_cad.train import choose_features_arm, load_pretrained, train, trivial_scores
 
@@ -75,7 +75,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished unit (or a cached pretraining) was trained again")
 
-    for name in ("initialise", "epoch_batches", "rsna_weighted_bce"):
+    for name in ("initialise", "ShardedBatchSampler", "rsna_weighted_bce"):
         monkeypatch.setattr(recipe, name, refuse)
 
 
@@ -139,9 +139,12 @@ def test_every_unit_saves_its_files_and_selects_on_validation(smoke_run):
         val = {arm: result(run_dir, "stage1", arm, seed)["val_image_auc"] for arm in ARMS}
         assert val[chosen] == max(val.values())  # the best validation image AUC feeds stage 2
         fdir = unit(run_dir, "stage1", chosen, seed) / "features"
-        assert {p.name for p in fdir.glob("*.npz")} == {"train.npz", "val.npz", "test.npz"}
-        with np.load(fdir / "val.npz") as z:
-            assert z["features"].shape == (results["data"]["val"]["slices"], 16)  # small_cnn feature_dim 16
+        assert {p.name for p in fdir.iterdir() if p.is_dir()} == {"train", "val", "test"}
+        for split in ("train", "val", "test"):  # one safetensors file per exam, and the split's index
+            files = sorted(p.name for p in (fdir / split).glob("*.safetensors"))
+            assert len(files) == results["data"][split]["exams"] and (fdir / split / "index.json").is_file()
+        val = load_feature_split(fdir / "val")
+        assert val.features.shape == (results["data"]["val"]["slices"], 16)  # small_cnn feature_dim 16
         others = [a for a in ARMS if a != chosen]
         assert not any((unit(run_dir, "stage1", a, seed) / "features").exists() for a in others)
         for kind in KINDS:
@@ -202,9 +205,8 @@ def test_rerun_retrains_missing_units_exactly(smoke_run, tmp_path, data_dir):
             assert a.get(key) == b.get(key), (stage, key)
         wa, wb = (load_file(unit(d, stage, name, 1) / "model.safetensors") for d in (copy, run_dir))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    with np.load(unit(copy, "stage1", chosen, 1) / "features" / "test.npz") as a, \
-         np.load(unit(run_dir, "stage1", chosen, 1) / "features" / "test.npz") as b:  # fmt: skip
-        assert np.array_equal(a["features"], b["features"])
+    a, b = (load_feature_split(unit(d, "stage1", chosen, 1) / "features" / "test") for d in (copy, run_dir))
+    assert torch.equal(a.features, b.features) and np.array_equal(a.probs, b.probs)
     assert [(c["id"], c["values"]) for c in again["claims"]] == [(c["id"], c["values"]) for c in results["claims"]]
 
 
@@ -243,11 +245,11 @@ def test_stages_run_one_at_a_time(tmp_path, data_dir):
     res = train(smoke(tmp_path, data_dir, *args, "stages=[stage1]"))
     assert res["claims"] == [] and "selection" not in res
     assert {p.parent.parent.name for p in (run_dir / "units").rglob("result.json")} == {"cnn-random", "vit-random"}
-    assert not list((run_dir / "units").rglob("*.npz"))
+    assert not list((run_dir / "units").rglob("features"))
     with pytest.raises(ConfigError, match="features stage"):
         train(smoke(tmp_path, data_dir, *args, "stages=[stage2]"))
     train(smoke(tmp_path, data_dir, *args, "stages=[features]"))
-    assert len(list((run_dir / "units").rglob("features/*.npz"))) == 3
+    assert len(list((run_dir / "units").rglob("features/*/index.json"))) == 3
     assert not (run_dir / "units" / "stage2").exists()
     train(smoke(tmp_path, data_dir, *args, "stages=[stage2]"))
     assert {p.parent.parent.name for p in (run_dir / "units" / "stage2").rglob("result.json")} == {"cc", "mil_max"}

@@ -36,15 +36,21 @@ names its purpose and lands in ``access_log.jsonl``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from thrifty.core import cache
+from thrifty.core.run import write_json
 from thrifty.core.splits import AccessLog, Guarded
 from thrifty.data import ctpa_synth
 from thrifty.data.ctpa_synth import EXAM_LABELS
@@ -377,8 +383,10 @@ def prepare_data(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog)
 class FeatureSet:
     """One split's stage-1 slice features, per exam: what stage 2 reads.
 
-    The miniature stores one ``.npz`` per split (``units/stage1/<arm>/seed<k>/features/<split>.npz``); the card's
-    scale-out writes one file per exam, sharded over ranks, which this layout does not do yet.
+    On disk one safetensors file per exam (:func:`save_exam_features`) under
+    ``units/stage1/<arm>/seed<k>/features/<split>/`` with an ``index.json`` listing the exams in split order
+    (:func:`write_feature_index`); the extraction writes them sharded by exam over the ranks, and every process —
+    one or many — reads the split back whole with :func:`load_feature_split`.
 
     Attributes:
         features: float32 (N, D) penultimate features of every slice, exams concatenated in order.
@@ -426,6 +434,118 @@ def feature_set(arrays: dict[str, np.ndarray]) -> FeatureSet:
     )
 
 
+#: the per-exam feature file's tensors: features (S, D) float32, probs (S,) float32, slice_labels (S,) uint8,
+#: exam_labels (9,) uint8
+EXAM_FEATURE_KEYS = ("features", "probs", "slice_labels", "exam_labels")
+FEATURE_INDEX = "index.json"
+FEATURE_FORMAT = 1
+
+
+def exam_feature_name(study_id: str) -> str:
+    """The file name of an exam's features: its study id with anything outside ``[A-Za-z0-9._-]`` replaced by
+    ``_``, plus ``.safetensors`` (a DICOM UID stays as it is)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(study_id)).lstrip(".") or "_"
+    return f"{name}.safetensors"
+
+
+def save_exam_features(
+    path: Path,
+    *,
+    features: torch.Tensor,
+    probs: torch.Tensor,
+    slice_labels: np.ndarray,
+    exam_labels: np.ndarray,
+    study_id: str,
+    digest: str,
+) -> None:
+    """Write one exam's stage-1 output as safetensors, atomically (a temporary file, then a rename).
+
+    features: (S, D) float; probs: (S,) float; slice_labels: (S,) {0, 1}; exam_labels: (9,) {0, 1}. The metadata
+    holds the study id and ``digest``, the settings digest of the extraction (a file of other settings is not reused).
+    """
+    s = features.shape[0]
+    if features.ndim != 2 or probs.shape != (s,) or len(slice_labels) != s:
+        raise ValueError(f"exam {study_id}: features {tuple(features.shape)}, probs {tuple(probs.shape)} and "
+                         f"{len(slice_labels)} slice labels do not describe one exam of S slices")  # fmt: skip
+    tensors = {
+        "features": features.detach().float().cpu().contiguous(),
+        "probs": probs.detach().float().cpu().contiguous(),
+        "slice_labels": torch.from_numpy(np.ascontiguousarray(slice_labels, dtype=np.uint8)),
+        "exam_labels": torch.from_numpy(np.ascontiguousarray(exam_labels, dtype=np.uint8)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"study_id": str(study_id), "digest": digest,
+                                           "format": str(FEATURE_FORMAT)})  # fmt: skip
+    tmp.replace(path)
+
+
+def exam_feature_digest(path: Path) -> str | None:
+    """The settings digest stored in a per-exam feature file; None when the file is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("digest")
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return None
+
+
+def read_exam_features(path: Path) -> dict[str, torch.Tensor]:
+    """One exam's tensors (:data:`EXAM_FEATURE_KEYS`) from its safetensors file; a clear error naming the file when
+    it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{path}: not a readable per-exam feature file ({err})") from None
+    missing = [k for k in EXAM_FEATURE_KEYS if k not in out]
+    if missing:
+        raise ValueError(f"{path}: a per-exam feature file needs tensors {list(EXAM_FEATURE_KEYS)}, lacks {missing}")
+    return out
+
+
+def write_feature_index(directory: Path, *, split: str, study_ids: Sequence[str], settings: dict[str, Any]) -> None:
+    """``directory / index.json``: the split's exams in order (study id, file name) and the extraction settings;
+    written last, so its presence means every exam's file is there."""
+    exams = [{"study_id": str(sid), "file": exam_feature_name(sid)} for sid in study_ids]
+    names = [e["file"] for e in exams]
+    if len(set(names)) != len(names):
+        raise ValueError(f"split {split!r}: two study ids map to the same feature file name")
+    write_json(directory / FEATURE_INDEX, {"split": split, "format": FEATURE_FORMAT, "settings": settings,
+                                           "exams": exams})  # fmt: skip
+
+
+def feature_index(directory: Path) -> dict[str, Any] | None:
+    """The split's ``index.json`` when it exists and every exam file it lists is present, else None."""
+    path = Path(directory) / FEATURE_INDEX
+    if not path.is_file():
+        return None
+    index = json.loads(path.read_text())
+    if not all((path.parent / e["file"]).is_file() for e in index.get("exams", [])):
+        return None
+    return index
+
+
+def load_feature_split(directory: Path) -> FeatureSet:
+    """One split's features from its per-exam files, in the order of ``index.json`` (the one loader of stage 2,
+    for one process or many)."""
+    directory = Path(directory)
+    index = feature_index(directory)
+    if index is None:
+        raise FileNotFoundError(f"{directory}: no complete per-exam feature split (index.json and every exam file)")
+    parts = [read_exam_features(directory / e["file"]) for e in index["exams"]]
+    if not parts:
+        raise ValueError(f"{directory}: the split lists no exam")
+    counts = [int(p["features"].shape[0]) for p in parts]
+    return FeatureSet(
+        features=torch.cat([p["features"].float() for p in parts]),
+        probs=torch.cat([p["probs"].float() for p in parts]).numpy(),
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        slice_labels=torch.cat([p["slice_labels"] for p in parts]).numpy().astype(np.uint8),
+        exam_labels=torch.stack([p["exam_labels"] for p in parts]).numpy().astype(np.uint8),
+        study_ids=np.asarray([e["study_id"] for e in index["exams"]]).astype(str),
+    )
+
+
 class GuardedFeatures(Guarded[FeatureSet]):
     """Validation or test features: reads name their purpose, like the exams they come from."""
 
@@ -434,6 +554,8 @@ class GuardedFeatures(Guarded[FeatureSet]):
 
 
 __all__ = [
+    "EXAM_FEATURE_KEYS",
+    "FEATURE_INDEX",
     "MASK_SPLITS",
     "SPLITS",
     "TEST_PURPOSES",
@@ -446,9 +568,16 @@ __all__ = [
     "assemble",
     "check_disjoint_studies",
     "data_info",
+    "exam_feature_digest",
+    "exam_feature_name",
     "exam_set",
+    "feature_index",
     "feature_set",
+    "load_feature_split",
     "prepare_data",
     "preprocess_exam",
+    "read_exam_features",
+    "save_exam_features",
     "split_seeds",
+    "write_feature_index",
 ]

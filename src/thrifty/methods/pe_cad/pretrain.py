@@ -31,6 +31,17 @@ Each function trains the backbone in place, with Adam, batches drawn as epochs o
 random draw from ``seed``, and returns a :class:`PretrainResult` ``(state_dict, losses)``: a detached copy of the
 backbone's state dict (pretext heads excluded) and the loss of every step. Caching by a digest of the settings is
 the recipe's job. :func:`initialise` dispatches on the init name.
+
+**DDP** (``rank`` / ``world_size``, under ``torchrun`` with a process group): ``batch_size`` is the effective
+(global) batch; rank r takes its rows of every global batch (:class:`~.stage1.ShardedBatchSampler`, the same
+global batches as one process), the augmentation draws of the whole batch are made on every rank and each applies
+its rows' (the Genesis perturbations are drawn for the whole batch, as one process draws them), the losses are
+weighted so that the gradient averaged over ranks (:func:`thrifty.core.distributed.average_gradients`, backbone and
+pretext head) is one process's gradient on the global batch, and SimCLR's projections are gathered from every rank
+with their gradients (:func:`~.stage1.gather_shards`), so its negatives are the whole global batch. The learning
+rate is the configured one for any W. Every rank returns the same weights (BatchNorm running statistics, computed
+per rank, are averaged over ranks at the end); BatchNorm's batch statistics are per rank, so a CNN under DDP
+differs from one process by that alone. The losses returned are the global batch's.
 """
 
 from __future__ import annotations
@@ -44,9 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thrifty.core import distributed
 from thrifty.core.nn import nt_xent as shared_nt_xent
 from thrifty.methods.genesis.transforms import flip, local_shuffle, nonlinear, painting
-from thrifty.methods.pe_cad.stage1 import AugmentConfig, augment, epoch_batches
+from thrifty.methods.pe_cad.stage1 import AugmentConfig, ShardedBatchSampler, augment, gather_shards
 
 __all__ = [
     "INITS",
@@ -98,6 +110,27 @@ def _seeded(seed: int, build):
         return build()
 
 
+class _Step(NamedTuple):
+    """One step's batch as a loss function sees it (:func:`_train`).
+
+    Attributes:
+        batch: (m,) the global batch's indices (the same on every rank).
+        rows: this rank's rows of it (all of them for one process; the first row for an empty share).
+        idx: ``batch[rows]``; x: those slices (n, C, H, W) on the model's device, float32.
+        scale: ``n_rank · W / m`` (:meth:`~.stage1.ShardedBatchSampler.loss_scale`): a per-row mean loss times it
+            averages over ranks to the global batch's mean.
+        rank / world_size: the process's place.
+    """
+
+    batch: Tensor
+    rows: slice
+    idx: Tensor
+    x: Tensor
+    scale: float
+    rank: int
+    world_size: int
+
+
 def _train(
     backbone: nn.Module,
     head: nn.Module,
@@ -108,23 +141,37 @@ def _train(
     lr: float,
     seed: int,
     loss_fn,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> PretrainResult:
-    """Shared loop: Adam over backbone + head, ``loss_fn(idx, x, generator) -> loss`` per batch."""
+    """Shared loop: Adam over backbone + head, ``loss_fn(step: _Step, generator) -> loss`` per batch; under DDP
+    (``world_size`` > 1, a process group up) gradients are averaged over ranks after every backward and the
+    BatchNorm running statistics at the end. ``batch_size`` is the global batch (per-rank batch x ``world_size``)."""
     device = _device(backbone)
     head.to(device)
     gen = torch.Generator().manual_seed(seed)
+    sampler = ShardedBatchSampler(n=images.shape[0], batch_size=batch_size, steps=steps, generator=gen, rank=rank,
+                                  world_size=world_size)  # fmt: skip
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     backbone.train()
     head.train()
     losses = []
-    for idx in epoch_batches(images.shape[0], batch_size, steps, gen):
+    for k in range(steps):
+        idx = sampler.batch_at(k)
         x = images[idx].to(device, torch.float32)
-        loss = loss_fn(idx, x, gen)
+        step = _Step(sampler.global_batch(k), sampler.draw_rows(k), idx, x, sampler.loss_scale(k), rank, world_size)
+        loss = loss_fn(step, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world_size > 1:
+            distributed.average_gradients(backbone)
+            distributed.average_gradients(head)
         opt.step()
-        losses.append(float(loss.detach()))
+        logged = distributed.all_reduce_mean(loss.detach()) if world_size > 1 else loss.detach()
+        losses.append(float(logged))
+    if world_size > 1:
+        distributed.sync_batchnorm_stats(backbone)
     return PretrainResult(_snapshot(backbone), losses)
 
 
@@ -153,11 +200,14 @@ def pretrain_supervised(
     lr: float = 1e-3,
     seed: int = 0,
     augmentation: AugmentConfig | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> PretrainResult:
     """Supervised pretraining on a non-PE source task: cross-entropy of Linear(D, num_classes) on
     ``backbone.features`` of augmented slices (the stage-1 augmentation, so the weights see what fine-tuning sees).
 
-    slices: (N, 3, H, W) in [0, 1]; labels: (N,) int64 in 0..num_classes-1 (default: max + 1).
+    slices: (N, 3, H, W) in [0, 1]; labels: (N,) int64 in 0..num_classes-1 (default: max + 1). ``rank`` /
+    ``world_size``: DDP (see the module docstring; ``batch_size`` is the global batch).
     """
     x_all = _as_images(slices)
     y_all = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).long()
@@ -166,11 +216,12 @@ def pretrain_supervised(
     k = int(num_classes if num_classes is not None else int(y_all.max()) + 1)
     head = _seeded(seed, lambda: nn.Linear(backbone.feature_dim, k))
 
-    def loss_fn(idx: Tensor, x: Tensor, gen: torch.Generator) -> Tensor:
-        x = augment(x, generator=gen, config=augmentation)
-        return F.cross_entropy(head(backbone.features(x)), y_all[idx].to(x.device))
+    def loss_fn(step: _Step, gen: torch.Generator) -> Tensor:
+        x = augment(step.x, generator=gen, config=augmentation, rows=step.rows, total=len(step.batch))
+        return F.cross_entropy(head(backbone.features(x)), y_all[step.idx].to(x.device)) * step.scale
 
-    return _train(backbone, head, x_all, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn)
+    return _train(backbone, head, x_all, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn,
+                  rank=rank, world_size=world_size)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,21 +263,34 @@ def pretrain_simclr(
     temperature: float = 0.5,
     proj_dim: int = 64,
     augmentation: AugmentConfig | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> PretrainResult:
     """SimCLR on unlabelled slices: two independently augmented views per slice, projection head on
-    ``backbone.features``, :func:`nt_xent`. slices: (N, 3, H, W) in [0, 1]; batches need >= 2 slices."""
+    ``backbone.features``, :func:`nt_xent`. slices: (N, 3, H, W) in [0, 1]; batches need >= 2 slices. Under DDP
+    (``rank`` / ``world_size``) the projections of every rank are gathered with their gradients, so the loss is the
+    global batch's, negatives from every rank included."""
     x_all = _as_images(slices)
     if min(batch_size, x_all.shape[0]) < 2:
         raise ValueError("SimCLR needs at least 2 slices per batch")
     head = _seeded(seed, lambda: ProjectionHead(backbone.feature_dim, out_dim=proj_dim))
 
-    def loss_fn(idx: Tensor, x: Tensor, gen: torch.Generator) -> Tensor:
-        v1 = augment(x, generator=gen, config=augmentation)
-        v2 = augment(x, generator=gen, config=augmentation)
+    def loss_fn(step: _Step, gen: torch.Generator) -> Tensor:
+        m, n = len(step.batch), step.x.shape[0]
+        v1 = augment(step.x, generator=gen, config=augmentation, rows=step.rows, total=m)
+        v2 = augment(step.x, generator=gen, config=augmentation, rows=step.rows, total=m)
         z = head(backbone.features(torch.cat([v1, v2])))
-        return nt_xent(z[: x.shape[0]], z[x.shape[0] :], temperature=temperature)
+        if step.world_size == 1:
+            return nt_xent(z[:n], z[n:], temperature=temperature)
+        own = n if step.scale > 0 else 0  # an empty share computed one row to keep in step: it joins no loss
+        z1, z2 = (gather_shards(t[:own], m, rank=step.rank, world_size=step.world_size, grad=True)
+                  for t in (z[:n], z[n:]))  # fmt: skip
+        # every rank computes the global loss; averaging the gradients over ranks gives one process's gradient (the
+        # zero term gives every parameter a gradient on every rank, as the averaging needs)
+        return nt_xent(z1, z2, temperature=temperature) + 0.0 * z.sum()
 
-    return _train(backbone, head, x_all, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn)
+    return _train(backbone, head, x_all, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn,
+                  rank=rank, world_size=world_size)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,10 +364,13 @@ def pretrain_restoration(
     lr: float = 1e-3,
     seed: int = 0,
     shuffle_windows: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> PretrainResult:
     """Genesis-style restoration on unlabelled slices: :class:`RestorationDecoder` on ``backbone.feature_map``
     restores :func:`genesis_pair_2d`'s target from its input; MSE loss. slices: (N, 3, H, W) in [0, 1], H and W
-    multiples of ``backbone.map_stride``."""
+    multiples of ``backbone.map_stride``. Under DDP (``rank`` / ``world_size``) every rank draws the perturbations
+    of the whole global batch (cheap next to the network) and trains on its rows."""
     x_all = _as_images(slices)
     h, w = x_all.shape[-2:]
     if h % backbone.map_stride or w % backbone.map_stride:
@@ -313,11 +380,16 @@ def pretrain_restoration(
         lambda: RestorationDecoder(backbone.map_channels, stride=backbone.map_stride, out_channels=x_all.shape[1]),
     )
 
-    def loss_fn(idx: Tensor, x: Tensor, gen: torch.Generator) -> Tensor:
+    def loss_fn(step: _Step, gen: torch.Generator) -> Tensor:
+        x = step.x
+        if step.world_size > 1:  # the draws of the whole batch, in its order; this rank's rows of the pairs
+            x = x_all[step.batch].to(step.x.device, torch.float32)
         pair = genesis_pair_2d(x, generator=gen, shuffle_windows=shuffle_windows)
-        return F.mse_loss(head(backbone.feature_map(pair["input"])), pair["target"])
+        inp, target = (pair[k][step.rows] if step.world_size > 1 else pair[k] for k in ("input", "target"))
+        return F.mse_loss(head(backbone.feature_map(inp)), target) * step.scale
 
-    return _train(backbone, head, x_all, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn)
+    return _train(backbone, head, x_all, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn,
+                  rank=rank, world_size=world_size)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,7 +411,7 @@ def initialise(
     """Apply an initialisation in place: ``random`` (leave as built; no losses), ``supervised``
     (:func:`pretrain_supervised`, needs ``labels``), ``ssl:simclr`` (:func:`pretrain_simclr`), ``ssl:genesis``
     (:func:`pretrain_restoration`). ``imagenet`` / other ``ssl:<method>`` names raise ``NotImplementedError``
-    (no ImageNet weights in this project)."""
+    (no ImageNet weights in this project). ``kwargs`` go to the method (``rank`` / ``world_size`` for DDP)."""
     if init == "random":
         return PretrainResult(_snapshot(backbone), [])
     if init not in INITS:

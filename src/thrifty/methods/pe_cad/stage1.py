@@ -19,7 +19,10 @@ What the release does, and where it lives here:
   whose every draw comes from a ``torch.Generator``.
 * **Training** (``main``): ``BCEWithLogitsLoss`` on ``pe_present_on_image``, Adam lr 4e-4, transformers'
   ``get_linear_schedule_with_warmup`` with 0 warm-up steps (a linear decay to 0 over the run), 1 epoch, apex AMP
-  O1, DDP over 4 GPUs. Here: :func:`train_stage1` (single process; ``warmup_steps`` defaults to the release's 0).
+  O1, DDP over 4 GPUs. Here: :func:`train_stage1` (one process; ``warmup_steps`` defaults to the release's 0); the
+  recipe's loop (``thrifty.methods.pe_cad.train.stage1_unit``) also runs under ``torchrun`` DDP, each rank taking
+  its shard of every batch from :class:`ShardedBatchSampler` and its rows of the batch's augmentation draws
+  (:func:`augment` ``rows=`` / ``total=``), so N ranks train on exactly the batches one process would.
 * **Features** (``save_features1.py``): the fine-tuned model in eval mode returns ``(features, logits)``; the
   features are the globally average-pooled penultimate activations (2048-d for the ResNet-50 family) and the
   probabilities ``sigmoid(logits)``. Here: every backbone has ``features(x) -> (N, D)`` and ``forward(x) -> (N,)``
@@ -58,7 +61,9 @@ Deviations (deliberate):
   coordinates, half a pixel off) and samples bilinearly with ``grid_sample`` (zeros outside). Cutout reproduces
   albumentations' ``Cutout``: each hole has a centre drawn uniformly in [0, H] x [0, W] (both ends included), its
   top-left corner is ``clip(centre - size // 2, 0, H)`` and it is cut at the bottom/right border.
-* Mixed precision is ``torch.autocast`` in bfloat16 (``amp=True``) instead of apex O1; single process, no DDP.
+* Mixed precision is ``torch.autocast`` in bfloat16 (``amp=True``) instead of apex O1. The release's DDP splits
+  a per-GPU batch (effective batch = per-GPU batch x GPUs); here ``batch_size`` is the effective (global) batch and
+  each of W ranks takes ``batch_size / W`` of it, so the learning rate needs no change when W changes.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thrifty.core import distributed
 from thrifty.core.nn import count_parameters as count_parameters  # re-exported
 
 __all__ = [
@@ -80,6 +86,7 @@ __all__ = [
     "IMAGENET_STD",
     "MINI_BACKBONES",
     "AugmentConfig",
+    "ShardedBatchSampler",
     "SmallCNN",
     "SmallViT",
     "augment",
@@ -90,9 +97,11 @@ __all__ = [
     "cutout_boxes",
     "epoch_batches",
     "extract_features",
+    "gather_shards",
     "linear_warmup_decay",
     "normalise",
     "random_contrast",
+    "shard_rows",
     "shift_scale_rotate",
     "ssr_theta",
     "stack_all",
@@ -201,11 +210,33 @@ def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, device: t
     return lo + (hi - lo) * u
 
 
-def random_contrast(x: Tensor, *, limit: float = 0.2, clip: bool = True, generator: torch.Generator) -> Tensor:
+def _rows(n: int, rows: slice | None, total: int | None) -> tuple[int, slice]:
+    """How many images to draw parameters for, and which of them ``x`` (n images) holds."""
+    if rows is None and total is None:
+        return n, slice(0, n)
+    if rows is None or total is None:
+        raise ValueError("rows and total go together: x holds rows `rows` of a batch of `total` images")
+    start, stop, _ = rows.indices(total)
+    if stop - start != n:
+        raise ValueError(f"rows {start}:{stop} of a batch of {total} images do not match x's {n} images")
+    return total, slice(start, stop)
+
+
+def random_contrast(
+    x: Tensor,
+    *,
+    limit: float = 0.2,
+    clip: bool = True,
+    generator: torch.Generator,
+    rows: slice | None = None,
+    total: int | None = None,
+) -> Tensor:
     """albumentations ``RandomContrast(limit)`` on float images: ``x * alpha`` with alpha ~ U[1 - limit, 1 + limit]
     per image, clipped to [0, 1] (albumentations' ``@clipped`` float path) unless ``clip=False``.
-    x: (N, C, H, W) → (N, C, H, W)."""
-    alpha = _uniform(x.shape[0], 1.0 - limit, 1.0 + limit, generator, x.device).to(x.dtype)
+    x: (N, C, H, W) → (N, C, H, W). With ``rows`` and ``total``, x holds rows ``rows`` of a batch of ``total``
+    images: every image's draw is made (the generator advances as for the whole batch) and x gets its rows'."""
+    n, keep = _rows(x.shape[0], rows, total)
+    alpha = _uniform(n, 1.0 - limit, 1.0 + limit, generator, x.device)[keep].to(x.dtype)
     out = x * alpha.view(-1, 1, 1, 1)
     return out.clamp(0.0, 1.0) if clip else out
 
@@ -256,12 +287,15 @@ def shift_scale_rotate(
     scale: float = 0.2,
     rotate: float = 20.0,
     generator: torch.Generator,
+    rows: slice | None = None,
+    total: int | None = None,
 ) -> Tensor:
     """albumentations ``ShiftScaleRotate(shift_limit, scale_limit, rotate_limit, border_mode=CONSTANT, value=0)``
     with bilinear sampling (see :func:`ssr_theta`). x: (N, C, H, W) → (N, C, H, W), zeros where the source falls
-    outside the image."""
-    n, _, h, w = x.shape
-    theta = ssr_theta(n, h, w, shift=shift, scale=scale, rotate=rotate, generator=generator, device=x.device)
+    outside the image. ``rows`` / ``total``: as :func:`random_contrast`."""
+    _, _, h, w = x.shape
+    n, keep = _rows(x.shape[0], rows, total)
+    theta = ssr_theta(n, h, w, shift=shift, scale=scale, rotate=rotate, generator=generator, device=x.device)[keep]
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -282,12 +316,20 @@ def cutout_boxes(
 
 
 def cutout(
-    x: Tensor, *, holes: int = 2, frac: float = 0.4, fill: float = 0.0, generator: torch.Generator
+    x: Tensor,
+    *,
+    holes: int = 2,
+    frac: float = 0.4,
+    fill: float = 0.0,
+    generator: torch.Generator,
+    rows: slice | None = None,
+    total: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cutout (:func:`cutout_boxes`): x (N, C, H, W) → (x with ``fill`` in the holes on every channel, boxes
-    (N, holes, 4))."""
-    n, _, h, w = x.shape
-    boxes = cutout_boxes(n, h, w, holes=holes, frac=frac, generator=generator).to(x.device)
+    (N, holes, 4)). ``rows`` / ``total``: as :func:`random_contrast`."""
+    _, _, h, w = x.shape
+    n, keep = _rows(x.shape[0], rows, total)
+    boxes = cutout_boxes(n, h, w, holes=holes, frac=frac, generator=generator)[keep].to(x.device)
     rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
     b = boxes[..., None, None]  # (N, holes, 4, 1, 1)
@@ -329,14 +371,26 @@ class AugmentConfig:
 
 
 def augment(
-    x: Tensor, *, generator: torch.Generator, imagenet: bool = False, config: AugmentConfig | None = None
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    imagenet: bool = False,
+    config: AugmentConfig | None = None,
+    rows: slice | None = None,
+    total: int | None = None,
 ) -> Tensor:
     """The release's training pipeline: contrast → shift-scale-rotate → cutout → (ImageNet normalisation only if
-    ``imagenet``). x: (N, 3, H, W) windowed in [0, 1] → (N, 3, H, W)."""
+    ``imagenet``). x: (N, 3, H, W) windowed in [0, 1] → (N, 3, H, W).
+
+    DDP: with ``rows`` and ``total`` x holds rows ``rows`` of a global batch of ``total`` images (a rank's shard,
+    :meth:`ShardedBatchSampler.rows`); the draws of all ``total`` images are made and x gets its rows', so every
+    rank's generator stays in step and the ranks together augment exactly as one process augments the whole batch.
+    """
     c = config or AugmentConfig()
-    x = random_contrast(x, limit=c.contrast, generator=generator)
-    x = shift_scale_rotate(x, shift=c.shift, scale=c.scale, rotate=c.rotate, generator=generator)
-    x = cutout(x, holes=c.cutout_holes, frac=c.cutout_frac, generator=generator)[0]
+    x = random_contrast(x, limit=c.contrast, generator=generator, rows=rows, total=total)
+    x = shift_scale_rotate(x, shift=c.shift, scale=c.scale, rotate=c.rotate, generator=generator, rows=rows,
+                           total=total)  # fmt: skip
+    x = cutout(x, holes=c.cutout_holes, frac=c.cutout_frac, generator=generator, rows=rows, total=total)[0]
     return normalise(x, imagenet=imagenet)
 
 
@@ -560,6 +614,110 @@ def epoch_batches(n: int, batch_size: int, steps: int, generator: torch.Generato
     for perm in perms:
         out.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
     return out[:steps]
+
+
+def shard_rows(total: int, *, rank: int, world_size: int) -> slice:
+    """The contiguous rows of a global batch of ``total`` that rank ``rank`` of ``world_size`` takes.
+
+    Rank r takes rows ``ceil(r·total/W) : ceil((r+1)·total/W)``: the shares are disjoint, cover the batch in rank
+    order and differ in size by at most one (equal when W divides ``total``); rank 0's share is empty only for an
+    empty batch.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return slice(-(-rank * total // world_size), -(-(rank + 1) * total // world_size))
+
+
+def gather_shards(t: Tensor, total: int, *, rank: int, world_size: int, grad: bool = False) -> Tensor:
+    """The ranks' shards of a global batch of ``total`` rows, concatenated in rank order (the inverse of
+    :func:`shard_rows`; identity for one process).
+
+    t: (n_r, ...) this rank's rows, ``n_r`` the length of its :func:`shard_rows` (0 allowed) → (total, ...) on every
+    rank. Shards are padded to ``ceil(total / W)`` rows for the collective and the padding dropped. With ``grad``
+    the gradient flows back to every rank's rows (:func:`thrifty.core.distributed.all_gather_with_grad`: when every
+    rank computes the same loss from the gathered tensor and the gradients are then averaged over ranks, the result
+    is one process's gradient on the whole batch).
+    """
+    if world_size == 1:
+        return t
+    mine = shard_rows(total, rank=rank, world_size=world_size)
+    if t.shape[0] != mine.stop - mine.start:
+        raise ValueError(f"rank {rank} holds {t.shape[0]} rows, its share of {total} is {mine.stop - mine.start}")
+    width = -(-total // world_size)
+    full = torch.cat([t, t.new_zeros((width - t.shape[0], *t.shape[1:]))])
+    gathered = distributed.all_gather_with_grad(full) if grad else distributed.all_gather_cat(full)
+    keep = []
+    for r in range(world_size):
+        share = shard_rows(total, rank=r, world_size=world_size)
+        keep.append(torch.arange(r * width, r * width + share.stop - share.start))
+    return gathered[torch.cat(keep).to(gathered.device)]
+
+
+class ShardedBatchSampler:
+    """Step-indexed batches of slice indices for one or many (DDP) processes.
+
+    * **Global batches.** Exactly :func:`epoch_batches` ``(n, batch_size, steps, generator)``: epochs of random
+      permutations of 0..n-1 drawn from ``generator`` when the sampler is built (so they depend only on the
+      generator's seed and the step), cut into batches of ``batch_size`` (an epoch's last batch may be short).
+      Every rank builds the same global batches from the same seed.
+    * **Shards.** Rank r of W takes the contiguous rows :func:`shard_rows` of each global batch: within a step the
+      ranks' shards are disjoint and together make the global batch; within an epoch every index is drawn by one
+      rank once. ``batch_size`` is the *effective* batch (per-rank batch x W): one process with ``batch_size`` and
+      W processes with ``batch_size / W`` each train on the same samples, so the learning rate stays as configured.
+    * **Weighting.** An uneven (short) batch gives ranks shares that differ by one; :meth:`loss_scale` turns a rank's
+      mean loss into its share of the global mean (DDP averages gradients over ranks).
+    * **Empty shares.** A short batch of fewer rows than ranks leaves some ranks without rows; :meth:`batch_at`
+      then gives them the batch's first index with :meth:`loss_scale` 0, so their forward/backward (which DDP needs
+      from every rank) adds nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        n: int,
+        batch_size: int,
+        steps: int,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if n < 1 or batch_size < 1 or steps < 0:
+            raise ValueError(f"need n >= 1, batch_size >= 1 and steps >= 0, got {n}, {batch_size}, {steps}")
+        shard_rows(0, rank=rank, world_size=world_size)  # validates rank / world_size
+        self.n, self.batch_size, self.steps = n, batch_size, steps
+        self.rank, self.world_size = rank, world_size
+        self.global_batches = epoch_batches(n, batch_size, steps, generator)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def global_batch(self, step: int) -> Tensor:
+        """The global batch (m,) of 0-based ``step``, the same on every rank."""
+        return self.global_batches[step]
+
+    def rows(self, step: int) -> slice:
+        """This rank's rows of the global batch of ``step`` (possibly empty)."""
+        return shard_rows(len(self.global_batches[step]), rank=self.rank, world_size=self.world_size)
+
+    def batch_at(self, step: int) -> Tensor:
+        """This rank's indices (≥ 1) for ``step``: its rows of the global batch, or the batch's first index when its
+        share is empty (weight 0, :meth:`loss_scale`)."""
+        rows = self.rows(step)
+        return self.global_batches[step][rows if rows.stop > rows.start else slice(0, 1)]
+
+    def draw_rows(self, step: int) -> slice:
+        """The rows of the global batch :meth:`batch_at` returns (for :func:`augment`'s ``rows``)."""
+        rows = self.rows(step)
+        return rows if rows.stop > rows.start else slice(0, 1)
+
+    def loss_scale(self, step: int) -> float:
+        """``n_rank · W / m``: times this rank's mean loss over its ``n_rank`` rows, DDP's average over the W ranks
+        is the mean over the global batch's m rows (1.0 for one process, 0.0 for an empty share)."""
+        rows, m = self.rows(step), len(self.global_batches[step])
+        return (rows.stop - rows.start) * self.world_size / m
+
+    def __iter__(self):
+        return (self.batch_at(step) for step in range(self.steps))
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -19,8 +19,33 @@ official code ``Nahid1992/CAD_PE``). ``train`` reads top to bottom:
    seeds, tables and figures.
 
 Every unit (``units/stage1/<arm>/seed<k>``, ``units/stage2/<kind>/seed<k>``) writes ``result.json`` last, so a
-rerun reuses finished units and trains only what is missing. Single process: ``torchrun`` is refused with a clear
-error (the card's DDP scale-out is not implemented yet).
+rerun reuses finished units and trains only what is missing.
+
+**Scale-out.** The same ``train`` runs under ``torchrun --nproc_per_node=W`` (DDP; gloo on CPU, NCCL on CUDA):
+
+* *batches* — every batch size in the config is the **effective (global) batch = per-rank batch x W**; each rank
+  takes its contiguous share of every global batch (:func:`~.stage1.shard_rows`), the global batches being the
+  ones one process draws from the same seed, and the learning rates stay as configured: a run on W ranks trains on
+  the samples one process would, and ``batch_size`` (with the learning rate, by whatever rule one prefers) is raised
+  explicitly to use more ranks for a larger batch;
+* *pretraining* (:mod:`.pretrain`) — every rank trains on its shard of each batch with gradients averaged, SimCLR's
+  projections gathered with their gradients; rank 0 writes the cache;
+* *stage 1* — ``DistributedDataParallel`` over slices (:class:`~.stage1.ShardedBatchSampler`; the augmentation
+  draws of the whole batch are made on every rank and each applies its rows', so the ranks augment as one process
+  does); BatchNorm normalises with each rank's batch statistics (``SyncBatchNorm`` on CUDA once the config has a
+  true ``stage1.sync_bn``, a key it does not define yet) and its running statistics are averaged over ranks before
+  every evaluation; validation and test slices are scored sharded over ranks and gathered, so every rank selects
+  the same step;
+* *features* — exams are dealt round-robin to the ranks; each writes one safetensors file per exam
+  (``features/<split>/<study>.safetensors``) and rank 0 an ``index.json`` per split once all are there; every
+  process reads the per-exam files back (:func:`~.data.load_feature_split`, one code path for 1 or W processes);
+* *stage 2* — ``DistributedDataParallel`` over exams: each rank takes its share of every batch of exams, its loss
+  weighted by the global batch's normaliser (the RSNA loss is a weighted sum over the batch divided by the batch's
+  sum of weights) so the averaged gradient is one process's on the whole batch; evaluation sharded and gathered;
+* only rank 0 writes files (unit files, metrics, access log, results, figures); the others wait at barriers.
+
+Without BatchNorm (the ViT, every stage-2 model) W ranks reproduce one process to floating-point rounding; a CNN
+differs by BatchNorm's per-rank batch statistics only.
 """
 
 from __future__ import annotations
@@ -40,10 +65,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from thrifty.core import cache
+from thrifty.core import cache, distributed
 from thrifty.core.claims import Claim, format_mean_ci, paired_claim, value_claim, works_claim
 from thrifty.core.config import ConfigError
+from thrifty.core.distributed import DistInfo
 from thrifty.core.metrics import roc_auc
 from thrifty.core.run import (
     MetricsLog,
@@ -61,19 +88,34 @@ from thrifty.data.ctpa_synth import EXAM_LABELS
 from thrifty.methods.pe_cad import figures
 from thrifty.methods.pe_cad.config import BACKBONE_FAMILIES, PECadConfig, parse_arm
 from thrifty.methods.pe_cad.data import (
+    FEATURE_FORMAT,
     ExamSet,
     FeatureSet,
     GuardedFeatures,
     PECadData,
-    feature_set,
+    exam_feature_digest,
+    exam_feature_name,
+    feature_index,
+    load_feature_split,
     prepare_data,
+    save_exam_features,
+    write_feature_index,
 )
-from thrifty.methods.pe_cad.losses import rsna_weighted_bce, rsna_weighted_log_loss
+from thrifty.methods.pe_cad.losses import LossParts, rsna_weighted_bce, rsna_weighted_log_loss
 from thrifty.methods.pe_cad.pretrain import initialise, slice_level_labels
 from thrifty.methods.pe_cad.stage1 import AugmentConfig as Stage1Augment
-from thrifty.methods.pe_cad.stage1 import augment, build_backbone, count_parameters, epoch_batches, linear_warmup_decay
+from thrifty.methods.pe_cad.stage1 import (
+    ShardedBatchSampler,
+    augment,
+    build_backbone,
+    count_parameters,
+    gather_shards,
+    linear_warmup_decay,
+    shard_rows,
+)
 from thrifty.methods.pe_cad.stage2 import (
     Stage2Batch,
+    Stage2Output,
     build_stage2,
     build_stage2_optimizer,
     collate_exams,
@@ -155,23 +197,59 @@ def stage1_augmentation(cfg: PECadConfig) -> Stage1Augment | None:
                          cutout_holes=a.cutout_holes, cutout_frac=a.cutout_frac)  # fmt: skip
 
 
+def _place(info: DistInfo | None) -> tuple[int, int]:
+    return (info.rank, info.world_size) if info is not None else (0, 1)
+
+
 @torch.no_grad()
 def score_slices(
-    model: nn.Module, exams: ExamSet, *, batch_size: int, device: torch.device, features: bool = False
+    model: nn.Module,
+    exams: ExamSet,
+    *,
+    batch_size: int,
+    device: torch.device,
+    features: bool = False,
+    info: DistInfo | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stage-1 PE probabilities (N,) of every slice of ``exams`` in eval mode, no augmentation, and with
-    ``features`` their penultimate features (N, D) (``save_features1.py``)."""
+    ``features`` their penultimate features (N, D) (``save_features1.py``). Under DDP (``info``) each rank scores
+    its contiguous share of the slices and every rank gets all N, gathered in order."""
+    rank, world = _place(info)
+    mine = shard_rows(exams.num_slices, rank=rank, world_size=world)
     was = model.training
     model.eval()
     probs, feats = [], []
-    for i in range(0, exams.num_slices, batch_size):
-        f = model.features(exams.stacks(slice(i, i + batch_size)).to(device))
+    for i in range(mine.start, mine.stop, batch_size):
+        f = model.features(exams.stacks(slice(i, min(i + batch_size, mine.stop))).to(device))
         probs.append(torch.sigmoid(model.classify(f)).float().cpu())
         if features:
             feats.append(f.float().cpu())
     model.train(was)
-    p = torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)
-    return p, (torch.cat(feats).numpy() if feats else None)
+    p = torch.cat(probs) if probs else torch.zeros(0)
+    fs = torch.cat(feats) if feats else torch.zeros(0, getattr(model, "feature_dim", 0))
+    if world > 1:
+        p = gather_shards(p.to(device), exams.num_slices, rank=rank, world_size=world).cpu()
+        if features:
+            fs = gather_shards(fs.to(device), exams.num_slices, rank=rank, world_size=world).cpu()
+    return p.numpy(), (fs.numpy() if features and exams.num_slices else None)
+
+
+@torch.no_grad()
+def exam_features(
+    model: nn.Module, exams: ExamSet, exam: int, *, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One exam's penultimate features (S, D) and PE probabilities (S,) in eval mode, no augmentation, batched
+    over its S slices (the per-exam unit of the sharded extraction)."""
+    a, b = int(exams.offsets[exam]), int(exams.offsets[exam + 1])
+    was = model.training
+    model.eval()
+    feats, probs = [], []
+    for i in range(a, b, batch_size):
+        f = model.features(exams.stacks(slice(i, min(i + batch_size, b))).to(device))
+        feats.append(f.float().cpu())
+        probs.append(torch.sigmoid(model.classify(f)).float().cpu())
+    model.train(was)
+    return torch.cat(feats), torch.cat(probs)
 
 
 # --- pretraining ------------------------------------------------------------------------------------------
@@ -194,14 +272,27 @@ def pretrain_settings(cfg: PECadConfig, family: str, init: str, data: PECadData)
 
 
 def pretrained_backbone(
-    cfg: PECadConfig, family: str, init: str, data: PECadData, root: Path, device: torch.device
+    cfg: PECadConfig,
+    family: str,
+    init: str,
+    data: PECadData,
+    root: Path,
+    device: torch.device,
+    *,
+    info: DistInfo | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The backbone state pretrained with ``init`` on the training slices (labels unused, except the non-PE
-    source task of ``supervised``) and its record; read from the cache when it holds these settings."""
+    source task of ``supervised``) and its record; read from the cache when it holds these settings. Under DDP
+    (``info``) every rank pretrains on its shard of each (global, ``pretrain.<method>.batch_size``) batch, rank 0
+    writes the cache and every rank returns the same state."""
+    rank, world = _place(info)
     settings = pretrain_settings(cfg, family, init, data)
     directory = cache.cache_dir(root, "pe_cad-pretrain", settings)
     weights, record_file = directory / "backbone.safetensors", directory / "pretrain.json"
-    if weights.is_file() and record_file.is_file():
+    cached = weights.is_file() and record_file.is_file()
+    if world > 1:  # every rank takes the same branch (a rank that saw no cache makes all of them pretrain)
+        cached = bool(distributed.all_reduce_min_int(int(cached)))
+    if cached:
         return load_file(str(weights)), json.loads(record_file.read_text()) | {"cached": True}
     log.info("pretraining %s-%s once (cached in %s)", family, init, directory)
     pre = cfg.pretrain
@@ -217,6 +308,8 @@ def pretrained_backbone(
         kwargs = {"temperature": pre.temperature, "proj_dim": pre.proj_dim, "augmentation": stage1_augmentation(cfg)}
     seed_everything(pre.seed)
     t0 = time.perf_counter()
+    if world > 1:
+        kwargs |= {"rank": rank, "world_size": world}
     result = initialise(backbone, init, slices=slices, labels=labels, steps=method.steps,
                         batch_size=method.batch_size, lr=method.lr, seed=pre.seed, **kwargs)  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -224,12 +317,15 @@ def pretrained_backbone(
     record = {"family": family, "init": init, "settings": settings, "seconds": seconds, "steps": method.steps,
               "loss_first": float(np.mean(result.losses[:k])), "loss_last": float(np.mean(result.losses[-k:])),
               "losses": [round(v, 5) for v in result.losses]}  # fmt: skip
-    directory.mkdir(parents=True, exist_ok=True)
     state = {key: v.detach().cpu().contiguous() for key, v in result.state_dict.items()}
-    tmp = directory / f".backbone.{os.getpid()}.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(weights)
-    write_json(record_file, record)
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".backbone.{os.getpid()}.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(weights)
+        write_json(record_file, record)
+    if world > 1:
+        distributed.barrier()
     return state, record | {"cached": False}
 
 
@@ -255,8 +351,20 @@ def stage1_unit(
     metrics: MetricsLog,
     device: torch.device,
     pretrained: dict[str, dict[str, torch.Tensor]],
+    *,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune one stage-1 arm with one seed; keep the step with the best validation image AUC; test once."""
+    """Fine-tune one stage-1 arm with one seed; keep the step with the best validation image AUC; test once.
+
+    DDP (``info`` with W > 1): ``DistributedDataParallel`` over slices. ``stage1.batch_size`` is the effective
+    batch (per-rank batch x W): each rank takes its shard of every global batch (:class:`ShardedBatchSampler`) and
+    its rows of the batch's augmentation draws, its mean loss weighted by its share, so the averaged gradient is one
+    process's on the global batch and ``stage1.lr`` applies unchanged. BatchNorm running statistics are averaged
+    over ranks before every evaluation (``SyncBatchNorm`` on CUDA with a true ``stage1.sync_bn``, when the config
+    defines it); validation and test are
+    scored sharded and gathered, so all ranks select the same step; rank 0 writes the unit's files."""
+    rank, world = _place(info)
+    is_main = rank == 0
     unit = f"stage1/{arm}/seed{seed}"
     unit_dir = stage1_dir(run_dir, arm, seed)
     done = unit_dir / "result.json"
@@ -270,39 +378,49 @@ def stage1_unit(
     model = build_stage1_model(cfg, family, seed).to(device)
     if init != "random":
         load_pretrained(model, pretrained[arm])
+    if world > 1 and device.type == "cuda" and getattr(s1, "sync_bn", False):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBatchNorm runs on CUDA only
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=s1.lr)
     sched = linear_warmup_decay(opt, warmup_steps=s1.warmup_steps, total_steps=s1.steps)
     gen = torch.Generator().manual_seed(seed * 7919 + 1)
     aug = stage1_augmentation(cfg)
     train = data.train
     labels = torch.from_numpy(train.slice_labels.astype(np.float32))
+    sampler = ShardedBatchSampler(n=train.num_slices, batch_size=s1.batch_size, steps=s1.steps, generator=gen,
+                                  rank=rank, world_size=world)  # fmt: skip
     best: dict[str, Any] = {"score": -math.inf, "step": 0, "auc": None, "state": None}
     curve, losses, window = [], [], []
     t_train = 0.0
     model.train()
-    with progress(s1.steps, unit, enabled=cfg.progress) as advance:
-        for step, idx in enumerate(epoch_batches(train.num_slices, s1.batch_size, s1.steps, gen), start=1):
+    with progress(s1.steps, unit, enabled=cfg.progress and is_main) as advance:
+        for step in range(1, s1.steps + 1):
             t0 = time.perf_counter()
+            idx = sampler.batch_at(step - 1)
             x = train.stacks(idx).to(device)
-            if aug is not None:
-                x = augment(x, generator=gen, config=aug)
+            if aug is not None:  # the draws of the whole global batch; this rank's rows
+                x = augment(x, generator=gen, config=aug, rows=sampler.draw_rows(step - 1),
+                            total=len(sampler.global_batch(step - 1)))  # fmt: skip
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s1.amp):
-                logits = model(x)
+                logits = net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device))
+            loss = loss * sampler.loss_scale(step - 1)  # 1.0 in one process; a rank's share of the global mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             t_train += time.perf_counter() - t0
-            losses.append(float(loss.detach()))
+            losses.append(float(distributed.all_reduce_mean(loss.detach()) if world > 1 else loss.detach()))
             window.append(losses[-1])
             if step % cfg.log_every == 0 or step == s1.steps:
                 metrics.log({"unit": unit, "step": step, "loss": float(np.mean(window)), "lr": sched.get_last_lr()[0]})
                 advance(len(window), loss=float(np.mean(window)))
                 window = []
             if step % s1.eval_every == 0 or step == s1.steps:
+                if world > 1:
+                    distributed.sync_batchnorm_stats(model)
                 val = data.val.get("selection", unit)
-                probs, _ = score_slices(model, val, batch_size=s1.eval_batch_size, device=device)
+                probs, _ = score_slices(model, val, batch_size=s1.eval_batch_size, device=device, info=info)
                 auc = auc_points(probs, val.slice_labels)
                 curve.append({"step": step, "val_image_auc": auc})
                 metrics.log({"unit": unit, "step": step, "split": "val", "val_image_auc": auc})
@@ -320,18 +438,23 @@ def stage1_unit(
     }  # fmt: skip
     if cfg.final_test:  # the unit's only read of the test split
         test = data.test.get("final_test", unit)
-        probs, _ = score_slices(model, test, batch_size=s1.eval_batch_size, device=device)
+        probs, _ = score_slices(model, test, batch_size=s1.eval_batch_size, device=device, info=info)
         result["test_image_auc"] = auc_points(probs, test.slice_labels)
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(unit_dir / "model.safetensors"))
-    name, kwargs = backbone_spec(cfg, family)
-    write_json(unit_dir / "card.json", {
-        "recipe": RECIPE, "paper": PAPER, "arm": arm, "seed": seed, "backbone": name, "backbone_kwargs": kwargs,
-        "image_size": s1.image_size, "window": [cfg.data.window_level, cfg.data.window_width],
-        "input": "slices i-1, i, i+1 windowed to [0, 1], cropped to the exam's lung box, resized (bilinear)",
-        "output": "features(x): penultimate features; forward(x): the PE logit of the centre slice",
-    })  # fmt: skip
-    write_json(done, result)
+    if world > 1:
+        result["world_size"] = world
+    if is_main:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(unit_dir / "model.safetensors"))  # SyncBatchNorm keeps BatchNorm's keys
+        name, kwargs = backbone_spec(cfg, family)
+        write_json(unit_dir / "card.json", {
+            "recipe": RECIPE, "paper": PAPER, "arm": arm, "seed": seed, "backbone": name, "backbone_kwargs": kwargs,
+            "image_size": s1.image_size, "window": [cfg.data.window_level, cfg.data.window_width],
+            "input": "slices i-1, i, i+1 windowed to [0, 1], cropped to the exam's lung box, resized (bilinear)",
+            "output": "features(x): penultimate features; forward(x): the PE logit of the centre slice",
+        })  # fmt: skip
+        write_json(done, result)
+    if world > 1:
+        distributed.barrier()
     return result
 
 
@@ -349,41 +472,83 @@ def choose_features_arm(cfg: PECadConfig, stage1: dict[str, dict[int, dict]], se
     return max(cfg.stage1.arms, key=lambda arm: _score(stage1[arm][seed]["val_image_auc"]))
 
 
+def feature_splits(cfg: PECadConfig) -> tuple[str, ...]:
+    return ("train", "val", "test") if cfg.final_test else ("train", "val")
+
+
+def features_dir(run_dir: Path, arm: str, seed: int) -> Path:
+    """Where a stage-1 unit's per-exam features live: ``<unit>/features/<split>/<study>.safetensors``."""
+    return stage1_dir(run_dir, arm, seed) / "features"
+
+
 def features_unit(
-    arm: str, seed: int, cfg: PECadConfig, data: PECadData, run_dir: Path, device: torch.device
+    arm: str,
+    seed: int,
+    cfg: PECadConfig,
+    data: PECadData,
+    run_dir: Path,
+    device: torch.device,
+    *,
+    info: DistInfo | None = None,
 ) -> dict[str, FeatureSet]:
-    """The penultimate features of every slice of every exam (train, val and, with ``final_test``, test) under the
-    stage-1 unit's chosen weights, cached as ``features/<split>.npz`` in its unit directory."""
+    """The penultimate features and PE probabilities of every slice of every exam (train, val and, with
+    ``final_test``, test) under the stage-1 unit's chosen weights (``save_features1.py``), one safetensors file per
+    exam in ``features/<split>/`` of the unit directory, then read back whole per split.
+
+    Caching: a split whose ``index.json`` records these settings (and whose exam files are all there) is read without
+    touching the model or the held-out data; otherwise the missing exams are extracted — an exam file of these
+    settings left by an interrupted run is kept — and the index is written last. DDP (``info``): the exams of a
+    split are dealt round-robin to the ranks (rank r extracts exams r, r + W, ...), each rank writes its exams'
+    files, rank 0 writes the index once every rank is done, and every rank reads the whole split back."""
+    rank, world = _place(info)
     unit = f"features/{arm}/seed{seed}"
     unit_dir = stage1_dir(run_dir, arm, seed)
     if not (unit_dir / "model.safetensors").is_file():
         raise ConfigError(f"no stage-1 weights in {unit_dir} (run the stage1 stage first)")
-    names = ("train", "val", "test") if cfg.final_test else ("train", "val")
     family, _ = parse_arm(arm)
-
-    def build() -> dict[str, dict[str, np.ndarray]]:
-        model = build_stage1_model(cfg, family, seed)
-        load_model(model, str(unit_dir / "model.safetensors"))
-        model.to(device)
-        sets = {"train": data.train, "val": data.val.get("features", unit)}
-        if cfg.final_test:
-            sets["test"] = data.test.get("features", unit)
-        out = {}
-        for name, es in sets.items():
-            probs, feats = score_slices(model, es, batch_size=cfg.stage1.eval_batch_size, device=device,
-                                        features=True)  # fmt: skip
-            out[name] = {"features": feats, "probs": probs, "offsets": es.offsets, "slice_labels": es.slice_labels,
-                         "exam_labels": es.exam_labels, "study_ids": es.study_ids}  # fmt: skip
-        return out
-
-    settings = {"arm": arm, "seed": seed, "splits": list(names), "data": data.digest}
+    fdir = features_dir(run_dir, arm, seed)
+    settings = {"arm": arm, "seed": seed, "data": data.digest, "format": FEATURE_FORMAT}
+    digest = cache.settings_digest(settings)
+    model: nn.Module | None = None
+    extracted = 0
     t0 = time.perf_counter()
-    arrays = cache.cached_splits(unit_dir / "features", names, build, settings=settings, what=f"features of {arm}")
+    for name in feature_splits(cfg):
+        sdir = fdir / name
+        index = feature_index(sdir)
+        done = index is not None and index.get("settings") == settings
+        if world > 1:  # every rank takes the same branch
+            done = bool(distributed.all_reduce_min_int(int(done)))
+        if done:
+            continue
+        es = data.train if name == "train" else (data.val if name == "val" else data.test).get("features", unit)
+        for e in range(rank, es.num_exams, world):
+            path = sdir / exam_feature_name(es.study_ids[e])
+            if exam_feature_digest(path) == digest:
+                continue
+            if model is None:
+                model = build_stage1_model(cfg, family, seed)
+                load_model(model, str(unit_dir / "model.safetensors"))
+                model.to(device)
+            feats, probs = exam_features(model, es, e, batch_size=cfg.stage1.eval_batch_size, device=device)
+            a, b = int(es.offsets[e]), int(es.offsets[e + 1])
+            save_exam_features(path, features=feats, probs=probs, slice_labels=es.slice_labels[a:b],
+                               exam_labels=es.exam_labels[e], study_id=str(es.study_ids[e]), digest=digest)  # fmt: skip
+            extracted += 1
+        if world > 1:
+            distributed.barrier()
+        if rank == 0:
+            write_feature_index(sdir, split=name, study_ids=es.study_ids.tolist(), settings=settings)
+        if world > 1:
+            distributed.barrier()
     seconds = time.perf_counter() - t0
-    timing = unit_dir / "features" / "timing.json"
-    if not timing.exists():
-        write_json(timing, {"seconds": seconds})
-    return {k: feature_set(v) for k, v in arrays.items()}
+    if world > 1:  # the most exams any rank extracted
+        extracted = -distributed.all_reduce_min_int(-extracted)
+    timing = fdir / "timing.json"
+    if rank == 0 and (extracted or not timing.exists()):
+        write_json(timing, {"seconds": seconds, "world_size": world})
+    if world > 1:
+        distributed.barrier()
+    return {name: load_feature_split(fdir / name) for name in feature_splits(cfg)}
 
 
 # --- stage 2 ----------------------------------------------------------------------------------------------
@@ -401,21 +566,30 @@ def take(batch: Stage2Batch, idx: torch.Tensor) -> Stage2Batch:
 @torch.no_grad()
 def evaluate_stage2(
     model: nn.Module, fs: FeatureSet, batch: Stage2Batch, cfg: PECadConfig, *, slice_trained: bool,
-    device: torch.device,
+    device: torch.device, info: DistInfo | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Exam AUC per label (points) and their mean over the labels both classes of which occur; with a trained
     slice head also the image AUC of its slice probabilities resized back to each exam's slices (as the release
-    evaluates) and the RSNA weighted log loss."""
+    evaluates) and the RSNA weighted log loss. Under DDP (``info``) each rank runs its contiguous share of the exams
+    and the logits are gathered, so every rank computes the same metrics."""
+    rank, world = _place(info)
+    mine = shard_rows(len(fs), rank=rank, world_size=world)
     was = model.training
     model.eval()
-    exam_logits, slice_logits = [], []
-    for i in range(0, len(fs), 256):
-        b = take(batch, torch.arange(i, min(i + 256, len(fs)))).to(device)
+    exam_logits = [torch.zeros(0, batch.exam_labels.shape[1])]
+    slice_logits = [torch.zeros(0, batch.x.shape[1])]
+    for i in range(mine.start, mine.stop, 256):
+        b = take(batch, torch.arange(i, min(i + 256, mine.stop))).to(device)
         out = model(b.x, b.valid)
         exam_logits.append(out.exam_logits.float().cpu())
         slice_logits.append(out.slice_logits.float().cpu())
     model.train(was)
-    exam_p = torch.sigmoid(torch.cat(exam_logits)).numpy()
+    exam_cat, slice_cat = torch.cat(exam_logits), torch.cat(slice_logits)
+    if world > 1:
+        exam_cat = gather_shards(exam_cat.to(device), len(fs), rank=rank, world_size=world).cpu()
+        slice_cat = gather_shards(slice_cat.to(device), len(fs), rank=rank, world_size=world).cpu()
+    slice_logits = [slice_cat]
+    exam_p = torch.sigmoid(exam_cat).numpy()
     per_label = {name: auc_points(exam_p[:, k], fs.exam_labels[:, k]) for k, name in enumerate(EXAM_LABELS)}
     defined = _finite(list(per_label.values()))
     res: dict[str, Any] = {"exam_auc": per_label, "mean_exam_auc": float(np.mean(defined)) if defined else None,
@@ -442,6 +616,37 @@ def _public(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def global_objective(
+    parts: LossParts, batch: Stage2Batch, *, rows: int, normalisation: str, info: DistInfo | None
+) -> torch.Tensor:
+    """This rank's objective whose DDP average over W ranks is the RSNA loss of the whole global batch.
+
+    The loss of a batch is a ratio, not a mean over exams: ``"metric"`` divides the weighted BCE sum by the batch's
+    sum of weights, ``"release"`` the image sum by the batch's valid rows and the exam sum by its exams. So each
+    rank's numerators are divided by the *global* denominators (one all-reduce of three numbers; they carry no
+    gradient) and multiplied by W. ``rows``: this rank's real exams in ``batch`` (0 for an empty share, whose
+    objective is then 0 with a gradient of zeros). One process: ``parts.total`` itself.
+    """
+    rank, world = _place(info)
+    if world == 1:
+        return parts.total
+    n_valid = batch.valid[:rows].sum()
+    den = parts.image_weight_sum + parts.exam_weight_sum if rows else parts.total.new_zeros(())
+    local = torch.stack([den.detach().float(), n_valid.float(), torch.tensor(float(rows), device=den.device)])
+    total = distributed.all_reduce_mean(local) * world
+    if rows == 0:
+        return parts.total * 0.0
+    if normalisation == "metric":
+        return parts.total * (den.detach() * world / total[0])
+    return world * (parts.image * (n_valid / total[1]) + parts.exam * (rows / total[2]))
+
+
+def _touch_outputs(out: Stage2Output) -> torch.Tensor:
+    """A zero that depends on every output of ``out``: DDP expects a gradient for every parameter that reaches an
+    output, and a kind's loss may not read them all (MIL at image weight 0 never reads the slice head)."""
+    return sum(t[:0].sum() for f in dataclasses.fields(out) if isinstance(t := getattr(out, f.name), torch.Tensor))
+
+
 def stage2_unit(
     kind: str,
     seed: int,
@@ -451,10 +656,19 @@ def stage2_unit(
     run_dir: Path,
     metrics: MetricsLog,
     device: torch.device,
+    *,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
     """Train one stage-2 kind with one seed on ``features_arm``'s features; keep the epoch with the best validation
     mean exam AUC; test once. ``feats``: ``train`` (FeatureSet), ``val`` / ``test`` (GuardedFeatures) and their
-    collated batches ``batch/<split>``."""
+    collated batches ``batch/<split>``.
+
+    DDP (``info`` with W > 1): ``DistributedDataParallel`` over exams. Every epoch's permutation of the training
+    exams is the one one process draws; ``stage2.batch_size`` is the effective batch (per-rank batch x W) and each
+    rank takes its contiguous share of every batch (:func:`~.stage1.shard_rows`) with its loss normalised by the
+    global batch (:func:`global_objective`), so the averaged gradient is one process's and ``stage2.lr`` applies
+    unchanged. Validation and test run sharded and gathered; rank 0 writes the unit's files."""
+    rank, world = _place(info)
     unit = f"stage2/{kind}/seed{seed}"
     unit_dir = stage2_dir(run_dir, kind, seed)
     done = unit_dir / "result.json"
@@ -474,32 +688,42 @@ def stage2_unit(
     extra = {"attention": s2.attention} if kind == "cc" else {}
     model = build_stage2(kind, in_dim=train_batch.x.shape[-1], hidden=s2.hidden, seq_len=s2.seq_len, **extra)
     model.to(device)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     opt, sched = build_stage2_optimizer(model, lr=s2.lr, step_size=s2.step_size, gamma=s2.gamma)
     gen = torch.Generator().manual_seed(seed * 7919 + 2)
     n = train_batch.x.shape[0]
     best: dict[str, Any] = {"score": -math.inf, "epoch": 0, "val": None, "state": None}
     curve = []
     t_train = 0.0
-    with progress(s2.epochs, unit, enabled=cfg.progress) as advance:
+    with progress(s2.epochs, unit, enabled=cfg.progress and rank == 0) as advance:
         for epoch in range(1, s2.epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(n, generator=gen)  # the same on every rank
             epoch_losses = []
             for i in range(0, n, s2.batch_size):
-                b = take(train_batch, perm[i : i + s2.batch_size]).to(device)
-                out = model(b.x, b.valid)
+                chosen = perm[i : i + s2.batch_size]
+                mine = shard_rows(len(chosen), rank=rank, world_size=world)
+                rows = mine.stop - mine.start
+                # an empty share (a short last batch of fewer exams than ranks) runs one exam at weight 0
+                b = take(train_batch, chosen[mine] if rows else chosen[:1]).to(device)
+                out = net(b.x, b.valid)
                 parts = rsna_weighted_bce(out, b.slice_labels, b.exam_labels, b.valid, image_weight=image_weight,
                                           exam_weights=s2.exam_weights or None, num_slices=b.num_slices,
                                           positive_ratio=b.positive_ratio, normalisation=s2.normalisation)  # fmt: skip
+                objective = global_objective(parts, b, rows=rows, normalisation=s2.normalisation, info=info)
+                if world > 1:
+                    objective = objective + _touch_outputs(out)
                 opt.zero_grad(set_to_none=True)
-                parts.total.backward()
+                objective.backward()
                 opt.step()
-                epoch_losses.append(float(parts.total.detach()))
+                loss = distributed.all_reduce_mean(objective.detach()) if world > 1 else objective.detach()
+                epoch_losses.append(float(loss))
             sched.step()
             t_train += time.perf_counter() - t0
             val = feats["val"].get("selection", unit)
-            m = evaluate_stage2(model, val, feats["batch/val"], cfg, slice_trained=slice_trained, device=device)
+            m = evaluate_stage2(model, val, feats["batch/val"], cfg, slice_trained=slice_trained, device=device,
+                                info=info)  # fmt: skip
             point = {"epoch": epoch, "loss": float(np.mean(epoch_losses)), "val_mean_exam_auc": m["mean_exam_auc"]}
             curve.append(point)
             metrics.log({"unit": unit, "step": epoch, **point})
@@ -513,15 +737,20 @@ def stage2_unit(
         "image_auc_applicable": slice_trained, "curve": curve, "best_epoch": best["epoch"],
         "val": {k: v for k, v in best["val"].items() if k != "exam_probs"},
         "train_seconds": t_train, "train_exams_per_s": s2.epochs * n / max(t_train, 1e-9),
-        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": count_parameters(model),
     }  # fmt: skip
     if cfg.final_test:  # the unit's only read of the test features
         test = feats["test"].get("final_test", unit)
         result["test"] = _public(evaluate_stage2(model, test, feats["batch/test"], cfg, slice_trained=slice_trained,
-                                                 device=device))  # fmt: skip
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(unit_dir / "model.safetensors"))
-    write_json(done, result)
+                                                 device=device, info=info))  # fmt: skip
+    if world > 1:
+        result["world_size"] = world
+    if rank == 0:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(unit_dir / "model.safetensors"))
+        write_json(done, result)
+    if world > 1:
+        distributed.barrier()
     return result
 
 
@@ -730,13 +959,12 @@ def _load_stage(run_dir: Path, unit_dir, names: list[str], seeds: list[int]) -> 
 
 
 def train(cfg: PECadConfig) -> dict[str, Any]:
-    """Run the recipe; returns the ``results.json`` content."""
+    """Run the recipe; returns the ``results.json`` content (on every rank under ``torchrun``; rank 0 writes it, and
+    only rank 0's holds the eval stage's claims, tables and figures)."""
     t_start = time.perf_counter()
     info, run_dir, metrics = open_run(RECIPE, cfg)
-    if info.enabled:
-        raise ConfigError("pe_cad runs in one process; torchrun / DDP is not implemented for this recipe yet")
     device = info.device
-    access = AccessLog(run_dir / "access_log.jsonl")
+    access = AccessLog(run_dir / "access_log.jsonl" if info.is_main else None)
     root = data_root(cfg)
     data = main_first(lambda: prepare_data(cfg, root, run_dir, access), info)
     summary = new_summary(RECIPE, PAPER, cfg, run_dir, data=data.info)
@@ -749,11 +977,12 @@ def train(cfg: PECadConfig) -> dict[str, Any]:
         for arm in arms:
             family, init = parse_arm(arm)
             if init != "random" and any(not (stage1_dir(run_dir, arm, s) / "result.json").exists() for s in seeds):
-                pretrained[arm], pretraining[arm] = pretrained_backbone(cfg, family, init, data, root, device)
+                pretrained[arm], pretraining[arm] = pretrained_backbone(cfg, family, init, data, root, device,
+                                                                        info=info)  # fmt: skip
         for arm in arms:
             for seed in seeds:
                 stage1.setdefault(arm, {})[seed] = stage1_unit(arm, seed, cfg, data, run_dir, metrics, device,
-                                                               pretrained)  # fmt: skip
+                                                               pretrained, info=info)  # fmt: skip
     if not stage1:
         stage1 = _load_stage(run_dir, stage1_dir, arms, seeds)
 
@@ -763,10 +992,10 @@ def train(cfg: PECadConfig) -> dict[str, Any]:
     if "features" in cfg.stages or "stage2" in cfg.stages:
         for seed in seeds:
             selection[seed] = choose_features_arm(cfg, stage1, seed)
-            fdir = stage1_dir(run_dir, selection[seed], seed) / "features"
-            if "features" not in cfg.stages and not (fdir / "train.npz").is_file():
+            fdir = features_dir(run_dir, selection[seed], seed)
+            if "features" not in cfg.stages and feature_index(fdir / "train") is None:
                 raise ConfigError(f"no stage-1 features in {fdir} (run the features stage first)")
-            features[seed] = features_unit(selection[seed], seed, cfg, data, run_dir, device)
+            features[seed] = features_unit(selection[seed], seed, cfg, data, run_dir, device, info=info)
             timing = fdir / "timing.json"
             if timing.exists():
                 feature_seconds[f"{selection[seed]}/seed{seed}"] = json.loads(timing.read_text())["seconds"]
@@ -785,9 +1014,9 @@ def train(cfg: PECadConfig) -> dict[str, Any]:
                 feats |= {"test": GuardedFeatures("test", fs["test"], access), "batch/test": collate(fs["test"], cfg)}
             for kind in kinds:
                 stage2.setdefault(kind, {})[seed] = stage2_unit(kind, seed, selection[seed], cfg, feats, run_dir,
-                                                                metrics, device)  # fmt: skip
+                                                                metrics, device, info=info)  # fmt: skip
 
-    if "eval" in cfg.stages:
+    if "eval" in cfg.stages and info.is_main:
         if not stage1:
             raise ConfigError(f"stages=[eval] found no finished stage-1 units under {run_dir}/units; run stage1 first")
         if not stage2:
@@ -806,10 +1035,9 @@ def train(cfg: PECadConfig) -> dict[str, Any]:
         example = None
         if selection:
             seed = min(selection)
-            probs_file = stage1_dir(run_dir, selection[seed], seed) / "features" / "val.npz"
-            if probs_file.is_file():
-                with np.load(probs_file, allow_pickle=False) as z:
-                    example = (f"{selection[seed]} seed {seed}", z["probs"])
+            val_dir = features_dir(run_dir, selection[seed], seed) / "val"
+            if feature_index(val_dir) is not None:
+                example = (f"{selection[seed]} seed {seed}", load_feature_split(val_dir).probs)
         figs = figures.make_all(run_dir, stage1, stage2, trivial, data, cfg, example_probs=example)
         summary.update(
             trivial=trivial,
