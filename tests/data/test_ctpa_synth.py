@@ -418,6 +418,22 @@ def test_defect_fraction_baseline_is_informative_but_imperfect(cohort):
     assert scores[0] > 0.2 and scores[1] < scores[0] and scores[2] == 0
 
 
+def test_defect_fraction_grid_scores_each_setting():
+    yy, xx = np.mgrid[:16, :16]
+    r = np.hypot(yy - 8, xx - 8)
+    # a blurred-looking defect at 140 HU inside dim (180 HU) contrast: only wide HU ranges and a low contrast
+    # threshold see it
+    dim = np.where(r <= 2, 140, np.where(r <= 4, 180, -850)).astype(np.int16)[None]
+    grid = cs.defect_fraction_grid(dim)
+    assert grid.shape == (1, len(cs.DEFECT_FRACTION_GRID))
+    for g, (lo, hi, contrast) in enumerate(cs.DEFECT_FRACTION_GRID):
+        assert grid[0, g] == cs.defect_fraction(dim, hu_range=(lo, hi), contrast_hu=contrast)[0]
+        assert (grid[0, g] > 0) == (hi >= 140 and contrast <= 180)
+    assert cs.DEFECT_FRACTION_GRID[0] == (30.0, 80.0, 150.0)  # the default setting comes first
+    with pytest.raises(ValueError, match="grid"):
+        cs.defect_fraction_grid(dim, grid=())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # spec
 

@@ -24,7 +24,13 @@ from thrifty.methods.pe_cad import train as recipe
 from thrifty.methods.pe_cad.config import PECadConfig
 from thrifty.methods.pe_cad.data import ExamSet, exam_set, load_feature_split, prepare_data, preprocess_exam
 from thrifty.methods.pe_cad.stage1 import build_backbone, stack_all
-from thrifty.methods.pe_cad.train import choose_features_arm, load_pretrained, train, trivial_scores
+from thrifty.methods.pe_cad.train import (
+    choose_features_arm,
+    choose_trivial_setting,
+    load_pretrained,
+    train,
+    trivial_scores,
+)
 
 ARMS = ["cnn-random", "cnn-supervised", "cnn-ssl:simclr", "vit-random"]
 KINDS = ["cc", "mil_attention", "mil_max"]
@@ -328,7 +334,8 @@ def test_synthetic_splits_are_disjoint_by_study_and_preprocessed(tmp_path, data_
     assert val.study_ids[0] == ex.study_id and val.offsets[1] == n
     assert np.array_equal(val.slices[:n].numpy(), pre["slices"])
     assert np.array_equal(val.slice_labels[:n], ex.slice_labels)
-    np.testing.assert_allclose(val.trivial[:n], ctpa_synth.defect_fraction(ex.volume))
+    np.testing.assert_allclose(val.trivial[:n], ctpa_synth.defect_fraction_grid(ex.volume))
+    np.testing.assert_allclose(val.trivial[:n, 0], ctpa_synth.defect_fraction(ex.volume))  # column 0: the default
     # 3-slice stacks: the centre channel is the slice, neighbours stay inside the exam (edges replicated)
     stacks = val.stacks(range(val.num_slices))
     torch.testing.assert_close(stacks[:n], stack_all(val.slices[:n].float()))
@@ -485,3 +492,17 @@ def test_real_rsna_path_end_to_end_on_written_dicoms(tmp_path):
                                           *real[:3], f"data.real.manifest={tmp_path / 'bad.json'}"])[1]  # fmt: skip
     with pytest.raises(ValueError, match=r"bad\.json.*not in the label CSV"):
         prepare_data(bad, tmp_path / "cache", tmp_path, AccessLog())
+
+
+def test_trivial_setting_is_chosen_on_validation_and_scores_that_column():
+    # two settings: column 0 ranks the positive slice last, column 1 first
+    es = _exam_set([[1, 0, 0], [0, 0]], [[0.0, 0.1, 0.2], [0.3, 0.4]], negative=[0, 1])
+    es.trivial = np.stack([es.trivial[:, 0], np.array([0.9, 0.1, 0.2, 0.3, 0.0])], axis=1)
+    assert choose_trivial_setting(es) == 1
+    assert trivial_scores(es, 1)["image_auc"] == pytest.approx(100.0)
+    assert trivial_scores(es, 0)["image_auc"] == pytest.approx(0.0)
+    assert trivial_scores(es, 1)["exam_scores"] == [0.9, 0.3]
+    # ties keep the first setting; one slice class (AUC undefined) keeps the default
+    es.trivial = np.repeat(es.trivial[:, 1:], 3, axis=1)
+    assert choose_trivial_setting(es) == 0
+    assert choose_trivial_setting(_exam_set([[0, 0]], [[0.1, 0.2]], [1])) == 0

@@ -1050,6 +1050,23 @@ def lung_bbox(
     return max(int(ys[0]) - m, 0), min(int(ys[-1]) + 1 + m, H), max(int(xs[0]) - m, 0), min(int(xs[-1]) + 1 + m, W)
 
 
+#: the settings (defect HU low, defect HU high, contrast HU) the trivial baseline chooses from on validation; the
+#: first is :func:`defect_fraction`'s default. Partial volume (``blur_sigma``) lifts small defects above 80 HU and
+#: dims thin arteries below 200 HU, so no single setting suits every generator.
+DEFECT_FRACTION_GRID: tuple[tuple[float, float, float], ...] = tuple(
+    (30.0, hi, c) for c in (150.0, 200.0) for hi in (80.0, 120.0, 160.0, 200.0)
+)
+
+
+def defect_fraction_grid(
+    volume: np.ndarray, grid: tuple[tuple[float, float, float], ...] = DEFECT_FRACTION_GRID
+) -> np.ndarray:
+    """:func:`defect_fraction` under every setting of ``grid``: float64 (S, G) for an (S, H, W) volume."""
+    if not grid:
+        raise ValueError("grid must hold at least one (defect HU low, defect HU high, contrast HU) setting")
+    return np.stack([defect_fraction(volume, hu_range=(lo, hi), contrast_hu=c) for lo, hi, c in grid], axis=1)
+
+
 def defect_fraction(
     volume: np.ndarray,
     *,
@@ -1088,6 +1105,7 @@ def defect_fraction(
 
 
 __all__ = [
+    "DEFECT_FRACTION_GRID",
     "EXAM_LABELS",
     "LOCATIONS",
     "CTPASpec",
@@ -1095,6 +1113,7 @@ __all__ = [
     "Exam",
     "Vessel",
     "defect_fraction",
+    "defect_fraction_grid",
     "generate",
     "generate_exam",
     "lung_bbox",

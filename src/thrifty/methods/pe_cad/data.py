@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 VAL_PURPOSES = ("selection", "calibration", "features", "figure")
 TEST_PURPOSES = ("final_test", "features", "figure")
 SPLITS = ("train", "val", "test")
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: the trivial score under every setting of ctpa_synth.DEFECT_FRACTION_GRID
 #: the emboli masks are kept for the splits the figures show (synthetic data only)
 MASK_SPLITS = ("val",)
 
@@ -77,7 +77,8 @@ class ExamSet:
         slice_labels: uint8 (N,) ``pe_present_on_image``.
         exam_labels: uint8 (E, 9) in :data:`~thrifty.data.ctpa_synth.EXAM_LABELS` order.
         study_ids: str (E,) ``StudyInstanceUID`` (synthetic: ``ctpa-<seed>-<index>``).
-        trivial: float64 (N,) the training-free defect-fraction score of each slice.
+        trivial: float64 (N, G) the training-free defect-fraction score of each slice under each of the G settings
+            of :data:`~thrifty.data.ctpa_synth.DEFECT_FRACTION_GRID` (the baseline picks one on validation).
         masks: uint8 (N, H, W) the emboli masks after the same crop and resize (synthetic validation only) or None.
     """
 
@@ -134,7 +135,7 @@ def exam_set(arrays: dict[str, np.ndarray]) -> ExamSet:
         slice_labels=np.asarray(arrays["slice_labels"], dtype=np.uint8),
         exam_labels=np.asarray(arrays["exam_labels"], dtype=np.uint8),
         study_ids=np.asarray(arrays["study_ids"]).astype(str),
-        trivial=np.asarray(arrays["trivial"], dtype=np.float64),
+        trivial=np.asarray(arrays["trivial"], dtype=np.float64).reshape(len(arrays["slice_labels"]), -1),
         masks=np.asarray(arrays["masks"], dtype=np.uint8) if "masks" in arrays else None,
     )
 
@@ -177,9 +178,9 @@ def preprocess_exam(
     masks: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One exam (S, H, W) in HU -> ``slices`` float16 (S, size, size) windowed, cropped, resized; ``trivial``
-    (S,) the defect-fraction score on the raw HU; ``masks`` uint8 (S, size, size) when ``masks`` is given (the
-    same crop and resize, a pixel set where the resized mask exceeds 0.25 so thin emboli survive); ``bbox`` the
-    crop box (x0, y0, x1, y1)."""
+    (S, G) the defect-fraction scores on the raw HU (``ctpa_synth.DEFECT_FRACTION_GRID``); ``masks`` uint8
+    (S, size, size) when ``masks`` is given (the same crop and resize, a pixel set where the resized mask exceeds
+    0.25 so thin emboli survive); ``bbox`` the crop box (x0, y0, x1, y1)."""
     vol = np.asarray(volume_hu)
     if vol.ndim != 3 or 0 in vol.shape:
         raise ValueError(f"expected an exam volume (S, H, W), got shape {vol.shape}")
@@ -189,7 +190,7 @@ def preprocess_exam(
     windowed = torch.from_numpy(ctpa_synth.window(vol, level=level, width=width))
     out = {
         "slices": crop_resize(windowed[:, None], box, size)[:, 0].numpy().astype(np.float16),
-        "trivial": ctpa_synth.defect_fraction(vol),
+        "trivial": ctpa_synth.defect_fraction_grid(vol),
         "bbox": np.asarray(box, dtype=np.int64),
     }
     if masks is not None:

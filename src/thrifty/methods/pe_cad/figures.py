@@ -82,9 +82,11 @@ def roc_per_label(stage2: dict[str, dict[int, dict]], exam_labels: np.ndarray, t
     return save_figure(fig, path)
 
 
-def example_slices(exams: ExamSet, n: int, path: Path, *, probs: tuple[str, np.ndarray] | None = None) -> Path | None:
+def example_slices(exams: ExamSet, n: int, path: Path, *, probs: tuple[str, np.ndarray] | None = None,
+                   trivial_column: int = 0) -> Path | None:
     """Validation slices (the centre channel of the stage-1 input): PE-positive slices first with the emboli
-    outlined (green, synthetic data), then negatives; titles give the label, the trivial score and, with ``probs``
+    outlined (green, synthetic data), then negatives; titles give the label, the trivial score (the setting
+    ``trivial_column`` chosen on validation) and, with ``probs``
     (name, per-slice probabilities), the stage-1 probability."""
     if n <= 0 or exams.num_slices == 0:
         return None
@@ -105,7 +107,7 @@ def example_slices(exams: ExamSet, n: int, path: Path, *, probs: tuple[str, np.n
             ax.contour(exams.masks[i], levels=[0.5], colors="lime", linewidths=0.8)
         e = int(exams.exam_of[i])
         text = f"{'PE' if exams.slice_labels[i] else 'no PE'} · exam {e} slice {i - exams.offsets[e]}"
-        text += f"\ndefect fraction {exams.trivial[i]:.3f}"
+        text += f"\ndefect fraction {exams.trivial[i, trivial_column]:.3f}"
         if probs is not None:
             text += f"\np(PE) {probs[1][i]:.2f}"
         ax.set_title(text, fontsize=7)
@@ -129,5 +131,6 @@ def make_all(run_dir: Path, stage1: dict[str, dict[int, dict]], stage2: dict[str
                                  fig_dir / "roc.png"))  # fmt: skip
     if cfg.figure_slices:
         val = data.val.get("figure", "figures")
-        out.append(example_slices(val, cfg.figure_slices, fig_dir / "slices.png", probs=example_probs))
+        out.append(example_slices(val, cfg.figure_slices, fig_dir / "slices.png", probs=example_probs,
+                                  trivial_column=int(trivial.get("column", 0))))
     return out

@@ -84,7 +84,7 @@ from thrifty.core.run import (
     write_json,
 )
 from thrifty.core.splits import AccessLog
-from thrifty.data.ctpa_synth import EXAM_LABELS
+from thrifty.data.ctpa_synth import DEFECT_FRACTION_GRID, EXAM_LABELS
 from thrifty.methods.pe_cad import figures
 from thrifty.methods.pe_cad.config import BACKBONE_FAMILIES, PECadConfig, parse_arm
 from thrifty.methods.pe_cad.data import (
@@ -757,22 +757,38 @@ def stage2_unit(
 # --- trivial baseline -------------------------------------------------------------------------------------
 
 
-def trivial_scores(exams: ExamSet) -> dict[str, Any]:
-    """The training-free baseline: the defect fraction as the slice score (image AUC) and its maximum over an
-    exam's slices as the exam score (AUC of "any PE", and of ``negative_exam_for_pe`` with the score negated)."""
-    exam_max = exams.exam_max(exams.trivial)
+def trivial_scores(exams: ExamSet, column: int = 0) -> dict[str, Any]:
+    """The training-free baseline under one defect-fraction setting (``column`` of ``exams.trivial``): the defect
+    fraction as the slice score (image AUC) and its maximum over an exam's slices as the exam score (AUC of "any
+    PE", and of ``negative_exam_for_pe`` with the score negated)."""
+    per_slice = exams.trivial[:, column]
+    exam_max = exams.exam_max(per_slice)
     return {
-        "image_auc": auc_points(exams.trivial, exams.slice_labels),
+        "image_auc": auc_points(per_slice, exams.slice_labels),
         "exam_any_pe_auc": auc_points(exam_max, exams.exam_any_pe()),
         "exam_negative_auc": auc_points(-exam_max, exams.exam_labels[:, 0]),
         "exam_scores": np.round(exam_max, 6).tolist(),
     }
 
 
+def choose_trivial_setting(val: ExamSet) -> int:
+    """The defect-fraction setting (a column of ``val.trivial``) with the best validation image AUC; the first on
+    ties, and the default setting (0) when validation has a single slice class."""
+    aucs = [auc_points(val.trivial[:, g], val.slice_labels) for g in range(val.trivial.shape[1])]
+    scored = [(a, -g) for g, a in enumerate(aucs) if a is not None]
+    return -max(scored)[1] if scored else 0
+
+
 def trivial_unit(cfg: PECadConfig, data: PECadData) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": TRIVIAL, "val": trivial_scores(data.val.get("calibration", "trivial"))}
+    """The trivial baseline: its defect-HU range and contrast threshold chosen on validation, then applied to test."""
+    val = data.val.get("calibration", "trivial")
+    column = choose_trivial_setting(val)
+    lo, hi, contrast = DEFECT_FRACTION_GRID[column]
+    out: dict[str, Any] = {"name": TRIVIAL, "column": column,
+                           "setting": {"defect_hu": [lo, hi], "contrast_hu": contrast},
+                           "val": trivial_scores(val, column)}  # fmt: skip
     if cfg.final_test:
-        out["test"] = trivial_scores(data.test.get("final_test", "trivial"))
+        out["test"] = trivial_scores(data.test.get("final_test", "trivial"), column)
     return out
 
 
