@@ -18,6 +18,7 @@ BENCHMARKS = [
     "data_assemble_speed.py",
     "temporal_gradient_speed.py",
     "mt_transunet_speed.py",
+    "pe_cad_speed.py",
 ]
 
 if __name__ == "__main__":

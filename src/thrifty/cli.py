@@ -109,18 +109,22 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "score",
-        help="score new images with a trained model (a CSV of scores or per-label probabilities)",
+        help="score new images or exams with a trained model (a CSV of scores or per-label probabilities)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipes with a scoring API: squid, data_assemble, mt_transunet\n"
+        epilog="recipes with a scoring API: squid, data_assemble, mt_transunet, pe_cad\n"
         "  thrifty score squid --checkpoint runs/squid/quick/units/squid/seed0 xray1.png xray2.jpeg --out scored/\n"
         "  thrifty score data_assemble --checkpoint runs/data_assemble/quick/units/assemble/seed0 xrays/ --out probs/\n"
         "  thrifty score mt_transunet --checkpoint runs/mt_transunet/quick/units/seg+cls+dual/seed0 lesions/ "
-        "--out lesions_scored/",
+        "--out lesions_scored/\n"
+        "  thrifty score pe_cad --checkpoint runs/pe_cad/quick/units/stage2/cc/seed0 exams/<study>/<series>/ "
+        "--out exams_scored/\n"
+        "    (pe_cad: DICOM exam folders, or folders above them; exams.csv + slices.csv, features cached)",
     )
     sp.add_argument("recipe", help="recipe name (see `thrifty list`)")
     sp.add_argument(
         "images", nargs="+", type=Path, metavar="IMAGE",
-        help="image files (png, jpeg, bmp, tiff); data_assemble and mt_transunet also take folders",
+        help="image files (png, jpeg, bmp, tiff); data_assemble and mt_transunet also take folders; pe_cad takes "
+        "DICOM exam folders",
     )  # fmt: skip
     sp.add_argument(
         "--checkpoint", required=True, type=Path, help="a trained unit directory (<run>/units/<arm>/seed<k>)"
@@ -330,11 +334,14 @@ def _data_errors() -> tuple[type[Exception], ...]:
     from thrifty.data.digit_anatomy import DigitAnatomyError
     from thrifty.data.images import ImageDataError
     from thrifty.data.video import VideoDataError
+    from thrifty.data.volumes import VolumeError
     from thrifty.methods.data_assemble.score import ScoringError as AssembleScoringError
     from thrifty.methods.mt_transunet.score import ScoringError as LesionScoringError
+    from thrifty.methods.pe_cad.score import ScoringError as ExamScoringError
     from thrifty.methods.squid.score import ScoringError
 
-    return (DigitAnatomyError, ImageDataError, ScoringError, AssembleScoringError, LesionScoringError, VideoDataError)
+    return (DigitAnatomyError, ImageDataError, ScoringError, AssembleScoringError, LesionScoringError,
+            ExamScoringError, VideoDataError, VolumeError)  # fmt: skip
 
 
 def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip_bad: bool) -> int:
@@ -350,11 +357,12 @@ def cmd_score(recipe: str, checkpoint: Path, images: list[Path], out: Path, skip
         if err.name not in (name, f"thrifty.methods.{rec.name}"):
             raise  # a missing dependency, not a missing scoring API
         raise RecipeNotReady(
-            f"recipe {recipe!r} has no scoring API (recipes with one: squid, data_assemble, mt_transunet)"
+            f"recipe {recipe!r} has no scoring API (recipes with one: squid, data_assemble, mt_transunet, pe_cad)"
         ) from None
     csv_path = module.score_files(checkpoint, images, out, skip_bad=skip_bad)
-    extras = [f"  {what}: {csv_path.parent / name}" for name, what in (("heatmaps", "heat-maps"), ("masks", "masks"))
-              if (csv_path.parent / name).is_dir()]  # fmt: skip
+    outputs = (("heatmaps", "heat-maps"), ("masks", "masks"), ("slices.csv", "per-slice"))
+    extras = [f"  {what}: {csv_path.parent / name}" for name, what in outputs
+              if (csv_path.parent / name).exists()]  # fmt: skip
     print(f"scores: {csv_path}" + "".join(extras))
     return EXIT_OK
 

@@ -82,8 +82,9 @@ def roc_per_label(stage2: dict[str, dict[int, dict]], exam_labels: np.ndarray, t
     return save_figure(fig, path)
 
 
-def example_slices(exams: ExamSet, n: int, path: Path, *, probs: tuple[str, np.ndarray] | None = None,
-                   trivial_column: int = 0) -> Path | None:
+def example_slices(
+    exams: ExamSet, n: int, path: Path, *, probs: tuple[str, np.ndarray] | None = None, trivial_column: int = 0
+) -> Path | None:
     """Validation slices (the centre channel of the stage-1 input): PE-positive slices first with the emboli
     outlined (green, synthetic data), then negatives; titles give the label, the trivial score (the setting
     ``trivial_column`` chosen on validation) and, with ``probs``
@@ -131,6 +132,13 @@ def make_all(run_dir: Path, stage1: dict[str, dict[int, dict]], stage2: dict[str
                                  fig_dir / "roc.png"))  # fmt: skip
     if cfg.figure_slices:
         val = data.val.get("figure", "figures")
-        out.append(example_slices(val, cfg.figure_slices, fig_dir / "slices.png", probs=example_probs,
-                                  trivial_column=int(trivial.get("column", 0))))
+        out.append(
+            example_slices(
+                val,
+                cfg.figure_slices,
+                fig_dir / "slices.png",
+                probs=example_probs,
+                trivial_column=int(trivial.get("column", 0)),
+            )
+        )
     return out
