@@ -296,7 +296,6 @@ def test_reproduce_claim_budget_runs_each_recipes_claim_preset(capsys, monkeypat
     with_claim = [n for n in ready if registry.get(n).claim_preset is not None]
     assert with_claim, "at least one recipe has a pre-registered claim preset"
     with_cpu = [n for n in ready if n in with_claim or "cpu" in available_presets(n)]
-    assert "pe_cad" not in with_cpu  # no claim preset and no cpu preset yet: skipped at `cpu` too
     # `claim` runs only pre-registered claim presets; `cpu` also runs the others' cpu presets
     expected = [(n, registry.get(n).claim_preset or "cpu") for n in (with_claim if budget == "claim" else with_cpu)]
     assert [(r, p) for r, p, _ in calls] == expected

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from thrifty.core import registry
-from thrifty.core.config import ConfigError
+from thrifty.core.config import ConfigError, available_presets
 from thrifty.core.registry import RecipeNotReady, UnknownRecipe, get, load_config, names
 from thrifty.methods.glam.config import GlamConfig
 
@@ -87,9 +87,10 @@ def test_planned_recipe_raises_not_ready_on_load(planned):
     assert "planned_demo" not in msg.split("ready recipes:")[1]
 
 
-def test_pe_cad_is_ready_without_a_claim_preset():
+def test_pe_cad_is_ready_with_its_cpu_claim_preset():
     r = get("pe_cad")
-    assert r.ready and r.claim_preset is None
+    assert r.ready and r.claim_preset == "cpu"
+    assert "cpu" in available_presets("pe_cad")
     module = r.load()
     assert callable(module.train) and module.Config.__name__ == "PECadConfig"
 

@@ -128,6 +128,7 @@ RECIPES: tuple[Recipe, ...] = (
         "2109.07029",
         "CTPA",
         "thrifty.methods.pe_cad.train",
+        claim_preset="cpu",
         headline="pretrained_beats_scratch_cnn_*",
     ),
     Recipe(

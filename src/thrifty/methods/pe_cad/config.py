@@ -191,12 +191,16 @@ class PretrainConfig:
 
     Attributes:
         seed: the pretraining seed.
+        augment: the augmentation of the supervised source task and of SimCLR's two views (the release's stage-1
+            augmentation by default, kept on when ``stage1.augment`` is off: SimCLR without it would compare a
+            slice with itself).
         supervised: cross-entropy on the slice's cranio-caudal level (``supervised_bins`` classes), not PE.
         simclr: SimCLR with NT-Xent at ``temperature`` and a ``proj_dim`` projection.
         genesis: Models-Genesis-style restoration.
     """
 
     seed: int = 0
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     supervised: PretrainMethodConfig = dataclasses.field(default_factory=PretrainMethodConfig)
     supervised_bins: int = 4
     simclr: PretrainMethodConfig = dataclasses.field(default_factory=PretrainMethodConfig)

@@ -87,6 +87,7 @@ from thrifty.core.splits import AccessLog
 from thrifty.data.ctpa_synth import DEFECT_FRACTION_GRID, EXAM_LABELS
 from thrifty.methods.pe_cad import figures
 from thrifty.methods.pe_cad.config import BACKBONE_FAMILIES, PECadConfig, parse_arm
+from thrifty.methods.pe_cad.config import AugmentConfig as AugmentSettings
 from thrifty.methods.pe_cad.data import (
     FEATURE_FORMAT,
     ExamSet,
@@ -190,7 +191,12 @@ def build_stage1_model(cfg: PECadConfig, family: str, seed: int) -> nn.Module:
 
 
 def stage1_augmentation(cfg: PECadConfig) -> Stage1Augment | None:
-    a = cfg.stage1.augment
+    """The stage-1 fine-tuning augmentation (``stage1.augment``); None when disabled."""
+    return augmentation_from(cfg.stage1.augment)
+
+
+def augmentation_from(a: AugmentSettings) -> Stage1Augment | None:
+    """A configured augmentation (``stage1.augment`` or ``pretrain.augment``) as the stage-1 augmentation object."""
     if not a.enabled:
         return None
     return Stage1Augment(contrast=a.contrast, shift=a.shift, scale=a.scale, rotate=a.rotate,
@@ -262,10 +268,10 @@ def pretrain_settings(cfg: PECadConfig, family: str, init: str, data: PECadData)
     method = getattr(pre, PRETRAIN_METHODS[init])
     extra: dict[str, Any] = {}
     if init == "supervised":
-        extra = {"bins": pre.supervised_bins, "augment": dataclasses.asdict(cfg.stage1.augment)}
+        extra = {"bins": pre.supervised_bins, "augment": dataclasses.asdict(pre.augment)}
     elif init == "ssl:simclr":
         extra = {"temperature": pre.temperature, "proj_dim": pre.proj_dim,
-                 "augment": dataclasses.asdict(cfg.stage1.augment)}  # fmt: skip
+                 "augment": dataclasses.asdict(pre.augment)}  # fmt: skip
     return {"backbone": name, "backbone_kwargs": kwargs, "image_size": cfg.stage1.image_size, "init": init,
             "steps": method.steps, "batch_size": method.batch_size, "lr": method.lr, "seed": pre.seed,
             "data": data.digest, "version": PRETRAIN_VERSION, **extra}  # fmt: skip
@@ -303,9 +309,10 @@ def pretrained_backbone(
     labels = None
     if init == "supervised":
         labels = slice_level_labels(data.train.slice_counts.tolist(), num_bins=pre.supervised_bins)
-        kwargs = {"num_classes": pre.supervised_bins, "augmentation": stage1_augmentation(cfg)}
+        kwargs = {"num_classes": pre.supervised_bins, "augmentation": augmentation_from(pre.augment)}
     elif init == "ssl:simclr":
-        kwargs = {"temperature": pre.temperature, "proj_dim": pre.proj_dim, "augmentation": stage1_augmentation(cfg)}
+        kwargs = {"temperature": pre.temperature, "proj_dim": pre.proj_dim,
+                  "augmentation": augmentation_from(pre.augment)}  # fmt: skip
     seed_everything(pre.seed)
     t0 = time.perf_counter()
     if world > 1:
