@@ -78,7 +78,7 @@ from common import (
 )
 from thrifty.core.nn import count_parameters
 from thrifty.data import ctpa_synth
-from thrifty.data.rsna_pe import load_exam
+from thrifty.data.rsna_pe import load_exam, write_ct_series
 from thrifty.methods.pe_cad.config import PECadConfig
 from thrifty.methods.pe_cad.data import preprocess_exam
 from thrifty.methods.pe_cad.losses import rsna_weighted_bce
@@ -321,31 +321,7 @@ def bench_stage2(size_name: str, args: argparse.Namespace, rounds: int, peak: fl
 
 
 def _write_dicom(folder: Path, ex: ctpa_synth.Exam) -> None:
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-
-    series = ex.study_uid + ".1"
-    for k in range(ex.n_slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, f"{series}.{k + 1}"
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, f"{series}.{k + 1}"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = ex.study_uid, series, "CT"
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, float(ex.positions[k])], [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [float(ex.spacing[1]), float(ex.spacing[2])]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = ex.volume.shape[1:]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.ascontiguousarray(ex.volume[k].astype(np.int32) + 1024, dtype="<i2").tobytes()
-        if int(pydicom.__version__.split(".")[0]) >= 3:
-            ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
-        else:
-            ds.is_little_endian, ds.is_implicit_VR = True, False
-            ds.save_as(folder / f"{k:04d}.dcm", write_like_original=False)
+    write_ct_series(ex.volume, folder, positions=ex.positions, spacing=ex.spacing, study_uid=ex.study_uid)
 
 
 def bench_pipeline(args: argparse.Namespace, cnn_step_s: float) -> dict[str, Any]:
@@ -372,7 +348,9 @@ def bench_pipeline(args: argparse.Namespace, cnn_step_s: float) -> dict[str, Any
         exam_features(scorer, folder, cache_dir)  # fill the cache
         stages: dict[str, Callable[[], object]] = {
             "decode": lambda: load_exam(files),
-            "preprocess": lambda: preprocess_exam(ex.volume, size=IMAGE_SIZE, level=100.0, width=700.0, lung_crop=True),
+            "preprocess": lambda: preprocess_exam(
+                ex.volume, size=IMAGE_SIZE, level=100.0, width=700.0, lung_crop=True, trivial=False
+            ),
             "stage1": lambda: scorer.stage1(ex.volume),
             "stage2": lambda: scorer.stage2(feats),
             "cache_hit": lambda: exam_features(scorer, folder, cache_dir),

@@ -31,6 +31,7 @@ from thrifty.data.rsna_pe import (
     read_manifest,
     scan_rsna,
     split_studies,
+    write_ct_series,
     write_manifest,
 )
 from thrifty.data.volumes import VolumeError
@@ -449,3 +450,19 @@ def test_manifests_round_trip_and_refuse_leaks(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ExamDataError, match=r"bad\.json.*not valid JSON"):
         read_manifest(tmp_path / "bad.json")
+
+
+def test_write_ct_series_round_trips_through_load_exam(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-1024, 1500, size=(5, 6, 7)).astype(np.int16)
+    z = [-40.0, -37.5, -35.0, -32.5, -30.0]
+    # names in reverse z order, in a sub-folder: the reader must sort by position, not by name
+    paths = write_ct_series(vol, tmp_path, positions=z, spacing=(2.5, 0.7, 0.8), study_uid="1.2.3",
+                            name=lambda k, sop: f"series/{9 - k}.dcm")  # fmt: skip
+    assert [p.name for p in paths] == ["9.dcm", "8.dcm", "7.dcm", "6.dcm", "5.dcm"]
+    back, meta = load_exam(tmp_path / "series")
+    np.testing.assert_array_equal(back, vol.astype(np.float32))
+    assert list(meta.z_positions) == z and meta.sop_instance_uids == [f"1.2.3.1.{k + 1}" for k in range(5)]
+    assert meta.study_instance_uid == "1.2.3" and tuple(meta.spacing[1:]) == (0.7, 0.8)
+    with pytest.raises(ValueError, match="positions"):
+        write_ct_series(vol, tmp_path / "bad", positions=z[:3], spacing=(2.5, 0.7, 0.8), study_uid="1.2.3")

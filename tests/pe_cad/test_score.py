@@ -15,7 +15,7 @@ import torch
 from thrifty.cli import EXIT_FAILED, EXIT_OK, main
 from thrifty.core.registry import load_config
 from thrifty.data import ctpa_synth
-from thrifty.data.rsna_pe import ExamDataError
+from thrifty.data.rsna_pe import ExamDataError, write_ct_series
 from thrifty.methods.pe_cad import score as scoring
 from thrifty.methods.pe_cad.data import split_seeds
 from thrifty.methods.pe_cad.score import EXAM_LABELS, ExamScorer, ScoringError, score_files
@@ -49,40 +49,10 @@ def drawn_test_exams(cfg, n: int) -> list[ctpa_synth.Exam]:
 
 
 def write_dicom_exam(folder: Path, ex: ctpa_synth.Exam) -> list[Path]:
-    """One exam as a CT series in ``folder`` (stored value = HU + 1024, intercept -1024), files named so that their
-    name order is the reverse of z; returns the files in ascending z."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-
-    series = ex.study_uid + ".1"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(ex.n_slices):
-        sop = f"{series}.{k + 1}"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = ex.study_uid, series, "CT"
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [0.0, 0.0, float(ex.positions[k])]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [float(ex.spacing[1]), float(ex.spacing[2])]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = ex.volume.shape[1:]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.ascontiguousarray(ex.volume[k].astype(np.int32) + 1024, dtype="<i2").tobytes()
-        path = folder / f"slice{ex.n_slices - k:03d}.dcm"
-        if int(pydicom.__version__.split(".")[0]) >= 3:
-            ds.save_as(path, enforce_file_format=True)
-        else:
-            ds.is_little_endian, ds.is_implicit_VR = True, False
-            ds.save_as(path, write_like_original=False)
-        paths.append(path)
-    return paths
+    """One exam as a CT series in ``folder``, files named so that their name order is the reverse of z; returns the
+    files in ascending z."""
+    return write_ct_series(ex.volume, folder, positions=ex.positions, spacing=ex.spacing, study_uid=ex.study_uid,
+                           name=lambda k, sop: f"slice{ex.n_slices - k:03d}.dcm")  # fmt: skip
 
 
 def training_features(stage1_unit: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -409,36 +409,14 @@ def test_load_pretrained_keeps_the_fresh_head(name):
 
 
 def _write_dicom_exam(folder: Path, ex: ctpa_synth.Exam) -> list[str]:
-    """One synthetic exam as a CT series (stored value = HU + 1024, intercept -1024), written in reverse z order;
+    """One synthetic exam as a CT series under ``folder/<study>/<series>/<sop>.dcm`` (the RSNA-STR layout);
     returns the SOP instance UIDs in ascending z."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from thrifty.data.rsna_pe import write_ct_series
 
     series = ex.study_uid + ".1"
-    sops = []
-    for k in reversed(range(ex.n_slices)):
-        sop = f"{series}.{k + 1}"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = ex.study_uid, series, "CT"
-        ds.ImagePositionPatient = [0.0, 0.0, float(ex.positions[k])]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [float(ex.spacing[1]), float(ex.spacing[2])]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = ex.volume.shape[1:]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.ascontiguousarray(ex.volume[k].astype(np.int32) + 1024, dtype="<i2").tobytes()
-        path = folder / ex.study_uid / series / f"{sop}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True) if int(pydicom.__version__[0]) >= 3 else ds.save_as(path)
-        sops.insert(0, sop)
-    return sops
+    write_ct_series(ex.volume, folder, positions=ex.positions, spacing=ex.spacing, study_uid=ex.study_uid,
+                    series_uid=series, name=lambda k, sop: f"{ex.study_uid}/{series}/{sop}.dcm")  # fmt: skip
+    return [f"{series}.{k + 1}" for k in range(ex.n_slices)]
 
 
 def test_real_rsna_path_end_to_end_on_written_dicoms(tmp_path):

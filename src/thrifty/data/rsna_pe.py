@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -229,6 +229,66 @@ class ExamRecord:
                 raise ExamDataError(f"{f}: not a slice of study {self.study} series {self.series} in the label CSV")
             out[k] = self.pe_present_on_image[i]
         return out
+
+
+def write_ct_series(
+    volume_hu: np.ndarray,
+    folder: PathLike,
+    *,
+    positions: Sequence[float],
+    spacing: Sequence[float],
+    study_uid: str,
+    series_uid: str | None = None,
+    name: Callable[[int, str], str] | None = None,
+) -> list[Path]:
+    """Write an exam as a CT Image Storage series that :func:`load_exam` (and any DICOM reader) reads back.
+
+    ``volume_hu`` is (S, H, W) in HU with slice ``k`` at z = ``positions[k]`` mm; ``spacing`` is (z, y, x) mm.
+    Pixels are stored as int16 ``HU + 1024`` with slope 1 / intercept -1024, explicit-VR little endian; slice ``k``
+    has SOP instance UID ``<series_uid>.<k + 1>``, instance number ``k + 1`` and goes to ``folder / name(k, sop)``
+    (default ``"{k:04d}.dcm"``; a name may hold sub-folders). Returns the files in ascending z. Used to export the
+    synthetic exams for ``thrifty score pe_cad`` and by the tests.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    vol = np.asarray(volume_hu)
+    if vol.ndim != 3 or len(positions) != vol.shape[0]:
+        raise ValueError(f"expected an (S, H, W) volume and S positions, got {vol.shape} and {len(positions)}")
+    series = series_uid or f"{study_uid}.1"
+    stored = np.clip(np.rint(vol.astype(np.float64)) + 1024, -32768, 32767).astype("<i2")
+    name = name or (lambda k, sop: f"{k:04d}.dcm")
+    modern = int(pydicom.__version__.split(".")[0]) >= 3
+    paths = []
+    for k in range(vol.shape[0]):
+        sop = f"{series}.{k + 1}"
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, series, "CT"
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(positions[k])]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
+        ds.SliceThickness = float(spacing[0])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = vol.shape[1:]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        path = Path(folder) / name(k, sop)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if modern:
+            ds.save_as(path, enforce_file_format=True)
+        else:  # pydicom 2.x takes the encoding from the dataset
+            ds.is_little_endian, ds.is_implicit_VR = True, False
+            ds.save_as(path, write_like_original=False)
+        paths.append(path)
+    return paths
 
 
 def _check_layout(layout: str) -> None:

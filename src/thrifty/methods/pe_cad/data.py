@@ -176,9 +176,11 @@ def preprocess_exam(
     width: float,
     lung_crop: bool,
     masks: np.ndarray | None = None,
+    trivial: bool = True,
 ) -> dict[str, np.ndarray]:
     """One exam (S, H, W) in HU -> ``slices`` float16 (S, size, size) windowed, cropped, resized; ``trivial``
-    (S, G) the defect-fraction scores on the raw HU (``ctpa_synth.DEFECT_FRACTION_GRID``); ``masks`` uint8
+    (S, G) the defect-fraction scores on the raw HU (``ctpa_synth.DEFECT_FRACTION_GRID``; (S, 0) with
+    ``trivial=False``, as scoring new exams needs no baseline); ``masks`` uint8
     (S, size, size) when ``masks`` is given (the same crop and resize, a pixel set where the resized mask exceeds
     0.25 so thin emboli survive); ``bbox`` the crop box (x0, y0, x1, y1)."""
     vol = np.asarray(volume_hu)
@@ -190,7 +192,7 @@ def preprocess_exam(
     windowed = torch.from_numpy(ctpa_synth.window(vol, level=level, width=width))
     out = {
         "slices": crop_resize(windowed[:, None], box, size)[:, 0].numpy().astype(np.float16),
-        "trivial": ctpa_synth.defect_fraction_grid(vol),
+        "trivial": ctpa_synth.defect_fraction_grid(vol) if trivial else np.zeros((len(vol), 0)),
         "bbox": np.asarray(box, dtype=np.int64),
     }
     if masks is not None:

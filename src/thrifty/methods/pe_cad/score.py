@@ -215,7 +215,7 @@ class ExamScorer:
         exactly as the recipe's feature stage computes them (window, lung crop, resize to float16, 3-slice stacks
         with edges replicated, eval mode)."""
         pre = preprocess_exam(volume_hu, size=self.image_size, level=self.level, width=self.width,
-                              lung_crop=self.lung_crop)  # fmt: skip
+                              lung_crop=self.lung_crop, trivial=False)  # fmt: skip
         s = len(pre["slices"])
         unlabelled = {"slice_labels": np.zeros(s, np.uint8), "exam_labels": np.zeros(len(EXAM_LABELS), np.uint8),
                       "study_id": ""}  # fmt: skip
