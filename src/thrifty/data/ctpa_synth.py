@@ -1064,7 +1064,16 @@ def defect_fraction_grid(
     """:func:`defect_fraction` under every setting of ``grid``: float64 (S, G) for an (S, H, W) volume."""
     if not grid:
         raise ValueError("grid must hold at least one (defect HU low, defect HU high, contrast HU) setting")
-    return np.stack([defect_fraction(volume, hu_range=(lo, hi), contrast_hu=c) for lo, hi, c in grid], axis=1)
+    vol = np.asarray(volume, dtype=np.float32)
+    if vol.ndim != 3:
+        raise ValueError(f"volume must be (S, H, W), got shape {np.shape(volume)}")
+    regions: dict[float, np.ndarray] = {}  # the enclosed region depends on the contrast threshold only
+    columns = []
+    for lo, hi, c in grid:
+        if c not in regions:
+            regions[c] = _enclosed_region(vol, c, 1)
+        columns.append(_fraction_in(vol, regions[c], (lo, hi)))
+    return np.stack(columns, axis=1)
 
 
 def defect_fraction(
@@ -1090,15 +1099,24 @@ def defect_fraction(
         raise ValueError(f"volume must be (H, W) or (S, H, W), got shape {np.shape(volume)}")
     if isinstance(closing, bool) or int(closing) != closing or closing < 0:
         raise ValueError(f"closing must be a non-negative integer, got {closing!r}")
-    lo, hi = (float(v) for v in hu_range)
+    return _fraction_in(vol, _enclosed_region(vol, contrast_hu, int(closing)), hu_range)
+
+
+def _enclosed_region(vol: np.ndarray, contrast_hu: float, closing: int) -> np.ndarray:
+    """(S, H, W) bool: the contrast mask closed in-plane ``closing`` times (3×3), its holes filled."""
     square = np.zeros((3, 3, 3), bool)
     square[1] = True  # in-plane only
     cross = np.zeros((3, 3, 3), bool)
     cross[1] = ndimage.generate_binary_structure(2, 1)
     region = vol >= contrast_hu
     if closing > 0:
-        region = ndimage.binary_closing(region, structure=square, iterations=int(closing))
-    region = ndimage.binary_fill_holes(region, structure=cross)
+        region = ndimage.binary_closing(region, structure=square, iterations=closing)
+    return ndimage.binary_fill_holes(region, structure=cross)
+
+
+def _fraction_in(vol: np.ndarray, region: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
+    """(S,) float64: per slice, the share of ``region`` with HU in ``hu_range`` (0 where the region is empty)."""
+    lo, hi = (float(v) for v in hu_range)
     hits = region & (vol >= lo) & (vol <= hi)
     n_region = region.sum(axis=(1, 2))
     return np.where(n_region > 0, hits.sum(axis=(1, 2)) / np.maximum(n_region, 1), 0.0).astype(np.float64)

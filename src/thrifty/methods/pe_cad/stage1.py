@@ -79,6 +79,7 @@ from torch import Tensor, nn
 
 from thrifty.core import distributed
 from thrifty.core.nn import count_parameters as count_parameters  # re-exported
+from thrifty.methods.pe_cad.config import AugmentConfig  # the one augmentation-settings class (re-exported)
 
 __all__ = [
     "FULL_BACKBONES",
@@ -346,28 +347,6 @@ def normalise(x: Tensor, *, imagenet: bool) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-class AugmentConfig:
-    """The release's stage-1 augmentation settings (``train1.py`` ``train_transform``)."""
-
-    __slots__ = ("contrast", "cutout_frac", "cutout_holes", "rotate", "scale", "shift")
-
-    def __init__(
-        self,
-        *,
-        contrast: float = 0.2,
-        shift: float = 0.2,
-        scale: float = 0.2,
-        rotate: float = 20.0,
-        cutout_holes: int = 2,
-        cutout_frac: float = 0.4,
-    ) -> None:
-        self.contrast, self.shift, self.scale, self.rotate = contrast, shift, scale, rotate
-        self.cutout_holes, self.cutout_frac = cutout_holes, cutout_frac
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in self.__slots__}
 
 
 def augment(

@@ -86,8 +86,7 @@ from thrifty.core.run import (
 from thrifty.core.splits import AccessLog
 from thrifty.data.ctpa_synth import DEFECT_FRACTION_GRID, EXAM_LABELS
 from thrifty.methods.pe_cad import figures
-from thrifty.methods.pe_cad.config import BACKBONE_FAMILIES, PECadConfig, parse_arm
-from thrifty.methods.pe_cad.config import AugmentConfig as AugmentSettings
+from thrifty.methods.pe_cad.config import BACKBONE_FAMILIES, AugmentConfig, PECadConfig, parse_arm
 from thrifty.methods.pe_cad.data import (
     FEATURE_FORMAT,
     ExamSet,
@@ -104,7 +103,6 @@ from thrifty.methods.pe_cad.data import (
 )
 from thrifty.methods.pe_cad.losses import LossParts, rsna_weighted_bce, rsna_weighted_log_loss
 from thrifty.methods.pe_cad.pretrain import initialise, slice_level_labels
-from thrifty.methods.pe_cad.stage1 import AugmentConfig as Stage1Augment
 from thrifty.methods.pe_cad.stage1 import (
     ShardedBatchSampler,
     augment,
@@ -190,17 +188,14 @@ def build_stage1_model(cfg: PECadConfig, family: str, seed: int) -> nn.Module:
     return build_backbone(name, image_size=cfg.stage1.image_size, seed=seed, **kwargs)
 
 
-def stage1_augmentation(cfg: PECadConfig) -> Stage1Augment | None:
+def stage1_augmentation(cfg: PECadConfig) -> AugmentConfig | None:
     """The stage-1 fine-tuning augmentation (``stage1.augment``); None when disabled."""
     return augmentation_from(cfg.stage1.augment)
 
 
-def augmentation_from(a: AugmentSettings) -> Stage1Augment | None:
-    """A configured augmentation (``stage1.augment`` or ``pretrain.augment``) as the stage-1 augmentation object."""
-    if not a.enabled:
-        return None
-    return Stage1Augment(contrast=a.contrast, shift=a.shift, scale=a.scale, rotate=a.rotate,
-                         cutout_holes=a.cutout_holes, cutout_frac=a.cutout_frac)  # fmt: skip
+def augmentation_from(a: AugmentConfig) -> AugmentConfig | None:
+    """A configured augmentation (``stage1.augment`` or ``pretrain.augment``), or None when it is disabled."""
+    return a if a.enabled else None
 
 
 def _place(info: DistInfo | None) -> tuple[int, int]:
