@@ -196,7 +196,7 @@ def test_small_cnn_width_changes_size() -> None:
     assert S.count_parameters(S.SmallCNN(width=32)) > 400_000
 
 
-@pytest.mark.parametrize("name", ["xception", "sexception", "vgg16", "drn_a_50", "drn_d_54"])
+@pytest.mark.parametrize("name", ["vgg16", "drn_a_50", "drn_d_54"])
 def test_unavailable_full_backbones_raise(name: str) -> None:
     with pytest.raises(NotImplementedError, match=name):
         S.build_backbone(name, image_size=64)

@@ -40,10 +40,12 @@ Backbones (:func:`build_backbone`):
   classification head (no Tanh). Features = the CLS token after the final LayerNorm (96-d). At 64² it has
   471,265 parameters (the card: 0.47 M); the LayerNorm MONAI's ``TransformerBlock`` builds for cross-attention
   even when that is off (never used, 768 parameters) is replaced by an identity.
-* The release's large backbones (``FULL_BACKBONES``): those MONAI builds without torchvision are built in 2D and
-  randomly initialised — ``resnet18``/``resnet50``/``resnet101`` (MONAI ``ResNet``), ``densenet121``,
-  ``seresnext50``, ``senet154`` (MONAI ``SENet``), ``vit_b16``/``vit_b32`` (MONAI ``ViT``, hidden 768, 12 layers);
-  ``vgg16``, ``xception``, ``sexception``, ``drn_a_50``, ``drn_d_54`` raise ``NotImplementedError``.
+* The release's large backbones (``FULL_BACKBONES``), randomly initialised: those MONAI builds without
+  torchvision in 2D — ``resnet18``/``resnet50``/``resnet101`` (MONAI ``ResNet``), ``densenet121``,
+  ``seresnext50``, ``senet154`` (MONAI ``SENet``), ``vit_b16``/``vit_b32`` (MONAI ``ViT``, hidden 768, 12 layers)
+  — and ``xception`` / ``sexception`` (the release's Xception and Xception + squeeze-excitation, in-project:
+  ``thrifty.methods.pe_cad.xception``, 2048-d features); ``vgg16``, ``drn_a_50``, ``drn_d_54`` raise
+  ``NotImplementedError``.
 
 Deviations (deliberate):
 
@@ -80,6 +82,7 @@ from torch import Tensor, nn
 from thrifty.core import distributed
 from thrifty.core.nn import count_parameters as count_parameters  # re-exported
 from thrifty.methods.pe_cad.config import AugmentConfig  # the one augmentation-settings class (re-exported)
+from thrifty.methods.pe_cad.xception import SeXception, Xception
 
 __all__ = [
     "FULL_BACKBONES",
@@ -132,8 +135,6 @@ FULL_BACKBONES = (
 )
 _UNAVAILABLE = {
     "vgg16": "VGG16 needs torchvision, which thrifty does not depend on",
-    "xception": "Xception is not in MONAI and has no in-project implementation yet",
-    "sexception": "SeXception (Xception + squeeze-excitation) has no in-project implementation yet",
     "drn_a_50": "DRN-A-50 is not in MONAI and has no in-project implementation yet",
     "drn_d_54": "DRN-D-54 is not in MONAI and has no in-project implementation yet",
 }
@@ -541,10 +542,11 @@ def build_backbone(
     name: str, *, image_size: int, in_channels: int = 3, seed: int | None = None, **kwargs: Any
 ) -> nn.Module:
     """A stage-1 backbone with ``features`` / ``forward`` / ``feature_map``, randomly initialised (from ``seed``
-    when given, without touching the global RNG's state). ``kwargs`` go to :class:`SmallCNN` / :class:`SmallViT`.
+    when given, without touching the global RNG's state). ``kwargs`` go to :class:`SmallCNN` / :class:`SmallViT` /
+    the ViT-B models, and to ``xception.Xception`` / ``xception.SeXception`` (e.g. ``width``, ``se_reduction``).
 
     Names: ``small_cnn``, ``small_vit`` (the miniature) and ``FULL_BACKBONES`` (the release's switch); of those,
-    ``vgg16``, ``xception``, ``sexception``, ``drn_a_50`` and ``drn_d_54`` raise ``NotImplementedError``.
+    ``vgg16``, ``drn_a_50`` and ``drn_d_54`` raise ``NotImplementedError``.
     """
     if name in _UNAVAILABLE:
         raise NotImplementedError(
@@ -565,6 +567,8 @@ def build_backbone(
         patch = 16 if name == "vit_b16" else 32
         vit_kw = dict(patch_size=patch, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
         return SmallViT(image_size=image_size, in_channels=in_channels, **{**vit_kw, **kwargs})
+    if name in ("xception", "sexception"):
+        return (Xception if name == "xception" else SeXception)(in_channels=in_channels, **kwargs)
     return _MonaiCNN(name, in_channels=in_channels)
 
 
