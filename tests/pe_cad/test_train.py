@@ -280,7 +280,7 @@ def test_stages_run_one_at_a_time(tmp_path, data_dir):
         ("stage1.image_size=40", "'stage1.image_size'"),
         ("stage1.steps=0", "'stage1.steps'"),
         ("stage1.vit=vit_l16", "'stage1.vit'"),
-        ("stage1.cnn=sexception", "'stage1.cnn'"),
+        ("stage1.cnn=vgg16", "'stage1.cnn'"),
         ("pretrain.simclr.batch_size=1", "'pretrain.simclr.batch_size'"),
         ("stage2.gamma=1.5", "'stage2.gamma'"),
         ("stage2.exam_weights=[1,2]", "'stage2.exam_weights'"),
@@ -306,7 +306,7 @@ def test_presets_load_and_full_names_the_release_settings():
     _, full = load_config("pe_cad", "full")
     assert (full.stage1.image_size, full.stage2.seq_len, full.stage2.hidden) == (576, 192, 512)
     assert (full.stage2.epochs, full.stage2.batch_size, full.stage1.lr, full.stage2.lr) == (25, 64, 4e-4, 5e-4)
-    assert full.data.source == "rsna" and full.stage1.cnn == "seresnext50"
+    assert full.data.source == "rsna" and full.stage1.cnn == "sexception"
 
 
 # --------------------------------------------------------------------------------------------------- data

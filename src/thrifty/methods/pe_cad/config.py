@@ -21,6 +21,7 @@ from thrifty.core.config import BaseConfig, check_choices
 
 STAGES = ("stage1", "features", "stage2", "eval")
 SOURCES = ("synthetic", "rsna")
+STORES = ("memory", "exams")
 BACKBONE_FAMILIES = ("cnn", "vit")
 INITS = ("random", "supervised", "ssl:simclr", "ssl:genesis")
 STAGE2_KINDS = ("cc", "mil_attention", "mil_max", "evit")
@@ -29,7 +30,17 @@ NORMALISATIONS = ("metric", "release")
 LABEL_MODES = ("linear", "nearest", "threshold")
 LONG_MODES = ("resize", "tail")
 #: the backbone names each family may use (``thrifty.methods.pe_cad.stage1.build_backbone``)
-CNN_BACKBONES = ("small_cnn", "resnet18", "resnet50", "resnet101", "densenet121", "seresnext50", "senet154")
+CNN_BACKBONES = (
+    "small_cnn",
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "densenet121",
+    "seresnext50",
+    "senet154",
+    "xception",
+    "sexception",
+)
 VIT_BACKBONES = ("small_vit", "vit_b16", "vit_b32")
 
 
@@ -94,12 +105,22 @@ class DataConfig:
 
     Attributes:
         source: ``synthetic`` (ships offline) or ``rsna`` (the real RSNA-STR DICOMs, ``real``).
+        store: how the preprocessed exams are held. ``memory`` (the miniature presets): every split's slices in
+            memory, cached as one ``.npz`` per split. ``exams`` (``full``): each exam preprocessed once into its own
+            safetensors file under the data cache (``<cache>/exams/<split>/<study>.safetensors`` + ``index.json``;
+            resumable, sharded over the ranks under ``torchrun``) and read lazily, a batch's slices at a time;
+            stage 2 then reads each exam's features from its file when a batch needs it, so no rank holds a whole
+            split. Both give the same stacks, labels and results.
+        open_exams: with ``store: exams``, how many exam files a split keeps open (memory-mapped) at once, least
+            recently used closed first.
         window_level / window_width: the card's window, level 100 / width 700 ([-250, 450] HU -> [0, 1]).
         lung_crop: crop each exam to its lung bounding box before resizing (the release); False resizes the
             whole slice.
     """
 
     source: str = "synthetic"
+    store: str = "memory"
+    open_exams: int = 16
     window_level: float = 100.0
     window_width: float = 700.0
     lung_crop: bool = True
@@ -147,13 +168,17 @@ class StageOneConfig:
     Attributes:
         arms: the stage-1 arms, ``<backbone>-<init>`` (see the module docstring).
         cnn / vit: the backbone each family builds (``small_cnn`` / ``small_vit`` in the miniature; MONAI's
-            ``seresnext50`` / ``vit_b16`` at full scale).
+            ``seresnext50`` or the in-project ``sexception`` / ``xception``, and ``vit_b16``, at full scale).
         small_cnn / small_vit: the miniature backbones' sizes.
         steps / batch_size / lr / warmup_steps: Adam with a linear warm-up (release: 0) and linear decay to 0.
         image_size: the side of the cropped, resized stacks.
         eval_every: validation image AUC every this many steps (and at the last); the best step is kept.
         eval_batch_size: slices per forward pass when scoring.
         amp: bfloat16 autocast.
+        sync_bn: under ``torchrun`` with more than one rank, convert BatchNorm to ``torch.nn.SyncBatchNorm`` so the
+            batch statistics are the global batch's (as one process computes them) rather than each rank's share's.
+            CUDA only (torch's SyncBatchNorm does not run on CPU): true with several CPU ranks is an error; in one
+            process it changes nothing.
     """
 
     arms: list[str] = dataclasses.field(
@@ -171,6 +196,7 @@ class StageOneConfig:
     eval_every: int = 100
     eval_batch_size: int = 256
     amp: bool = False
+    sync_bn: bool = False
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
@@ -295,6 +321,7 @@ class PECadConfig(BaseConfig):
             )
         for key, choices, value in (
             ("data.source", SOURCES, self.data.source),
+            ("data.store", STORES, self.data.store),
             ("stage1.cnn", CNN_BACKBONES, self.stage1.cnn),
             ("stage1.vit", VIT_BACKBONES, self.stage1.vit),
             ("stage2.attention", ATTENTIONS, self.stage2.attention),
@@ -357,6 +384,8 @@ class PECadConfig(BaseConfig):
         d = self.data
         if not d.window_width > 0:
             raise ValueError(f"config key 'data.window_width' must be > 0, got {d.window_width}")
+        if d.open_exams < 1:
+            raise ValueError(f"config key 'data.open_exams' must be >= 1 (exam files open at once), got {d.open_exams}")
         if d.source == "synthetic":
             syn = d.synthetic
             for key in ("train_exams", "val_exams", "test_exams"):

@@ -31,6 +31,12 @@ directory by the digest of their settings. Real (``data.source=rsna``): the RSNA
 (:func:`thrifty.data.rsna_pe.scan_rsna`), split by a study-level manifest (given, or drawn and written into the
 run directory), cached the same way. Validation and test are :class:`~thrifty.core.splits.Guarded`: every read
 names its purpose and lands in ``access_log.jsonl``.
+
+Stores (``data.store``). ``memory`` holds every split as an :class:`ExamSet` (the miniature presets). ``exams``
+(the full-scale path) writes each preprocessed exam to its own file under the same cache directory and reads a
+batch's slices at a time (:class:`~thrifty.methods.pe_cad.exam_store.ExamStore`, the same interface); both read the
+same exam jobs (:func:`synthetic_jobs`, :func:`real_jobs`), so they hold the same numbers. Stage-1 features come back
+whole (:class:`FeatureSet`) or as per-exam files read on demand (:class:`FeatureFiles`).
 """
 
 from __future__ import annotations
@@ -38,8 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,14 +51,26 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from thrifty.core import cache
-from thrifty.core.run import write_json
+from thrifty.core.distributed import DistInfo
+from thrifty.core.run import main_first, write_json
 from thrifty.core.splits import AccessLog, Guarded
 from thrifty.data import ctpa_synth
 from thrifty.data.ctpa_synth import EXAM_LABELS
 from thrifty.methods.pe_cad.config import PECadConfig
+from thrifty.methods.pe_cad.exam_store import (
+    ExamJob,
+    ExamStore,
+    IndexLike,
+    StackView,
+    as_rows,
+    build_exam_split,
+    exam_file_name,
+    safetensors_metadata,
+    save_safetensors_atomic,
+    stack_neighbours,
+)
 from thrifty.methods.pe_cad.stage1 import crop_resize
 
 log = logging.getLogger(__name__)
@@ -65,6 +81,8 @@ SPLITS = ("train", "val", "test")
 DATA_VERSION = 2  # 2: the trivial score under every setting of ctpa_synth.DEFECT_FRACTION_GRID
 #: the emboli masks are kept for the splits the figures show (synthetic data only)
 MASK_SPLITS = ("val",)
+#: the exams of every split, to preprocess (``data.store: memory`` and ``exams`` read the same jobs)
+Jobs = dict[str, list[ExamJob]]
 
 
 @dataclasses.dataclass
@@ -93,10 +111,8 @@ class ExamSet:
     def __post_init__(self) -> None:
         counts = np.diff(self.offsets)
         self.exam_of = np.repeat(np.arange(len(counts)), counts)
-        i = np.arange(self.num_slices)
-        start, end = self.offsets[:-1][self.exam_of], self.offsets[1:][self.exam_of]
         # slices i-1, i, i+1 of the same exam, the first and last replicating themselves (stage1.stack_slices)
-        self.neighbours = torch.from_numpy(np.stack([np.maximum(i - 1, start), i, np.minimum(i + 1, end - 1)], 1))
+        self.neighbours = torch.from_numpy(stack_neighbours(np.arange(self.num_slices), self.offsets))
 
     def __len__(self) -> int:
         return self.num_exams
@@ -113,10 +129,22 @@ class ExamSet:
     def slice_counts(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def stacks(self, idx: torch.Tensor | np.ndarray | Sequence[int] | slice, dtype=torch.float32) -> torch.Tensor:
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return int(self.slices.shape[1]), int(self.slices.shape[2])
+
+    def stacks(self, idx: IndexLike, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The 3-slice stacks of slices ``idx``: (n, 3, H, W) in ``dtype``."""
         nb = self.neighbours[idx] if isinstance(idx, slice) else self.neighbours[torch.as_tensor(idx)]
         return self.slices[nb].to(dtype)
+
+    def slice_images(self, idx: IndexLike) -> torch.Tensor:
+        """The slices ``idx`` themselves: float16 (n, H, W)."""
+        return self.slices[torch.from_numpy(as_rows(idx, self.num_slices))]
+
+    def slice_masks(self, idx: IndexLike) -> np.ndarray | None:
+        """The emboli masks of slices ``idx`` (uint8 (n, H, W)), or None when the split keeps none."""
+        return None if self.masks is None else self.masks[as_rows(idx, self.num_slices)]
 
     def exam_any_pe(self) -> np.ndarray:
         """(E,) 1 where the exam has a PE-positive slice."""
@@ -140,10 +168,20 @@ def exam_set(arrays: dict[str, np.ndarray]) -> ExamSet:
     )
 
 
-class GuardedExams(Guarded[ExamSet]):
+#: a split's exams: all slices in memory (``data.store: memory``) or read lazily from per-exam files (``exams``)
+Exams = ExamSet | ExamStore
+
+
+def stack_view(exams: Exams) -> StackView:
+    """The (N, 3, H, W) stacks of ``exams`` as an array-like gathering float16 stacks on indexing (pretraining's
+    input: no copy of every training stack)."""
+    return StackView(exams, dtype=torch.float16)
+
+
+class GuardedExams(Guarded[Exams]):
     """Validation or test exams that can only be read by naming an allowed purpose."""
 
-    def __init__(self, split: str, data: ExamSet, access: AccessLog) -> None:
+    def __init__(self, split: str, data: Exams, access: AccessLog) -> None:
         super().__init__(split, data, access, allowed=VAL_PURPOSES if split == "val" else TEST_PURPOSES)
 
 
@@ -152,13 +190,14 @@ class PECadData:
     """Everything the units train and are judged on.
 
     Attributes:
-        train: the training exams (pretraining, stage 1, stage 2).
+        train: the training exams (pretraining, stage 1, stage 2); an :class:`ExamSet` or, with ``data.store:
+            exams``, an :class:`~thrifty.methods.pe_cad.exam_store.ExamStore`.
         val / test: guarded held-out exams.
         info: split sizes and label counts (for ``results.json``).
-        digest: the digest of the data settings (the pretraining cache key includes it).
+        digest: the digest of the data settings (the pretraining cache key includes it; the same for both stores).
     """
 
-    train: ExamSet
+    train: Exams
     val: GuardedExams
     test: GuardedExams
     info: dict[str, Any]
@@ -238,31 +277,28 @@ def split_seeds(seed: int) -> dict[str, int]:
     return {name: seed * 100 + k for k, name in enumerate(SPLITS, start=1)}
 
 
-def _generate(cfg: PECadConfig) -> dict[str, dict[str, np.ndarray]]:
-    d, syn = cfg.data, cfg.data.synthetic
+def _synthetic_exam(cfg: PECadConfig, spec: ctpa_synth.CTPASpec, seed: int, index: int, *,
+                    keep_masks: bool) -> dict[str, Any]:  # fmt: skip
+    """Generator exam ``index`` of ``seed``, preprocessed, with its labels and study id."""
+    d = cfg.data
+    ex = ctpa_synth.generate_exam(seed, index=index, spec=spec)
+    pre = preprocess_exam(ex.volume, size=cfg.stage1.image_size, level=d.window_level, width=d.window_width,
+                          lung_crop=d.lung_crop, masks=ex.emboli_masks if keep_masks else None)  # fmt: skip
+    return pre | {"slice_labels": ex.slice_labels, "exam_labels": ex.exam_labels, "study_id": ex.study_id}
+
+
+def synthetic_jobs(cfg: PECadConfig) -> Jobs:
+    """Every split's exams as jobs, in split order (exam i of split k is the generator's exam i of its seed)."""
+    syn = cfg.data.synthetic
     spec = ctpa_synth.CTPASpec.from_overrides(syn.spec)
     seeds = split_seeds(syn.seed)
     sizes = {"train": syn.train_exams, "val": syn.val_exams, "test": syn.test_exams}
-    out = {}
-    for name, n in sizes.items():
-        exams = []
-        for i in range(n):
-            ex = ctpa_synth.generate_exam(seeds[name], index=i, spec=spec)
-            keep = name in MASK_SPLITS
-            pre = preprocess_exam(ex.volume, size=cfg.stage1.image_size, level=d.window_level,
-                                  width=d.window_width, lung_crop=d.lung_crop,
-                                  masks=ex.emboli_masks if keep else None)  # fmt: skip
-            exams.append(pre | {"slice_labels": ex.slice_labels, "exam_labels": ex.exam_labels,
-                                "study_id": ex.study_id})  # fmt: skip
-        out[name] = assemble(exams, keep_masks=name in MASK_SPLITS)
-    return out
 
+    def job(name: str, i: int) -> ExamJob:
+        load = lambda: _synthetic_exam(cfg, spec, seeds[name], i, keep_masks=keeps_masks(cfg, name))
+        return ExamJob(f"ctpa-{seeds[name]}-{i}", load)  # the generator's study id (checked when loaded)
 
-def prepare_synthetic(cfg: PECadConfig, root: Path, access: AccessLog) -> PECadData:
-    settings = synthetic_settings(cfg)
-    directory = cache.cache_dir(root, "pe_cad", settings)
-    arrays = cache.cached_splits(directory, SPLITS, lambda: _generate(cfg), settings=settings, what="CTPA exams")
-    return _data(arrays, access, source="synthetic", digest=cache.settings_digest(settings))
+    return {name: [job(name, i) for i in range(n)] for name, n in sizes.items()}
 
 
 # ------------------------------------------------------------------------------------------------- real
@@ -273,9 +309,22 @@ def _resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def prepare_real(cfg: PECadConfig, root_cache: Path, run_dir: Path, access: AccessLog) -> PECadData:
-    """RSNA-STR exams from ``data.real``: the label CSV and DICOM tree, split by study (a given manifest, or one
-    drawn from ``split_fractions`` / ``split_seed`` and written to ``run_dir / split_manifest.json``)."""
+def _real_exam(cfg: PECadConfig, record: Any) -> dict[str, Any]:
+    """One RSNA-STR exam read from its DICOMs (z-sorted, in HU), preprocessed, with its labels and study id."""
+    from thrifty.data import rsna_pe
+
+    d = cfg.data
+    volume, _, pe = rsna_pe.load_rsna_exam(record)
+    pre = preprocess_exam(volume, size=cfg.stage1.image_size, level=d.window_level, width=d.window_width,
+                          lung_crop=d.lung_crop)  # fmt: skip
+    return pre | {"slice_labels": pe, "exam_labels": record.label_vector(), "study_id": record.study}
+
+
+def real_jobs(cfg: PECadConfig, run_dir: Path, *, write_manifest: bool = True) -> tuple[dict[str, Any], Jobs]:
+    """The RSNA-STR exams of ``data.real`` as jobs per split, and the settings they depend on (the cache key).
+
+    The split is a given manifest, or one drawn from ``split_fractions`` / ``split_seed`` (the same on every rank);
+    with ``write_manifest`` it is written to ``run_dir / split_manifest.json``."""
     from thrifty.data import rsna_pe
 
     real, d = cfg.data.real, cfg.data
@@ -296,7 +345,8 @@ def prepare_real(cfg: PECadConfig, root_cache: Path, run_dir: Path, access: Acce
             log.warning("%s: %d study(ies) of the label CSV are in no split and are not used", manifest, missing)
     else:
         splits = rsna_pe.split_studies(studies, fractions=real.split_fractions, seed=real.split_seed)
-    rsna_pe.write_manifest(run_dir / "split_manifest.json", splits)
+    if write_manifest:
+        rsna_pe.write_manifest(run_dir / "split_manifest.json", splits)
     for name in SPLITS:
         if not splits.get(name):
             raise rsna_pe.ExamDataError(f"split {name!r} has no study (data.real.manifest / split_fractions)")
@@ -310,33 +360,74 @@ def prepare_real(cfg: PECadConfig, root_cache: Path, run_dir: Path, access: Acce
         "lung_crop": d.lung_crop,
         "version": DATA_VERSION,
     }  # fmt: skip
-
-    def build() -> dict[str, dict[str, np.ndarray]]:
-        out = {}
-        for name in SPLITS:
-            wanted = set(splits[name])
-            recs = [r for r in records if r.study in wanted]
-            if real.max_exams:
-                recs = recs[: real.max_exams]
-            exams = []
-            for r in recs:
-                volume, _, pe = rsna_pe.load_rsna_exam(r)
-                pre = preprocess_exam(volume, size=cfg.stage1.image_size, level=d.window_level,
-                                      width=d.window_width, lung_crop=d.lung_crop)  # fmt: skip
-                exams.append(pre | {"slice_labels": pe, "exam_labels": r.label_vector(), "study_id": r.study})
-            out[name] = assemble(exams, keep_masks=False)
-        return out
-
-    directory = cache.cache_dir(root_cache, "pe_cad-rsna", settings)
-    arrays = cache.cached_splits(directory, SPLITS, build, settings=settings, what="RSNA-STR exams")
-    return _data(arrays, access, source="rsna", digest=cache.settings_digest(settings))
+    jobs = {}
+    for name in SPLITS:
+        wanted = set(splits[name])
+        recs = [r for r in records if r.study in wanted]
+        if real.max_exams:
+            recs = recs[: real.max_exams]
+        jobs[name] = [ExamJob(r.study, lambda r=r: _real_exam(cfg, r)) for r in recs]
+    return settings, jobs
 
 
 # ---------------------------------------------------------------------------------------------- shared
 
 
-def _data(arrays: dict[str, dict[str, np.ndarray]], access: AccessLog, *, source: str, digest: str) -> PECadData:
-    sets = {k: exam_set(v) for k, v in arrays.items()}
+def _source(cfg: PECadConfig, run_dir: Path, *, write_manifest: bool) -> tuple[str, str, dict[str, Any], Jobs]:
+    """(source name, cache prefix, settings, jobs per split) of the configured data source."""
+    if cfg.data.source == "synthetic":
+        return "synthetic", "pe_cad", synthetic_settings(cfg), synthetic_jobs(cfg)
+    settings, jobs = real_jobs(cfg, run_dir, write_manifest=write_manifest)
+    return "rsna", "pe_cad-rsna", settings, jobs
+
+
+def keeps_masks(cfg: PECadConfig, split: str) -> bool:
+    """Whether a split keeps the emboli masks: synthetic data, the splits the figures show (:data:`MASK_SPLITS`)."""
+    return cfg.data.source == "synthetic" and split in MASK_SPLITS
+
+
+def _in_memory(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog) -> PECadData:
+    """``data.store: memory``: every split's slices in memory, cached as one ``.npz`` per split."""
+    source, prefix, settings, jobs = _source(cfg, run_dir, write_manifest=True)
+
+    def build() -> dict[str, dict[str, np.ndarray]]:
+        return {name: assemble([job.load() for job in jobs[name]], keep_masks=keeps_masks(cfg, name))
+                for name in SPLITS}  # fmt: skip
+
+    what = "CTPA exams" if source == "synthetic" else "RSNA-STR exams"
+    directory = cache.cache_dir(root, prefix, settings)
+    arrays = cache.cached_splits(directory, SPLITS, build, settings=settings, what=what)
+    sets: dict[str, Exams] = {k: exam_set(v) for k, v in arrays.items()}
+    return _data(sets, access, source=source, digest=cache.settings_digest(settings))
+
+
+def exam_store_dir(directory: Path, split: str) -> Path:
+    """Where a split's per-exam files live under its data cache directory: ``<cache>/exams/<split>/``."""
+    return Path(directory) / "exams" / split
+
+
+def _streamed(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog, info: DistInfo | None) -> PECadData:
+    """``data.store: exams``: every exam preprocessed once into its own file (sharded over the ranks), then read
+    lazily (:class:`~thrifty.methods.pe_cad.exam_store.ExamStore`)."""
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    source, prefix, settings, jobs = _source(cfg, run_dir, write_manifest=rank == 0)
+    directory = cache.cache_dir(root, prefix, settings)
+    digest = cache.settings_digest(settings)
+    for name in SPLITS:
+        written = build_exam_split(exam_store_dir(directory, name), jobs[name], split=name, digest=digest,
+                                   keep_masks=keeps_masks(cfg, name), rank=rank, world_size=world)  # fmt: skip
+        if written:
+            log.info("%s: preprocessed %d exam(s) into %s", name, written, exam_store_dir(directory, name))
+    if rank == 0 and not (directory / "settings.json").exists():
+        write_json(directory / "settings.json", settings)  # for people who look, as the in-memory cache writes it
+    sets: dict[str, Exams] = {
+        name: ExamStore.open(exam_store_dir(directory, name), digest=digest, open_exams=cfg.data.open_exams)
+        for name in SPLITS
+    }
+    return _data(sets, access, source=source, digest=digest)
+
+
+def _data(sets: dict[str, Exams], access: AccessLog, *, source: str, digest: str) -> PECadData:
     check_disjoint_studies(sets)
     return PECadData(
         train=sets["train"],
@@ -347,7 +438,7 @@ def _data(arrays: dict[str, dict[str, np.ndarray]], access: AccessLog, *, source
     )
 
 
-def check_disjoint_studies(sets: dict[str, ExamSet]) -> None:
+def check_disjoint_studies(sets: dict[str, Exams]) -> None:
     """ValueError naming the study when one appears in two splits."""
     owner: dict[str, str] = {}
     for name, s in sets.items():
@@ -357,7 +448,7 @@ def check_disjoint_studies(sets: dict[str, ExamSet]) -> None:
             owner[study] = name
 
 
-def data_info(sets: dict[str, ExamSet], *, source: str) -> dict[str, Any]:
+def data_info(sets: dict[str, Exams], *, source: str) -> dict[str, Any]:
     """Split sizes and label counts (for ``results.json``)."""
     info: dict[str, Any] = {"source": source, "exam_labels": list(EXAM_LABELS)}
     for name, s in sets.items():
@@ -373,10 +464,17 @@ def data_info(sets: dict[str, ExamSet], *, source: str) -> dict[str, Any]:
     return info
 
 
-def prepare_data(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog) -> PECadData:
-    if cfg.data.source == "synthetic":
-        return prepare_synthetic(cfg, root, access)
-    return prepare_real(cfg, root, run_dir, access)
+def prepare_data(
+    cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog, *, info: DistInfo | None = None
+) -> PECadData:
+    """The train / val / test exams of ``data.source`` held as ``data.store`` says.
+
+    ``memory``: built (and cached) by rank 0 first, then read by the other ranks. ``exams``: every rank preprocesses
+    the exams dealt to it, rank 0 writes each split's index, and every rank opens the lazy stores. ``info``: the
+    process's place under ``torchrun`` (None: one process)."""
+    if cfg.data.store == "exams":
+        return _streamed(cfg, root, run_dir, access, info)
+    return main_first(lambda: _in_memory(cfg, root, run_dir, access), info or DistInfo())
 
 
 # ------------------------------------------------------------------------------------ stage-1 features
@@ -384,12 +482,13 @@ def prepare_data(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog)
 
 @dataclasses.dataclass
 class FeatureSet:
-    """One split's stage-1 slice features, per exam: what stage 2 reads.
+    """One split's stage-1 slice features, per exam, in memory: what stage 2 reads with ``data.store: memory``.
 
     On disk one safetensors file per exam (:func:`save_exam_features`) under
     ``units/stage1/<arm>/seed<k>/features/<split>/`` with an ``index.json`` listing the exams in split order
     (:func:`write_feature_index`); the extraction writes them sharded by exam over the ranks, and every process —
-    one or many — reads the split back whole with :func:`load_feature_split`.
+    one or many — reads the split back whole with :func:`load_feature_split` (or, with ``data.store: exams``,
+    leaves them on disk: :class:`FeatureFiles`).
 
     Attributes:
         features: float32 (N, D) penultimate features of every slice, exams concatenated in order.
@@ -411,10 +510,11 @@ class FeatureSet:
     def slice_counts(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def exams(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(feats (S, D), slice_labels (S,), exam_labels (9,))`` per exam (``stage2.collate_exams``' input)."""
+    def exams(self, idx: Sequence[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(feats (S, D), slice_labels (S,), exam_labels (9,))`` of exams ``idx`` (default: all), in order
+        (``stage2.collate_exams``' input)."""
         out = []
-        for e in range(len(self)):
+        for e in range(len(self)) if idx is None else idx:
             a, b = int(self.offsets[e]), int(self.offsets[e + 1])
             out.append((self.features[a:b], torch.from_numpy(self.slice_labels[a:b].astype(np.float32)),
                         torch.from_numpy(self.exam_labels[e].astype(np.float32))))  # fmt: skip
@@ -446,9 +546,8 @@ FEATURE_FORMAT = 1
 
 def exam_feature_name(study_id: str) -> str:
     """The file name of an exam's features: its study id with anything outside ``[A-Za-z0-9._-]`` replaced by
-    ``_``, plus ``.safetensors`` (a DICOM UID stays as it is)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(study_id)).lstrip(".") or "_"
-    return f"{name}.safetensors"
+    ``_``, plus ``.safetensors`` (a DICOM UID stays as it is; the exam store names its files alike)."""
+    return exam_file_name(study_id)
 
 
 def save_exam_features(
@@ -476,20 +575,14 @@ def save_exam_features(
         "slice_labels": torch.from_numpy(np.ascontiguousarray(slice_labels, dtype=np.uint8)),
         "exam_labels": torch.from_numpy(np.ascontiguousarray(exam_labels, dtype=np.uint8)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"study_id": str(study_id), "digest": digest,
-                                           "format": str(FEATURE_FORMAT)})  # fmt: skip
-    tmp.replace(path)
+    save_safetensors_atomic(path, tensors, {"study_id": str(study_id), "digest": digest,
+                                            "format": str(FEATURE_FORMAT)})  # fmt: skip
 
 
 def exam_feature_digest(path: Path) -> str | None:
     """The settings digest stored in a per-exam feature file; None when the file is missing or unreadable."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("digest")
-    except (OSError, ValueError, RuntimeError, SafetensorError):
-        return None
+    meta = safetensors_metadata(path)
+    return None if meta is None else meta.get("digest")
 
 
 def read_exam_features(path: Path) -> dict[str, torch.Tensor]:
@@ -549,10 +642,78 @@ def load_feature_split(directory: Path) -> FeatureSet:
     )
 
 
-class GuardedFeatures(Guarded[FeatureSet]):
+class FeatureFiles:
+    """One split's stage-1 features left in their per-exam files (``data.store: exams``): slice counts and labels
+    in memory, an exam's features read only when a batch or an evaluation shard needs it, so a stage-2 rank reads
+    its share of the split rather than all of it (:func:`open_feature_split`).
+
+    Attributes:
+        files: the exam files in split order; feature_dim: D.
+        offsets / slice_labels / exam_labels / study_ids: as :class:`FeatureSet`.
+    """
+
+    def __init__(self, directory: Path, index: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.files = [self.directory / e["file"] for e in index["exams"]]
+        if not self.files:
+            raise ValueError(f"{directory}: the split lists no exam")
+        self.study_ids = np.asarray([e["study_id"] for e in index["exams"]]).astype(str)
+        labels, exam_labels, dims = [], [], set()
+        for path in self.files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    labels.append(f.get_tensor("slice_labels").numpy().astype(np.uint8))
+                    exam_labels.append(f.get_tensor("exam_labels").numpy().astype(np.uint8))
+                    dims.add(int(f.get_slice("features").get_shape()[1]))
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+                raise ValueError(f"{path}: not a readable per-exam feature file ({err})") from None
+        if len(dims) != 1:
+            raise ValueError(f"{directory}: the exams' feature sizes differ ({sorted(dims)})")
+        self.feature_dim = dims.pop()
+        self.offsets = np.concatenate([[0], np.cumsum([len(v) for v in labels])]).astype(np.int64)
+        self.slice_labels = np.concatenate(labels)
+        self.exam_labels = np.stack(exam_labels)
+        self._probs: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def slice_counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """float32 (N,) the stage-1 probability of every slice (read on first use)."""
+        if self._probs is None:
+            self._probs = np.concatenate([read_exam_features(p)["probs"].float().numpy() for p in self.files])
+        return self._probs
+
+    def exams(self, idx: Sequence[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """As :meth:`FeatureSet.exams`, reading exams ``idx`` (default: all) from their files."""
+        out = []
+        for e in range(len(self)) if idx is None else idx:
+            t = read_exam_features(self.files[e])
+            out.append((t["features"].float(), t["slice_labels"].float(), t["exam_labels"].float()))
+        return out
+
+
+def open_feature_split(directory: Path) -> FeatureFiles:
+    """One split's features as :class:`FeatureFiles` (labels now, features on demand), in ``index.json`` order."""
+    index = feature_index(directory)
+    if index is None:
+        raise FileNotFoundError(f"{directory}: no complete per-exam feature split (index.json and every exam file)")
+    return FeatureFiles(directory, index)
+
+
+#: a split's stage-1 features, in memory or left in their files
+Features = FeatureSet | FeatureFiles
+
+
+class GuardedFeatures(Guarded[Features]):
     """Validation or test features: reads name their purpose, like the exams they come from."""
 
-    def __init__(self, split: str, data: FeatureSet, access: AccessLog) -> None:
+    def __init__(self, split: str, data: Features, access: AccessLog) -> None:
         super().__init__(split, data, access, allowed=VAL_PURPOSES if split == "val" else TEST_PURPOSES)
 
 
@@ -564,7 +725,10 @@ __all__ = [
     "TEST_PURPOSES",
     "VAL_PURPOSES",
     "ExamSet",
+    "Exams",
+    "FeatureFiles",
     "FeatureSet",
+    "Features",
     "GuardedExams",
     "GuardedFeatures",
     "PECadData",
@@ -574,13 +738,18 @@ __all__ = [
     "exam_feature_digest",
     "exam_feature_name",
     "exam_set",
+    "exam_store_dir",
     "feature_index",
     "feature_set",
     "load_feature_split",
+    "open_feature_split",
     "prepare_data",
     "preprocess_exam",
     "read_exam_features",
+    "real_jobs",
     "save_exam_features",
     "split_seeds",
+    "stack_view",
+    "synthetic_jobs",
     "write_feature_index",
 ]

@@ -19,7 +19,7 @@ from thrifty.data.ctpa_synth import EXAM_LABELS
 
 if TYPE_CHECKING:
     from thrifty.methods.pe_cad.config import PECadConfig
-    from thrifty.methods.pe_cad.data import ExamSet, PECadData
+    from thrifty.methods.pe_cad.data import Exams, PECadData
 
 
 def _band(values: list[float | None]) -> tuple[float, float, float] | None:
@@ -83,12 +83,12 @@ def roc_per_label(stage2: dict[str, dict[int, dict]], exam_labels: np.ndarray, t
 
 
 def example_slices(
-    exams: ExamSet, n: int, path: Path, *, probs: tuple[str, np.ndarray] | None = None, trivial_column: int = 0
+    exams: Exams, n: int, path: Path, *, probs: tuple[str, np.ndarray] | None = None, trivial_column: int = 0
 ) -> Path | None:
     """Validation slices (the centre channel of the stage-1 input): PE-positive slices first with the emboli
     outlined (green, synthetic data), then negatives; titles give the label, the trivial score (the setting
     ``trivial_column`` chosen on validation) and, with ``probs``
-    (name, per-slice probabilities), the stage-1 probability."""
+    (name, per-slice probabilities), the stage-1 probability. Only the n slices shown are read."""
     if n <= 0 or exams.num_slices == 0:
         return None
     pos = np.flatnonzero(exams.slice_labels == 1)
@@ -102,10 +102,11 @@ def example_slices(
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), take):
-        ax.imshow(exams.slices[i].float().numpy(), cmap="gray", vmin=0, vmax=1)
-        if exams.masks is not None and exams.masks[i].any():
-            ax.contour(exams.masks[i], levels=[0.5], colors="lime", linewidths=0.8)
+    images, masks = exams.slice_images(take).float().numpy(), exams.slice_masks(take)
+    for k, (ax, i) in enumerate(zip(axes.ravel(), take)):
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=1)
+        if masks is not None and masks[k].any():
+            ax.contour(masks[k], levels=[0.5], colors="lime", linewidths=0.8)
         e = int(exams.exam_of[i])
         text = f"{'PE' if exams.slice_labels[i] else 'no PE'} · exam {e} slice {i - exams.offsets[e]}"
         text += f"\ndefect fraction {exams.trivial[i, trivial_column]:.3f}"

@@ -28,7 +28,8 @@ pretraining on synthetic CTPA slices:
   slice's area (:data:`SHUFFLE_WINDOWS_PER_PIXEL`: 312 windows on a 64² slice).
 
 Each function trains the backbone in place, with Adam, batches drawn as epochs of random permutations and every
-random draw from ``seed``, and returns a :class:`PretrainResult` ``(state_dict, losses)``: a detached copy of the
+random draw from ``seed`` (the slices: a tensor, or an array-like gathering each batch on indexing,
+:class:`LazyImages`), and returns a :class:`PretrainResult` ``(state_dict, losses)``: a detached copy of the
 backbone's state dict (pretext heads excluded) and the loss of every step. Caching by a digest of the settings is
 the recipe's job. :func:`initialise` dispatches on the init name.
 
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -88,9 +89,24 @@ class PretrainResult(NamedTuple):
     losses: list[float]
 
 
-def _as_images(slices: Tensor | np.ndarray) -> Tensor:
-    x = slices if isinstance(slices, Tensor) else torch.as_tensor(np.asarray(slices))
-    if x.ndim != 4:
+class LazyImages(Protocol):
+    """An (N, C, H, W) array-like that gathers rows on indexing (``data.stack_view``: the 3-slice stacks of an exam
+    set, in memory or read from per-exam files), so pretraining never holds every training stack at once."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, idx: Tensor) -> Tensor: ...
+
+
+Images = Tensor | np.ndarray | LazyImages
+
+
+def _as_images(slices: Images) -> Tensor | LazyImages:
+    """A tensor or an array-like with ``shape`` and row indexing (left as it is) of shape (N, C, H, W)."""
+    lazy = not isinstance(slices, np.ndarray) and hasattr(slices, "shape") and hasattr(slices, "__getitem__")
+    x: Tensor | LazyImages = slices if isinstance(slices, Tensor) or lazy else torch.as_tensor(np.asarray(slices))
+    if len(x.shape) != 4:
         raise ValueError(f"expected slices of shape (N, C, H, W), got {tuple(x.shape)}")
     return x
 
@@ -134,7 +150,7 @@ class _Step(NamedTuple):
 def _train(
     backbone: nn.Module,
     head: nn.Module,
-    images: Tensor,
+    images: Tensor | LazyImages,
     *,
     steps: int,
     batch_size: int,
@@ -191,7 +207,7 @@ def slice_level_labels(num_slices: Sequence[int], *, num_bins: int = 4) -> Tenso
 
 def pretrain_supervised(
     backbone: nn.Module,
-    slices: Tensor | np.ndarray,
+    slices: Images,
     labels: Tensor | np.ndarray,
     *,
     num_classes: int | None = None,
@@ -254,7 +270,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5) -> Tensor:
 
 def pretrain_simclr(
     backbone: nn.Module,
-    slices: Tensor | np.ndarray,
+    slices: Images,
     *,
     steps: int,
     batch_size: int = 32,
@@ -357,7 +373,7 @@ class RestorationDecoder(nn.Module):
 
 def pretrain_restoration(
     backbone: nn.Module,
-    slices: Tensor | np.ndarray,
+    slices: Images,
     *,
     steps: int,
     batch_size: int = 32,
@@ -400,7 +416,7 @@ def initialise(
     backbone: nn.Module,
     init: str,
     *,
-    slices: Tensor | np.ndarray | None = None,
+    slices: Images | None = None,
     labels: Tensor | np.ndarray | None = None,
     steps: int = 0,
     batch_size: int = 32,

@@ -3,7 +3,9 @@
 Islam et al., *Seeking an Optimal Approach for Computer-Aided Pulmonary Embolism Detection* (arXiv 2109.07029;
 official code ``Nahid1992/CAD_PE``). ``train`` reads top to bottom:
 
-1. **data** — windowed, lung-cropped slices of the train / val / test exams, split by study (:mod:`.data`);
+1. **data** — windowed, lung-cropped slices of the train / val / test exams, split by study (:mod:`.data`), held
+   in memory (``data.store: memory``) or preprocessed once into one file per exam and read lazily (``exams``,
+   :mod:`.exam_store`; sharded over the ranks under ``torchrun``);
 2. **pretraining** — for each stage-1 arm that is not randomly initialised, one backbone pretrained on the
    training slices without their PE labels (``supervised`` on the slice's cranio-caudal level, ``ssl:simclr``,
    ``ssl:genesis``), cached under the data directory by the digest of its settings and shared by every seed, as one
@@ -32,16 +34,19 @@ rerun reuses finished units and trains only what is missing.
   projections gathered with their gradients; rank 0 writes the cache;
 * *stage 1* — ``DistributedDataParallel`` over slices (:class:`~.stage1.ShardedBatchSampler`; the augmentation
   draws of the whole batch are made on every rank and each applies its rows', so the ranks augment as one process
-  does); BatchNorm normalises with each rank's batch statistics (``SyncBatchNorm`` on CUDA once the config has a
-  true ``stage1.sync_bn``, a key it does not define yet) and its running statistics are averaged over ranks before
+  does); BatchNorm normalises with each rank's batch statistics, or with the global batch's under
+  ``stage1.sync_bn: true`` (``SyncBatchNorm``, CUDA only), and its running statistics are averaged over ranks before
   every evaluation; validation and test slices are scored sharded over ranks and gathered, so every rank selects
   the same step;
 * *features* — exams are dealt round-robin to the ranks; each writes one safetensors file per exam
   (``features/<split>/<study>.safetensors``) and rank 0 an ``index.json`` per split once all are there; every
-  process reads the per-exam files back (:func:`~.data.load_feature_split`, one code path for 1 or W processes);
+  process reads the per-exam files back (:func:`~.data.load_feature_split`, one code path for 1 or W processes) or,
+  with ``data.store: exams``, only their labels (:func:`~.data.open_feature_split`);
 * *stage 2* — ``DistributedDataParallel`` over exams: each rank takes its share of every batch of exams, its loss
   weighted by the global batch's normaliser (the RSNA loss is a weighted sum over the batch divided by the batch's
   sum of weights) so the averaged gradient is one process's on the whole batch; evaluation sharded and gathered;
+  with ``data.store: exams`` a rank reads the features of its share of each batch and of each evaluation only
+  (:class:`ExamBatches`), so its memory does not grow with the split;
 * only rank 0 writes files (unit files, metrics, access log, results, figures); the others wait at barriers.
 
 Without BatchNorm (the ViT, every stage-2 model) W ranks reproduce one process to floating-point rounding; a CNN
@@ -57,6 +62,7 @@ import logging
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +82,6 @@ from thrifty.core.run import (
     MetricsLog,
     data_root,
     finish_run,
-    main_first,
     new_summary,
     open_run,
     progress,
@@ -89,18 +94,22 @@ from thrifty.methods.pe_cad import figures
 from thrifty.methods.pe_cad.config import BACKBONE_FAMILIES, AugmentConfig, PECadConfig, parse_arm
 from thrifty.methods.pe_cad.data import (
     FEATURE_FORMAT,
-    ExamSet,
-    FeatureSet,
+    Exams,
+    FeatureFiles,
+    Features,
     GuardedFeatures,
     PECadData,
     exam_feature_digest,
     exam_feature_name,
     feature_index,
     load_feature_split,
+    open_feature_split,
     prepare_data,
     save_exam_features,
+    stack_view,
     write_feature_index,
 )
+from thrifty.methods.pe_cad.exam_store import after_shards, dealt
 from thrifty.methods.pe_cad.losses import LossParts, rsna_weighted_bce, rsna_weighted_log_loss
 from thrifty.methods.pe_cad.pretrain import initialise, slice_level_labels
 from thrifty.methods.pe_cad.stage1 import (
@@ -205,7 +214,7 @@ def _place(info: DistInfo | None) -> tuple[int, int]:
 @torch.no_grad()
 def score_slices(
     model: nn.Module,
-    exams: ExamSet,
+    exams: Exams,
     *,
     batch_size: int,
     device: torch.device,
@@ -237,7 +246,7 @@ def score_slices(
 
 @torch.no_grad()
 def exam_features(
-    model: nn.Module, exams: ExamSet, exam: int, *, batch_size: int, device: torch.device
+    model: nn.Module, exams: Exams, exam: int, *, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One exam's penultimate features (S, D) and PE probabilities (S,) in eval mode, no augmentation, batched
     over its S slices (the per-exam unit of the sharded extraction)."""
@@ -299,7 +308,7 @@ def pretrained_backbone(
     pre = cfg.pretrain
     method = getattr(pre, PRETRAIN_METHODS[init])
     backbone = build_stage1_model(cfg, family, seed=pre.seed).to(device)
-    slices = data.train.stacks(slice(None), dtype=torch.float16)  # (N, 3, H, W): the unlabelled training slices
+    slices = stack_view(data.train)  # (N, 3, H, W) gathered per batch: the unlabelled training slices
     kwargs: dict[str, Any] = {}
     labels = None
     if init == "supervised":
@@ -362,9 +371,9 @@ def stage1_unit(
     batch (per-rank batch x W): each rank takes its shard of every global batch (:class:`ShardedBatchSampler`) and
     its rows of the batch's augmentation draws, its mean loss weighted by its share, so the averaged gradient is one
     process's on the global batch and ``stage1.lr`` applies unchanged. BatchNorm running statistics are averaged
-    over ranks before every evaluation (``SyncBatchNorm`` on CUDA with a true ``stage1.sync_bn``, when the config
-    defines it); validation and test are
-    scored sharded and gathered, so all ranks select the same step; rank 0 writes the unit's files."""
+    over ranks before every evaluation; with ``stage1.sync_bn`` (CUDA) BatchNorm is ``SyncBatchNorm`` and normalises
+    with the global batch's statistics (:func:`with_sync_bn`). Validation and test are scored sharded and gathered,
+    so all ranks select the same step; rank 0 writes the unit's files."""
     rank, world = _place(info)
     is_main = rank == 0
     unit = f"stage1/{arm}/seed{seed}"
@@ -380,8 +389,7 @@ def stage1_unit(
     model = build_stage1_model(cfg, family, seed).to(device)
     if init != "random":
         load_pretrained(model, pretrained[arm])
-    if world > 1 and device.type == "cuda" and getattr(s1, "sync_bn", False):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBatchNorm runs on CUDA only
+    model = with_sync_bn(model, enabled=s1.sync_bn, world_size=world, device=device)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=s1.lr)
     sched = linear_warmup_decay(opt, warmup_steps=s1.warmup_steps, total_steps=s1.steps)
@@ -460,6 +468,27 @@ def stage1_unit(
     return result
 
 
+def check_sync_bn(cfg: PECadConfig, info: DistInfo) -> None:
+    """ConfigError when ``stage1.sync_bn`` asks for SyncBatchNorm on several ranks that are not on CUDA (torch's
+    SyncBatchNorm raises on CPU tensors); checked before anything trains."""
+    if cfg.stage1.sync_bn and info.world_size > 1 and info.device.type != "cuda":
+        raise ConfigError(
+            f"config key 'stage1.sync_bn' needs CUDA devices (torch's SyncBatchNorm does not run on "
+            f"{info.device.type}); set stage1.sync_bn=false for {info.world_size} {info.device.type} ranks"
+        )
+
+
+def with_sync_bn(model: nn.Module, *, enabled: bool, world_size: int, device: torch.device) -> nn.Module:
+    """``model`` with its BatchNorm layers converted to ``torch.nn.SyncBatchNorm`` when ``enabled`` and more than
+    one rank trains (their parameters and buffers carried over, their state-dict keys unchanged); ``model`` itself
+    otherwise. ConfigError for several non-CUDA ranks (:func:`check_sync_bn`)."""
+    if not enabled or world_size == 1:
+        return model
+    if device.type != "cuda":
+        raise ConfigError(f"config key 'stage1.sync_bn' needs CUDA devices, got {device.type} with {world_size} ranks")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def choose_features_arm(cfg: PECadConfig, stage1: dict[str, dict[int, dict]], seed: int) -> str:
     """The stage-1 arm whose features feed stage 2 for ``seed``: ``stage2.features``, or with ``best`` the arm
     with the highest validation image AUC for that seed (ties: the first in ``stage1.arms``). Validation only."""
@@ -492,16 +521,19 @@ def features_unit(
     device: torch.device,
     *,
     info: DistInfo | None = None,
-) -> dict[str, FeatureSet]:
+) -> dict[str, Features]:
     """The penultimate features and PE probabilities of every slice of every exam (train, val and, with
     ``final_test``, test) under the stage-1 unit's chosen weights (``save_features1.py``), one safetensors file per
-    exam in ``features/<split>/`` of the unit directory, then read back whole per split.
+    exam in ``features/<split>/`` of the unit directory, then read back per split: whole
+    (:func:`~.data.load_feature_split`) with ``data.store: memory``, labels only with ``exams``
+    (:func:`~.data.open_feature_split`: stage 2 reads each exam's features when a batch needs them).
 
     Caching: a split whose ``index.json`` records these settings (and whose exam files are all there) is read without
     touching the model or the held-out data; otherwise the missing exams are extracted — an exam file of these
     settings left by an interrupted run is kept — and the index is written last. DDP (``info``): the exams of a
     split are dealt round-robin to the ranks (rank r extracts exams r, r + W, ...), each rank writes its exams'
-    files, rank 0 writes the index once every rank is done, and every rank reads the whole split back."""
+    files, rank 0 writes the index once every rank is done (:func:`~.exam_store.after_shards`), and every rank opens
+    the split."""
     rank, world = _place(info)
     unit = f"features/{arm}/seed{seed}"
     unit_dir = stage1_dir(run_dir, arm, seed)
@@ -523,7 +555,7 @@ def features_unit(
         if done:
             continue
         es = data.train if name == "train" else (data.val if name == "val" else data.test).get("features", unit)
-        for e in range(rank, es.num_exams, world):
+        for e in dealt(es.num_exams, rank=rank, world_size=world):
             path = sdir / exam_feature_name(es.study_ids[e])
             if exam_feature_digest(path) == digest:
                 continue
@@ -536,12 +568,9 @@ def features_unit(
             save_exam_features(path, features=feats, probs=probs, slice_labels=es.slice_labels[a:b],
                                exam_labels=es.exam_labels[e], study_id=str(es.study_ids[e]), digest=digest)  # fmt: skip
             extracted += 1
-        if world > 1:
-            distributed.barrier()
-        if rank == 0:
-            write_feature_index(sdir, split=name, study_ids=es.study_ids.tolist(), settings=settings)
-        if world > 1:
-            distributed.barrier()
+        write_index = partial(write_feature_index, sdir, split=name, study_ids=es.study_ids.tolist(),
+                              settings=settings)  # fmt: skip
+        after_shards(write_index, rank=rank, world_size=world)
     seconds = time.perf_counter() - t0
     if world > 1:  # the most exams any rank extracted
         extracted = -distributed.all_reduce_min_int(-extracted)
@@ -550,24 +579,64 @@ def features_unit(
         write_json(timing, {"seconds": seconds, "world_size": world})
     if world > 1:
         distributed.barrier()
-    return {name: load_feature_split(fdir / name) for name in feature_splits(cfg)}
+    load = load_feature_split if cfg.data.store == "memory" else open_feature_split
+    return {name: load(fdir / name) for name in feature_splits(cfg)}
 
 
 # --- stage 2 ----------------------------------------------------------------------------------------------
 
 
-def collate(fs: FeatureSet, cfg: PECadConfig) -> Stage2Batch:
+class ExamBatches:
+    """A split's stage-2 input collated on demand (``data.store: exams``): :meth:`take` reads exams ``idx`` from
+    their feature files and collates them, so a rank reads only its share of each batch and of each evaluation."""
+
+    def __init__(self, files: FeatureFiles, cfg: PECadConfig) -> None:
+        self.files, self.cfg = files, cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def in_dim(self) -> int:
+        """F = 3D: the features and their two differences (``stage2.prepare_exam``)."""
+        return 3 * self.files.feature_dim
+
+    def take(self, idx: torch.Tensor) -> Stage2Batch:
+        s2 = self.cfg.stage2
+        return collate_exams(self.files.exams(idx.tolist()), length=s2.seq_len, label_mode=s2.label_mode,
+                             long_mode=s2.long_mode)  # fmt: skip
+
+
+Batches = Stage2Batch | ExamBatches
+
+
+def collate(fs: Features, cfg: PECadConfig) -> Batches:
+    """A split's stage-2 input: every exam collated now (:class:`~.data.FeatureSet`), or on demand per batch
+    (:class:`~.data.FeatureFiles` -> :class:`ExamBatches`)."""
+    if isinstance(fs, FeatureFiles):
+        return ExamBatches(fs, cfg)
     s2 = cfg.stage2
     return collate_exams(fs.exams(), length=s2.seq_len, label_mode=s2.label_mode, long_mode=s2.long_mode)
 
 
-def take(batch: Stage2Batch, idx: torch.Tensor) -> Stage2Batch:
+def take(batch: Batches, idx: torch.Tensor) -> Stage2Batch:
+    """Exams ``idx`` of a split's stage-2 input as one collated batch."""
+    if isinstance(batch, ExamBatches):
+        return batch.take(idx)
     return Stage2Batch(**{f.name: getattr(batch, f.name)[idx] for f in dataclasses.fields(batch)})
+
+
+def batch_exams(batch: Batches) -> int:
+    return len(batch) if isinstance(batch, ExamBatches) else int(batch.x.shape[0])
+
+
+def batch_in_dim(batch: Batches) -> int:
+    return batch.in_dim if isinstance(batch, ExamBatches) else int(batch.x.shape[-1])
 
 
 @torch.no_grad()
 def evaluate_stage2(
-    model: nn.Module, fs: FeatureSet, batch: Stage2Batch, cfg: PECadConfig, *, slice_trained: bool,
+    model: nn.Module, fs: Features, batch: Batches, cfg: PECadConfig, *, slice_trained: bool,
     device: torch.device, info: DistInfo | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Exam AUC per label (points) and their mean over the labels both classes of which occur; with a trained
@@ -578,8 +647,8 @@ def evaluate_stage2(
     mine = shard_rows(len(fs), rank=rank, world_size=world)
     was = model.training
     model.eval()
-    exam_logits = [torch.zeros(0, batch.exam_labels.shape[1])]
-    slice_logits = [torch.zeros(0, batch.x.shape[1])]
+    exam_logits = [torch.zeros(0, fs.exam_labels.shape[1])]
+    slice_logits = [torch.zeros(0, cfg.stage2.seq_len)]
     for i in range(mine.start, mine.stop, 256):
         b = take(batch, torch.arange(i, min(i + 256, mine.stop))).to(device)
         out = model(b.x, b.valid)
@@ -662,8 +731,9 @@ def stage2_unit(
     info: DistInfo | None = None,
 ) -> dict[str, Any]:
     """Train one stage-2 kind with one seed on ``features_arm``'s features; keep the epoch with the best validation
-    mean exam AUC; test once. ``feats``: ``train`` (FeatureSet), ``val`` / ``test`` (GuardedFeatures) and their
-    collated batches ``batch/<split>``.
+    mean exam AUC; test once. ``feats``: ``train`` (FeatureSet or FeatureFiles), ``val`` / ``test``
+    (GuardedFeatures) and their stage-2 input ``batch/<split>`` (:func:`collate`: collated, or collated per batch
+    from the feature files with ``data.store: exams``, each rank reading only its exams).
 
     DDP (``info`` with W > 1): ``DistributedDataParallel`` over exams. Every epoch's permutation of the training
     exams is the one one process draws; ``stage2.batch_size`` is the effective batch (per-rank batch x W) and each
@@ -683,17 +753,17 @@ def stage2_unit(
                  features_arm)  # fmt: skip
     metrics.truncate(unit, 0)
     s2 = cfg.stage2
-    train_batch: Stage2Batch = feats["batch/train"]
+    train_batch: Batches = feats["batch/train"]
     slice_trained = kind in SLICE_TRAINED
     image_weight = s2.image_weight if slice_trained else 0.0  # MIL: exam labels only
     seed_everything(seed)
     extra = {"attention": s2.attention} if kind == "cc" else {}
-    model = build_stage2(kind, in_dim=train_batch.x.shape[-1], hidden=s2.hidden, seq_len=s2.seq_len, **extra)
+    model = build_stage2(kind, in_dim=batch_in_dim(train_batch), hidden=s2.hidden, seq_len=s2.seq_len, **extra)
     model.to(device)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     opt, sched = build_stage2_optimizer(model, lr=s2.lr, step_size=s2.step_size, gamma=s2.gamma)
     gen = torch.Generator().manual_seed(seed * 7919 + 2)
-    n = train_batch.x.shape[0]
+    n = batch_exams(train_batch)
     best: dict[str, Any] = {"score": -math.inf, "epoch": 0, "val": None, "state": None}
     curve = []
     t_train = 0.0
@@ -759,7 +829,7 @@ def stage2_unit(
 # --- trivial baseline -------------------------------------------------------------------------------------
 
 
-def trivial_scores(exams: ExamSet, column: int = 0) -> dict[str, Any]:
+def trivial_scores(exams: Exams, column: int = 0) -> dict[str, Any]:
     """The training-free baseline under one defect-fraction setting (``column`` of ``exams.trivial``): the defect
     fraction as the slice score (image AUC) and its maximum over an exam's slices as the exam score (AUC of "any
     PE", and of ``negative_exam_for_pe`` with the score negated)."""
@@ -773,7 +843,7 @@ def trivial_scores(exams: ExamSet, column: int = 0) -> dict[str, Any]:
     }
 
 
-def choose_trivial_setting(val: ExamSet) -> int:
+def choose_trivial_setting(val: Exams) -> int:
     """The defect-fraction setting (a column of ``val.trivial``) with the best validation image AUC; the first on
     ties, and the default setting (0) when validation has a single slice class."""
     aucs = [auc_points(val.trivial[:, g], val.slice_labels) for g in range(val.trivial.shape[1])]
@@ -984,7 +1054,8 @@ def train(cfg: PECadConfig) -> dict[str, Any]:
     device = info.device
     access = AccessLog(run_dir / "access_log.jsonl" if info.is_main else None)
     root = data_root(cfg)
-    data = main_first(lambda: prepare_data(cfg, root, run_dir, access), info)
+    check_sync_bn(cfg, info)
+    data = prepare_data(cfg, root, run_dir, access, info=info)
     summary = new_summary(RECIPE, PAPER, cfg, run_dir, data=data.info)
     seeds, arms, kinds = cfg.seeds, cfg.stage1.arms, cfg.stage2.kinds
 
@@ -1005,7 +1076,7 @@ def train(cfg: PECadConfig) -> dict[str, Any]:
         stage1 = _load_stage(run_dir, stage1_dir, arms, seeds)
 
     selection: dict[int, str] = {}
-    features: dict[int, dict[str, FeatureSet]] = {}
+    features: dict[int, dict[str, Features]] = {}
     feature_seconds: dict[str, float] = {}
     if "features" in cfg.stages or "stage2" in cfg.stages:
         for seed in seeds:
@@ -1055,7 +1126,7 @@ def train(cfg: PECadConfig) -> dict[str, Any]:
             seed = min(selection)
             val_dir = features_dir(run_dir, selection[seed], seed) / "val"
             if feature_index(val_dir) is not None:
-                example = (f"{selection[seed]} seed {seed}", load_feature_split(val_dir).probs)
+                example = (f"{selection[seed]} seed {seed}", open_feature_split(val_dir).probs)
         figs = figures.make_all(run_dir, stage1, stage2, trivial, data, cfg, example_probs=example)
         summary.update(
             trivial=trivial,
