@@ -1,15 +1,19 @@
 """The streamed per-exam data path of PE CAD (``data.store=exams``) against the in-memory one (``memory``).
 
 The store gives exactly the in-memory split's stacks, labels, counts and baseline scores; stage 1, pretraining,
-feature extraction and stage 2 give identical results on either; building resumes (a deleted exam file alone is
-rewritten) and a corrupt exam file stops it with an error naming the file; reading is lazy (no more files open than
-``data.open_exams``); under ``torchrun`` two ranks preprocess disjoint shares into the files one process writes and
-stage 2 reads only each rank's exams. Also: the ``data.store`` / ``stage1.sync_bn`` config keys."""
+feature extraction and stage 2 give identical results on either; one-slice exams stack as hand-computed (edges
+replicated); a boolean mask reads as its indices and float indices are refused; building resumes (a deleted exam file
+alone is rewritten), is crash-safe (stale temporary files removed, a corrupt exam file rewritten with a warning while
+an open store reading it raises an error naming it) and refuses study ids sharing a file name, or exams of another
+H x W, naming them; reading is lazy (no more files open than ``data.open_exams``); under ``torchrun`` two ranks
+preprocess disjoint shares into the files one process writes and stage 2 reads only each rank's exams. Also: the
+``data.store`` / ``stage1.sync_bn`` config keys, and the split manifest written by the main rank alone."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,7 +45,16 @@ from thrifty.methods.pe_cad.data import (
     stack_view,
     synthetic_jobs,
 )
-from thrifty.methods.pe_cad.exam_store import CorruptExamFile, ExamJob, ExamStore, build_exam_split, exam_file_name
+from thrifty.methods.pe_cad.exam_store import (
+    CorruptExamFile,
+    ExamJob,
+    ExamStore,
+    as_rows,
+    build_exam_split,
+    exam_file_name,
+    write_exam_file,
+    write_exam_index,
+)
 from thrifty.methods.pe_cad.pretrain import initialise, slice_level_labels
 from thrifty.methods.pe_cad.stage1 import build_backbone, stack_all
 from thrifty.methods.pe_cad.stage2 import collate_exams
@@ -216,20 +229,152 @@ def test_build_resumes_rewriting_only_a_deleted_exam_file(tmp_path):
     assert build_exam_split(tmp_path, counted_jobs(jobs, loads), **{**kw, "digest": "d2"}) == len(jobs)  # settings
 
 
+def tiny_exam(study: str, values, *, hw=(2, 2), masks: bool = False) -> dict:
+    """An exam of len(values) slices, slice k filled with values[k] (exact in float16)."""
+    s = len(values)
+    exam = {"study_id": study, "slices": np.ones((s, *hw), np.float16) * np.asarray(values, np.float16)[:, None, None],
+            "slice_labels": np.arange(s) % 2, "exam_labels": np.arange(9) % 2, "trivial": np.zeros((s, 2))}  # fmt: skip
+    return exam | ({"masks": np.ones((s, *hw), np.uint8)} if masks else {})
+
+
+def tiny_jobs(specs: dict[str, list[float]], loads: list[str] | None = None, **kw) -> list[ExamJob]:
+    def load(sid: str, values: list[float]) -> dict:
+        if loads is not None:
+            loads.append(sid)
+        return tiny_exam(sid, values, **kw)
+
+    return [ExamJob(sid, lambda sid=sid, v=v: load(sid, v)) for sid, v in specs.items()]
+
+
+TINY = {"kw": {"split": "train", "digest": "d", "keep_masks": False}}
+
+
+def test_one_slice_exams_stack_their_slice_three_times(tmp_path):
+    """Exams of 1, 3 and 1 slices (global slices 0 | 1 2 3 | 4, slice k holding the value k): the stacks are the
+    hand-written neighbours (i-1, i, i+1 within the exam, edges replicated), in the store and in memory."""
+    jobs = tiny_jobs({"one-a": [0.0], "three": [1.0, 2.0, 3.0], "one-b": [4.0]})
+    build_exam_split(tmp_path, jobs, **TINY["kw"])
+    store = ExamStore.open(tmp_path, digest="d")
+    expected = torch.tensor([[0, 0, 0], [1, 1, 2], [1, 2, 3], [2, 3, 3], [4, 4, 4]], dtype=torch.float32)
+    mem = ExamSet(slices=torch.arange(5, dtype=torch.float16)[:, None, None].expand(5, 2, 2).contiguous(),
+                  offsets=np.array([0, 1, 4, 5]), slice_labels=np.zeros(5, np.uint8),
+                  exam_labels=np.zeros((3, 9), np.uint8), study_ids=np.array(["one-a", "three", "one-b"]),
+                  trivial=np.zeros((5, 2)))  # fmt: skip
+    assert store.slice_counts.tolist() == [1, 3, 1]
+    for exams in (store, mem):
+        got = exams.stacks(slice(None))
+        assert got.shape == (5, 3, 2, 2) and torch.equal(got, expected[:, :, None, None].expand(5, 3, 2, 2))
+        assert torch.equal(exams.stacks([4, 0]), expected[[4, 0], :, None, None].expand(2, 3, 2, 2))
+    # an exam of no slice cannot be preprocessed (pe_data.preprocess_exam refuses it) nor written
+    with pytest.raises(ValueError, match="volume"):
+        pe_data.preprocess_exam(np.zeros((0, 4, 4)), size=4, level=100, width=700, lung_crop=False)
+    with pytest.raises(ValueError, match="empty: no slice"):
+        write_exam_file(tmp_path / "empty.safetensors", tiny_exam("empty", []), digest="d", keep_masks=False)
+    assert not (tmp_path / "empty.safetensors").exists()
+
+
+def test_a_boolean_mask_reads_as_its_indices_and_float_indices_are_refused(tmp_path):
+    build_exam_split(tmp_path, tiny_jobs({"a": [0.0, 1.0], "b": [2.0, 3.0, 4.0]}), **TINY["kw"])
+    store = ExamStore.open(tmp_path, digest="d")
+    mask = np.array([True, False, False, True, True])
+    for m in (mask, torch.from_numpy(mask), mask.tolist()):
+        assert as_rows(m, 5).tolist() == [0, 3, 4]
+        assert torch.equal(store.stacks(m), store.stacks([0, 3, 4]))
+        assert torch.equal(store.slice_images(m), store.slice_images(torch.tensor([0, 3, 4])))
+    assert as_rows(np.zeros(5, bool), 5).tolist() == [] and as_rows([], 5).tolist() == []
+    with pytest.raises(IndexError, match=r"\(5,\)"):
+        as_rows(mask[:4], 5)  # a mask of another length
+    for bad in (np.array([0.0, 1.7]), torch.tensor([1.0]), [0.5]):
+        with pytest.raises(TypeError, match="integers or a boolean mask"):
+            store.stacks(bad)
+
+
+def test_a_build_removes_the_temporary_files_killed_writes_of_its_exams_left(tmp_path):
+    jobs = tiny_jobs({"a": [0.0], "b": [1.0], "c": [2.0], "d": [3.0]})
+    build_exam_split(tmp_path, jobs, **TINY["kw"])
+    stale = {s: tmp_path / f".{exam_file_name(s)}.{99999 + k}.tmp" for k, s in enumerate("abcd")}
+    for path in stale.values():
+        path.write_bytes(b"half an exam")  # a write killed before its rename
+    other = tmp_path / ".unrelated.safetensors.7.tmp"
+    other.write_bytes(b"")
+    assert build_exam_split(tmp_path, jobs, **TINY["kw"], rank=0, world_size=2) == 0  # rank 0: exams a and c
+    assert [s for s, p in stale.items() if p.exists()] == ["b", "d"] and other.exists()  # rank 1's are its own
+    build_exam_split(tmp_path, jobs, **TINY["kw"])
+    assert not any(p.exists() for p in stale.values()) and other.exists()
+
+
+def test_a_write_is_fsynced_and_a_failed_one_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / exam_file_name("a")
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    write_exam_file(path, tiny_exam("a", [1.0]), digest="d", keep_masks=False)
+    assert len(synced) == (2 if os.name == "posix" else 1)  # the file, then its directory
+    before = path.read_bytes()
+
+    def fail(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_exam_file(path, tiny_exam("a", [2.0]), digest="d", keep_masks=False)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_a_corrupt_exam_file_is_rejected_naming_it(tmp_path, damage):
+def test_a_corrupt_exam_file_is_rewritten_by_the_build_and_named_by_an_open_store(tmp_path, damage, caplog):
     cfg = smoke(tmp_path, tmp_path / "data", "data.store=exams")
     prepare_data(cfg, tmp_path / "data", tmp_path, AccessLog())
     split_dir = exam_store_dir(next((tmp_path / "data").glob("pe_cad-*")), "val")
     store = ExamStore.open(split_dir, digest=json.loads((split_dir / "index.json").read_text())["digest"])
     bad = store.files[1]
     blob = bad.read_bytes()
+    tensors = {k: v.clone() for k, v in load_file(bad).items()}  # copies: the file is truncated in place below
+    first = slice(int(store.offsets[1]), int(store.offsets[1]) + 2)
+    before = ExamStore.open(split_dir, digest=store.digest).stacks(first)
     bad.write_bytes(b"not a safetensors file" if damage == "garbage" else blob[: len(blob) // 2])
-    with pytest.raises(CorruptExamFile, match=bad.name):
-        prepare_data(cfg, tmp_path / "data", tmp_path, AccessLog())
     with pytest.raises(CorruptExamFile, match=bad.name):  # a store already open meets it when reading that exam
-        store.stacks(slice(int(store.offsets[1]), int(store.offsets[1]) + 2))
+        store.stacks(first)
     assert store.stacks([0]).shape == (1, 3, 32, 32)  # the other exams still read
+    with caplog.at_level(logging.WARNING, logger=exam_store.__name__):
+        prepare_data(cfg, tmp_path / "data", tmp_path, AccessLog())  # the build rewrites it
+    warned = [r.getMessage() for r in caplog.records if bad.name in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("rewriting it")
+    again = {k: v.clone() for k, v in load_file(bad).items()}  # the same exam (the header may differ byte-wise)
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert torch.equal(store.stacks(first), before)
+
+
+def test_an_exam_file_of_the_wrong_tensors_is_rewritten(tmp_path, caplog):
+    loads: list[str] = []
+    build_exam_split(tmp_path, tiny_jobs({"a": [0.0], "b": [1.0]}), **TINY["kw"])  # no masks
+    with caplog.at_level(logging.WARNING, logger=exam_store.__name__):
+        kw = {**TINY["kw"], "keep_masks": True}
+        assert build_exam_split(tmp_path, tiny_jobs({"a": [0.0], "b": [1.0]}, loads, masks=True), **kw) == 2
+    assert loads == ["a", "b"] and sum("lacks the masks" in r.getMessage() for r in caplog.records) == 2
+    assert ExamStore.open(tmp_path, digest="d").has_masks
+
+
+def test_study_ids_sharing_a_file_name_are_refused_before_anything_is_written(tmp_path):
+    loads: list[str] = []
+    jobs = tiny_jobs({"1.2.3": [0.0], "study/4": [1.0], "study:4": [2.0]}, loads)
+    assert exam_file_name("study/4") == exam_file_name("study:4")
+    with pytest.raises(ValueError, match=r"'study/4' and study 'study:4'.*study_4\.safetensors"):
+        build_exam_split(tmp_path / "split", jobs, **TINY["kw"])
+    assert loads == [] and not (tmp_path / "split").exists()
+    with pytest.raises(ValueError, match="'a' is listed twice"):
+        build_exam_split(tmp_path / "split", tiny_jobs({"a": [0.0]}) * 2, **TINY["kw"])
+
+
+def test_an_exam_of_another_size_or_tensors_is_named_by_the_index(tmp_path):
+    jobs = tiny_jobs({"a": [0.0], "b": [1.0, 2.0]}) + tiny_jobs({"odd": [3.0]}, hw=(3, 3))
+    with pytest.raises(CorruptExamFile, match=r"odd\.safetensors: slices 3x3.*first exam a\.safetensors \(slices 2x2"):
+        build_exam_split(tmp_path, jobs, **TINY["kw"])
+    assert not (tmp_path / "index.json").exists()
+    write_exam_file(tmp_path / exam_file_name("odd"), tiny_exam("odd", [3.0], masks=True), digest="d",
+                    keep_masks=True)  # fmt: skip
+    with pytest.raises(CorruptExamFile, match=r"odd\.safetensors: slices 2x2, masks True"):
+        write_exam_index(tmp_path, split="train", study_ids=["a", "b", "odd"], digest="d")
 
 
 # ------------------------------------------------------------------------------------------------ laziness
@@ -359,3 +504,22 @@ def test_sync_bn_converts_on_cuda_ranks_only_and_refuses_cpu_ranks(tmp_path):
     recipe.check_sync_bn(cfg, DistInfo(world_size=1))
     with pytest.raises(ConfigError, match=r"stage1\.sync_bn"):
         recipe.check_sync_bn(cfg, DistInfo(rank=0, world_size=2))
+
+
+def test_only_the_main_rank_writes_the_split_manifest_with_either_store(monkeypatch, both):
+    root, sets = both
+    asked: list[bool] = []
+    real = pe_data._source
+
+    def source(cfg, run_dir, *, write_manifest):
+        asked.append(write_manifest)
+        return real(cfg, run_dir, write_manifest=write_manifest)
+
+    monkeypatch.setattr(pe_data, "_source", source)
+    for store in ("memory", "exams"):
+        cfg = sets[store][0]
+        for info in (None, DistInfo(rank=0, world_size=1), DistInfo(rank=1, world_size=2)):
+            if store == "exams" and info is not None and info.world_size > 1:
+                continue  # the exams store deals its exams to ranks: no second process here
+            prepare_data(cfg, root / "data", root, AccessLog(), info=info)
+    assert asked == [True, True, False, True, True]

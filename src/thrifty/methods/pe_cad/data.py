@@ -386,9 +386,10 @@ def keeps_masks(cfg: PECadConfig, split: str) -> bool:
     return cfg.data.source == "synthetic" and split in MASK_SPLITS
 
 
-def _in_memory(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog) -> PECadData:
-    """``data.store: memory``: every split's slices in memory, cached as one ``.npz`` per split."""
-    source, prefix, settings, jobs = _source(cfg, run_dir, write_manifest=True)
+def _in_memory(cfg: PECadConfig, root: Path, run_dir: Path, access: AccessLog, *, is_main: bool) -> PECadData:
+    """``data.store: memory``: every split's slices in memory, cached as one ``.npz`` per split. ``is_main``: this
+    is the main rank (the one that writes the split manifest of real data)."""
+    source, prefix, settings, jobs = _source(cfg, run_dir, write_manifest=is_main)
 
     def build() -> dict[str, dict[str, np.ndarray]]:
         return {name: assemble([job.load() for job in jobs[name]], keep_masks=keeps_masks(cfg, name))
@@ -470,11 +471,13 @@ def prepare_data(
     """The train / val / test exams of ``data.source`` held as ``data.store`` says.
 
     ``memory``: built (and cached) by rank 0 first, then read by the other ranks. ``exams``: every rank preprocesses
-    the exams dealt to it, rank 0 writes each split's index, and every rank opens the lazy stores. ``info``: the
-    process's place under ``torchrun`` (None: one process)."""
+    the exams dealt to it, rank 0 writes each split's index, and every rank opens the lazy stores. With either, rank
+    0 alone writes the split manifest of real data. ``info``: the process's place under ``torchrun`` (None: one
+    process)."""
     if cfg.data.store == "exams":
         return _streamed(cfg, root, run_dir, access, info)
-    return main_first(lambda: _in_memory(cfg, root, run_dir, access), info or DistInfo())
+    place = info or DistInfo()
+    return main_first(lambda: _in_memory(cfg, root, run_dir, access, is_main=place.is_main), place)
 
 
 # ------------------------------------------------------------------------------------ stage-1 features

@@ -16,10 +16,14 @@ digest and the format. ``index.json`` lists every exam's study id, file, slice c
 (a string of 0/1), so the labels and counts of a split are known without opening its exam files.
 
 Building is resumable and shardable (:func:`build_exam_split`): an exam file of these settings already present is
-kept, a missing one (or one of other settings) is written through a temporary file and a rename, an unreadable or
-inconsistent one stops the build with a :class:`CorruptExamFile` naming it. Under ``torchrun`` the exams are dealt
-round-robin to the ranks (:func:`dealt`, as the feature extraction deals them) and rank 0 writes the index after a
-barrier (:func:`after_shards`).
+kept, a missing one (or one of other settings) is written crash-safely (:func:`save_safetensors_atomic`: a temporary
+file in the same directory, fsynced, renamed over the file, the directory fsynced), and an unreadable or inconsistent
+one (a torn write, a damaged disk) is logged as a warning naming it and rewritten. Temporary files left by killed
+writes are removed when the build starts, and study ids that would share a file name are refused before anything is
+written. Under ``torchrun`` the exams are dealt round-robin to the ranks (:func:`dealt`, as the feature extraction
+deals them) and rank 0 writes the index after a barrier (:func:`after_shards`); the index requires every exam file to
+hold slices of one H x W and the same tensors (``masks`` in all or none). A corrupt file met when *reading* an open
+store raises :class:`CorruptExamFile` naming it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from thrifty.core import distributed
 from thrifty.core.run import write_json
@@ -66,12 +70,65 @@ def exam_file_name(study_id: str) -> str:
     return f"{name}.safetensors"
 
 
+#: a temporary file of :func:`save_safetensors_atomic`: ``.<file name>.<pid>.tmp`` next to the file
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary file this process writes ``path`` through: ``.<name>.<pid>.tmp`` in the same directory (so the
+    rename stays on one file system)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; best effort, skipped where a directory cannot be
+    opened or synced (Windows, some network file systems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``path`` through a private temporary file and a rename (a killed write leaves no file)."""
+    """Write ``tensors`` to ``path`` crash-safely: serialised in memory (``safetensors.torch.save``), written to
+    :func:`temp_path`, flushed and fsynced, renamed over ``path`` (``os.replace``), then the directory fsynced
+    (:func:`fsync_directory`). A killed process or a power loss leaves the old file or the new one, never a torn
+    one; at worst a stale temporary file, which :func:`remove_stale_temps` clears. Used by the exam store and the
+    per-exam feature files alike."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    blob = save(tensors, metadata=metadata)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def remove_stale_temps(directory: Path, names: set[str]) -> list[Path]:
+    """Remove the temporary files (:func:`temp_path`) that killed writes of the files ``names`` left in
+    ``directory``; returns them. Only for files no other live process is writing (a build's own share of exams)."""
+    if not Path(directory).is_dir():
+        return []
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            m = _TEMP.fullmatch(entry.name)
+            if m and m["name"] in names and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def safetensors_metadata(path: Path) -> dict[str, str] | None:
@@ -108,12 +165,22 @@ def stack_neighbours(rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def as_rows(idx: IndexLike, n: int) -> np.ndarray:
-    """Slice indices given as a slice, tensor, array or sequence -> int64 (k,) in [0, n); IndexError otherwise."""
+    """Slice indices -> int64 (k,) in [0, n), as ``ExamSet.stacks`` reads them: a slice; integer indices (tensor,
+    array or sequence); or a boolean mask of length n (its True rows, in order). IndexError for an index out of
+    range or a mask of another length; TypeError for any other dtype (float indices are not truncated)."""
     if isinstance(idx, slice):
         return np.arange(*idx.indices(n), dtype=np.int64)
     rows = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+    if rows.size == 0:  # an empty list is float64 to numpy
+        return np.zeros(0, dtype=np.int64)
+    if rows.dtype == np.bool_:
+        if rows.shape != (n,):
+            raise IndexError(f"a boolean mask of slices needs shape ({n},), got {rows.shape}")
+        return np.flatnonzero(rows).astype(np.int64)
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise TypeError(f"slice indices must be integers or a boolean mask, got dtype {rows.dtype}")
     rows = rows.astype(np.int64).reshape(-1)
-    if rows.size and (rows.min() < 0 or rows.max() >= n):
+    if rows.min() < 0 or rows.max() >= n:
         raise IndexError(f"slice index out of range [0, {n}): {int(rows.min())}..{int(rows.max())}")
     return rows
 
@@ -135,6 +202,8 @@ def write_exam_file(path: Path, exam: dict[str, Any], *, digest: str, keep_masks
     ``exam_labels``, ``study_id``) -> its safetensors file, atomically; ``digest``: the settings digest."""
     slices = np.ascontiguousarray(exam["slices"], dtype=np.float16)
     s = len(slices)
+    if s < 1:  # preprocess_exam refuses empty volumes; a file of 0 slices would read as corrupt
+        raise ValueError(f"exam {exam['study_id']}: no slice")
     tensors = {
         "slices": torch.from_numpy(slices),
         "slice_labels": torch.from_numpy(np.ascontiguousarray(exam["slice_labels"], dtype=np.uint8)),
@@ -146,6 +215,8 @@ def write_exam_file(path: Path, exam: dict[str, Any], *, digest: str, keep_masks
     if slices.ndim != 3 or tensors["slice_labels"].shape != (s,):
         raise ValueError(f"exam {exam['study_id']}: slices {slices.shape} and {len(tensors['slice_labels'])} slice "
                          "labels do not describe one exam of S slices")  # fmt: skip
+    if keep_masks and tuple(tensors["masks"].shape) != slices.shape:
+        raise ValueError(f"exam {exam['study_id']}: masks {tuple(tensors['masks'].shape)} and slices {slices.shape}")
     meta = {"study_id": str(exam["study_id"]), "digest": digest, "format": str(EXAM_FORMAT)}
     save_safetensors_atomic(path, tensors, meta)
 
@@ -155,13 +226,14 @@ def _shapes(path: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
     except _READ_ERRORS as err:
-        raise CorruptExamFile(f"{path}: not a readable per-exam slice file ({err}); delete it to rebuild it") from None
+        raise CorruptExamFile(f"{path}: not a readable per-exam slice file ({err})") from None
 
 
-def check_exam_file(path: Path, *, digest: str, study_id: str) -> bool:
+def check_exam_file(path: Path, *, digest: str, study_id: str, keep_masks: bool | None = None) -> bool:
     """True when ``path`` is this exam's file under these settings; False when it is missing or was written with
     other settings (it is then rewritten); :class:`CorruptExamFile` naming it when it is unreadable or its tensors
-    do not describe one exam."""
+    do not describe one exam (with ``keep_masks`` given: also when it holds masks and should not, or the reverse).
+    :func:`build_exam_split` rewrites such a file with a warning."""
     if not path.is_file():
         return False
     meta, shapes = _shapes(path)
@@ -173,13 +245,29 @@ def check_exam_file(path: Path, *, digest: str, study_id: str) -> bool:
         problem = f"holds study {meta.get('study_id')!r}, expected {study_id!r}"
     elif missing := [k for k in EXAM_KEYS if k not in shapes]:
         problem = f"lacks tensors {missing}"
+    elif keep_masks is not None and keep_masks != ("masks" in shapes):
+        problem = "holds emboli masks, which this split does not keep" if not keep_masks else "lacks the masks"
     else:
         s = shapes["slices"][0] if len(shapes["slices"]) == 3 else -1
         if s < 1 or shapes["slice_labels"] != [s] or shapes["trivial"][:1] != [s] or len(shapes["exam_labels"]) != 1:
             problem = f"tensor shapes {shapes} do not describe one exam of S slices"
+        elif "masks" in shapes and shapes["masks"] != shapes["slices"]:
+            problem = f"masks {shapes['masks']} and slices {shapes['slices']} differ in shape"
     if problem:
-        raise CorruptExamFile(f"{path}: {problem}; delete it to rebuild it")
+        raise CorruptExamFile(f"{path}: {problem}")
     return True
+
+
+def check_file_names(study_ids: Sequence[str], *, split: str) -> None:
+    """ValueError naming both study ids when two of a split's exams would share a file (:func:`exam_file_name`
+    maps them to the same name, or a study is listed twice)."""
+    owner: dict[str, str] = {}
+    for sid in map(str, study_ids):
+        name = exam_file_name(sid)
+        if name in owner:
+            what = "is listed twice" if owner[name] == sid else f"and study {sid!r} both map to the file name {name!r}"
+            raise ValueError(f"split {split!r}: study {owner[name]!r} {what}; the split's exams need distinct files")
+        owner[name] = sid
 
 
 # ------------------------------------------------------------------------------------------------ one split
@@ -198,7 +286,11 @@ def exam_index(directory: Path, *, digest: str) -> dict[str, Any] | None:
     path = Path(directory) / EXAM_INDEX
     if not path.is_file():
         return None
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s: unreadable (%s), taken as missing", path, err)
+        return None
     if index.get("digest") != digest or index.get("format") != EXAM_FORMAT:
         return None
     if not all((path.parent / e["file"]).is_file() for e in index.get("exams", [])):
@@ -207,8 +299,13 @@ def exam_index(directory: Path, *, digest: str) -> dict[str, Any] | None:
 
 
 def write_exam_index(directory: Path, *, split: str, study_ids: Sequence[str], digest: str) -> dict[str, Any]:
-    """``directory / index.json`` from the exam files themselves (their labels and slice counts), in split order."""
-    exams, shape, masks = [], None, False
+    """``directory / index.json`` from the exam files themselves (their labels and slice counts), in split order.
+
+    Every exam file must hold slices of the same H x W and the same tensors (``masks`` in all or none); the first
+    that differs from the split's first exam raises :class:`CorruptExamFile` naming both."""
+    check_file_names(study_ids, split=split)
+    exams: list[dict[str, Any]] = []
+    first: tuple[Path, list[int], bool] | None = None
     for sid in study_ids:
         path = directory / exam_file_name(sid)
         try:
@@ -217,14 +314,18 @@ def write_exam_index(directory: Path, *, split: str, study_ids: Sequence[str], d
                 entry = {"study_id": str(sid), "file": path.name, "slices": len(labels),
                          "exam_labels": f.get_tensor("exam_labels").tolist(),
                          "slice_labels": "".join("1" if v else "0" for v in labels.tolist())}  # fmt: skip
-                shape = shape or f.get_slice("slices").get_shape()[1:]
+                shape = list(f.get_slice("slices").get_shape()[1:])
                 masks = "masks" in f.keys()  # noqa: SIM118
         except _READ_ERRORS as err:
             raise CorruptExamFile(f"{path}: not a readable per-exam slice file ({err})") from None
+        if first is None:
+            first = (path, shape, masks)
+        elif (shape, masks) != first[1:]:
+            raise CorruptExamFile(f"{path}: slices {'x'.join(map(str, shape))}, masks {masks}, unlike the split's "
+                                  f"first exam {first[0].name} (slices {'x'.join(map(str, first[1]))}, masks "
+                                  f"{first[2]}); every exam of a split needs the same H x W and tensors")  # fmt: skip
         exams.append(entry)
-    names = [e["file"] for e in exams]
-    if len(set(names)) != len(names):
-        raise ValueError(f"split {split!r}: two study ids map to the same exam file name")
+    shape, masks = (first[1], first[2]) if first is not None else (None, False)
     index = {"split": split, "format": EXAM_FORMAT, "digest": digest, "shape": shape, "masks": masks, "exams": exams}
     write_json(directory / EXAM_INDEX, index)
     return index
@@ -242,16 +343,26 @@ def build_exam_split(
 ) -> int:
     """Preprocess and write the exams of one split that are not on disk yet; returns how many this rank wrote.
 
-    Every rank checks and writes the exams dealt to it (:func:`dealt`), an exam file of these settings being kept;
-    rank 0 then (re)writes ``index.json`` when an exam was written or the index is missing (:func:`after_shards`).
-    A corrupt exam file raises :class:`CorruptExamFile` naming it."""
+    Two study ids sharing a file name raise ValueError before anything is written (:func:`check_file_names`).
+    Every rank removes the temporary files killed writes of its exams left (:func:`remove_stale_temps`), then checks
+    and writes the exams dealt to it (:func:`dealt`): an exam file of these settings is kept, a missing one or one of
+    other settings written, an unreadable or inconsistent one (:func:`check_exam_file`) logged as a warning naming it
+    and rewritten. Rank 0 then (re)writes ``index.json`` when an exam was written or the index is missing
+    (:func:`after_shards`)."""
     directory = Path(directory)
+    check_file_names([j.study_id for j in jobs], split=split)
+    mine = dealt(len(jobs), rank=rank, world_size=world_size)
+    for tmp in remove_stale_temps(directory, {exam_file_name(jobs[e].study_id) for e in mine}):
+        log.warning("%s: removed a temporary file left by a killed write", tmp)
     written = 0
-    for e in dealt(len(jobs), rank=rank, world_size=world_size):
+    for e in mine:
         job = jobs[e]
         path = directory / exam_file_name(job.study_id)
-        if check_exam_file(path, digest=digest, study_id=job.study_id):
-            continue
+        try:
+            if check_exam_file(path, digest=digest, study_id=job.study_id, keep_masks=keep_masks):
+                continue
+        except CorruptExamFile as err:
+            log.warning("%s; rewriting it", err)
         exam = job.load()
         if str(exam["study_id"]) != job.study_id:
             raise ValueError(f"exam job {job.study_id!r} loaded study {exam['study_id']!r}")
@@ -381,12 +492,12 @@ class ExamStore:
             meta = handle.metadata() or {}
             shape = handle.get_slice("slices").get_shape()
         except _READ_ERRORS as err:
-            raise CorruptExamFile(f"{path}: not a readable per-exam slice file ({err}); delete it to rebuild "
-                                  "it") from None  # fmt: skip
+            raise CorruptExamFile(f"{path}: not a readable per-exam slice file ({err}); prepare the data again "
+                                  "(the build rewrites it)") from None  # fmt: skip
         count = int(self.offsets[e + 1] - self.offsets[e])
         if meta.get("digest") != self.digest or meta.get("study_id") != self.study_ids[e] or shape[0] != count:
             raise CorruptExamFile(f"{path}: does not match {self.directory / EXAM_INDEX} (study, settings digest or "
-                                  f"{count} slices); delete it to rebuild it")  # fmt: skip
+                                  f"{count} slices); delete it and prepare the data again")  # fmt: skip
         self._open[e] = handle
         return handle
 
@@ -457,12 +568,16 @@ __all__ = [
     "as_rows",
     "build_exam_split",
     "check_exam_file",
+    "check_file_names",
     "dealt",
     "exam_file_name",
     "exam_index",
+    "fsync_directory",
+    "remove_stale_temps",
     "safetensors_metadata",
     "save_safetensors_atomic",
     "stack_neighbours",
+    "temp_path",
     "write_exam_file",
     "write_exam_index",
 ]

@@ -133,6 +133,9 @@ class _Step(NamedTuple):
         batch: (m,) the global batch's indices (the same on every rank).
         rows: this rank's rows of it (all of them for one process; the first row for an empty share).
         idx: ``batch[rows]``; x: those slices (n, C, H, W) on the model's device, float32.
+        whole: the global batch's slices (m, C, H, W) on the model's device, float32, when the loss asked for them
+            (``_train(whole_batch=True)``) under DDP; ``x`` is then ``whole[rows]`` (each batch read once). None
+            otherwise (one process: ``x`` is the whole batch).
         scale: ``n_rank · W / m`` (:meth:`~.stage1.ShardedBatchSampler.loss_scale`): a per-row mean loss times it
             averages over ranks to the global batch's mean.
         rank / world_size: the process's place.
@@ -142,6 +145,7 @@ class _Step(NamedTuple):
     rows: slice
     idx: Tensor
     x: Tensor
+    whole: Tensor | None
     scale: float
     rank: int
     world_size: int
@@ -159,10 +163,13 @@ def _train(
     loss_fn,
     rank: int = 0,
     world_size: int = 1,
+    whole_batch: bool = False,
 ) -> PretrainResult:
     """Shared loop: Adam over backbone + head, ``loss_fn(step: _Step, generator) -> loss`` per batch; under DDP
     (``world_size`` > 1, a process group up) gradients are averaged over ranks after every backward and the
-    BatchNorm running statistics at the end. ``batch_size`` is the global batch (per-rank batch x ``world_size``)."""
+    BatchNorm running statistics at the end. ``batch_size`` is the global batch (per-rank batch x ``world_size``).
+    ``whole_batch``: under DDP, read every global batch (``step.whole``) and take this rank's rows from it, for a
+    loss that needs the whole batch (the Genesis draws); otherwise a rank reads its rows only."""
     device = _device(backbone)
     head.to(device)
     gen = torch.Generator().manual_seed(seed)
@@ -174,9 +181,13 @@ def _train(
     head.train()
     losses = []
     for k in range(steps):
-        idx = sampler.batch_at(k)
-        x = images[idx].to(device, torch.float32)
-        step = _Step(sampler.global_batch(k), sampler.draw_rows(k), idx, x, sampler.loss_scale(k), rank, world_size)
+        batch, rows, idx = sampler.global_batch(k), sampler.draw_rows(k), sampler.batch_at(k)
+        if whole_batch and world_size > 1:
+            whole = images[batch].to(device, torch.float32)
+            x = whole[rows]  # = images[idx]: batch_at is batch[rows]
+        else:
+            whole, x = None, images[idx].to(device, torch.float32)
+        step = _Step(batch, rows, idx, x, whole, sampler.loss_scale(k), rank, world_size)
         loss = loss_fn(step, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -385,8 +396,9 @@ def pretrain_restoration(
 ) -> PretrainResult:
     """Genesis-style restoration on unlabelled slices: :class:`RestorationDecoder` on ``backbone.feature_map``
     restores :func:`genesis_pair_2d`'s target from its input; MSE loss. slices: (N, 3, H, W) in [0, 1], H and W
-    multiples of ``backbone.map_stride``. Under DDP (``rank`` / ``world_size``) every rank draws the perturbations
-    of the whole global batch (cheap next to the network) and trains on its rows."""
+    multiples of ``backbone.map_stride``. Under DDP (``rank`` / ``world_size``) every rank reads the whole global
+    batch once and draws its perturbations (cheap next to the network), as one process draws them, and trains on its
+    rows."""
     x_all = _as_images(slices)
     h, w = x_all.shape[-2:]
     if h % backbone.map_stride or w % backbone.map_stride:
@@ -397,15 +409,14 @@ def pretrain_restoration(
     )
 
     def loss_fn(step: _Step, gen: torch.Generator) -> Tensor:
-        x = step.x
-        if step.world_size > 1:  # the draws of the whole batch, in its order; this rank's rows of the pairs
-            x = x_all[step.batch].to(step.x.device, torch.float32)
-        pair = genesis_pair_2d(x, generator=gen, shuffle_windows=shuffle_windows)
-        inp, target = (pair[k][step.rows] if step.world_size > 1 else pair[k] for k in ("input", "target"))
+        # under DDP the draws of the whole batch (read once, step.whole), in its order; this rank's rows of the pairs
+        pair = genesis_pair_2d(step.x if step.whole is None else step.whole, generator=gen,
+                               shuffle_windows=shuffle_windows)  # fmt: skip
+        inp, target = (pair[k] if step.whole is None else pair[k][step.rows] for k in ("input", "target"))
         return F.mse_loss(head(backbone.feature_map(inp)), target) * step.scale
 
     return _train(backbone, head, x_all, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn,
-                  rank=rank, world_size=world_size)  # fmt: skip
+                  rank=rank, world_size=world_size, whole_batch=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ from thrifty.methods.pe_cad.data import (
     stack_view,
     write_feature_index,
 )
-from thrifty.methods.pe_cad.exam_store import after_shards, dealt
+from thrifty.methods.pe_cad.exam_store import after_shards, dealt, remove_stale_temps
 from thrifty.methods.pe_cad.losses import LossParts, rsna_weighted_bce, rsna_weighted_log_loss
 from thrifty.methods.pe_cad.pretrain import initialise, slice_level_labels
 from thrifty.methods.pe_cad.stage1 import (
@@ -555,7 +555,9 @@ def features_unit(
         if done:
             continue
         es = data.train if name == "train" else (data.val if name == "val" else data.test).get("features", unit)
-        for e in dealt(es.num_exams, rank=rank, world_size=world):
+        mine = dealt(es.num_exams, rank=rank, world_size=world)
+        remove_stale_temps(sdir, {exam_feature_name(es.study_ids[e]) for e in mine})  # left by killed writes
+        for e in mine:
             path = sdir / exam_feature_name(es.study_ids[e])
             if exam_feature_digest(path) == digest:
                 continue
