@@ -280,7 +280,7 @@ def test_stages_run_one_at_a_time(tmp_path, data_dir):
         ("stage1.image_size=40", "'stage1.image_size'"),
         ("stage1.steps=0", "'stage1.steps'"),
         ("stage1.vit=vit_l16", "'stage1.vit'"),
-        ("stage1.cnn=vgg16", "'stage1.cnn'"),
+        ("stage1.cnn=vgg19", "'stage1.cnn'"),
         ("pretrain.simclr.batch_size=1", "'pretrain.simclr.batch_size'"),
         ("stage2.gamma=1.5", "'stage2.gamma'"),
         ("stage2.exam_weights=[1,2]", "'stage2.exam_weights'"),

@@ -40,6 +40,9 @@ CNN_BACKBONES = (
     "senet154",
     "xception",
     "sexception",
+    "vgg16",
+    "drn_a_50",
+    "drn_d_54",
 )
 VIT_BACKBONES = ("small_vit", "vit_b16", "vit_b32")
 
@@ -168,7 +171,8 @@ class StageOneConfig:
     Attributes:
         arms: the stage-1 arms, ``<backbone>-<init>`` (see the module docstring).
         cnn / vit: the backbone each family builds (``small_cnn`` / ``small_vit`` in the miniature; MONAI's
-            ``seresnext50`` or the in-project ``sexception`` / ``xception``, and ``vit_b16``, at full scale).
+            ``seresnext50`` or the in-project ``sexception`` / ``xception`` / ``vgg16`` / ``drn_a_50`` /
+            ``drn_d_54``, and ``vit_b16``, at full scale).
         small_cnn / small_vit: the miniature backbones' sizes.
         steps / batch_size / lr / warmup_steps: Adam with a linear warm-up (release: 0) and linear decay to 0.
         image_size: the side of the cropped, resized stacks.

@@ -43,9 +43,11 @@ Backbones (:func:`build_backbone`):
 * The release's large backbones (``FULL_BACKBONES``), randomly initialised: those MONAI builds without
   torchvision in 2D — ``resnet18``/``resnet50``/``resnet101`` (MONAI ``ResNet``), ``densenet121``,
   ``seresnext50``, ``senet154`` (MONAI ``SENet``), ``vit_b16``/``vit_b32`` (MONAI ``ViT``, hidden 768, 12 layers)
-  — and ``xception`` / ``sexception`` (the release's Xception and Xception + squeeze-excitation, in-project:
-  ``thrifty.methods.pe_cad.xception``, 2048-d features); ``vgg16``, ``drn_a_50``, ``drn_d_54`` raise
-  ``NotImplementedError``.
+  — and, in-project, ``xception`` / ``sexception`` (the release's Xception and Xception + squeeze-excitation:
+  ``thrifty.methods.pe_cad.xception``, 2048-d features), ``vgg16`` (torchvision's VGG16 without BN and with the
+  release's ``Linear(25088, 1)`` head: ``thrifty.methods.pe_cad.vgg``, 25088-d features = the flattened 7x7-pooled
+  map) and ``drn_a_50`` / ``drn_d_54`` (fyu's dilated residual networks: ``thrifty.methods.pe_cad.drn``, 2048-d /
+  512-d globally pooled features at stride 8).
 
 Deviations (deliberate):
 
@@ -82,6 +84,8 @@ from torch import Tensor, nn
 from thrifty.core import distributed
 from thrifty.core.nn import count_parameters as count_parameters  # re-exported
 from thrifty.methods.pe_cad.config import AugmentConfig  # the one augmentation-settings class (re-exported)
+from thrifty.methods.pe_cad.drn import DRNA50, DRND54
+from thrifty.methods.pe_cad.vgg import VGG16
 from thrifty.methods.pe_cad.xception import SeXception, Xception
 
 __all__ = [
@@ -133,11 +137,6 @@ FULL_BACKBONES = (
     "vit_b16",
     "vit_b32",
 )
-_UNAVAILABLE = {
-    "vgg16": "VGG16 needs torchvision, which thrifty does not depend on",
-    "drn_a_50": "DRN-A-50 is not in MONAI and has no in-project implementation yet",
-    "drn_d_54": "DRN-D-54 is not in MONAI and has no in-project implementation yet",
-}
 
 
 def _as_tensor(x: Any, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -543,16 +542,13 @@ def build_backbone(
 ) -> nn.Module:
     """A stage-1 backbone with ``features`` / ``forward`` / ``feature_map``, randomly initialised (from ``seed``
     when given, without touching the global RNG's state). ``kwargs`` go to :class:`SmallCNN` / :class:`SmallViT` /
-    the ViT-B models, and to ``xception.Xception`` / ``xception.SeXception`` (e.g. ``width``, ``se_reduction``).
+    the ViT-B models, to ``xception.Xception`` / ``xception.SeXception`` (e.g. ``width``, ``se_reduction``), to
+    ``vgg.VGG16`` (e.g. ``width``, ``batch_norm``, ``head``, ``pool_size``) and to ``drn.DRNA50`` / ``drn.DRND54``
+    (e.g. ``width``).
 
-    Names: ``small_cnn``, ``small_vit`` (the miniature) and ``FULL_BACKBONES`` (the release's switch); of those,
-    ``vgg16``, ``drn_a_50`` and ``drn_d_54`` raise ``NotImplementedError``.
+    Names: ``small_cnn``, ``small_vit`` (the miniature) and ``FULL_BACKBONES`` (the release's switch); anything else
+    raises ``ValueError``.
     """
-    if name in _UNAVAILABLE:
-        raise NotImplementedError(
-            f"backbone {name!r} is not available: {_UNAVAILABLE[name]}. Buildable: "
-            f"{', '.join(n for n in MINI_BACKBONES + FULL_BACKBONES if n not in _UNAVAILABLE)}"
-        )
     if name not in MINI_BACKBONES + FULL_BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {MINI_BACKBONES + FULL_BACKBONES}")
     if seed is not None:
@@ -569,6 +565,10 @@ def build_backbone(
         return SmallViT(image_size=image_size, in_channels=in_channels, **{**vit_kw, **kwargs})
     if name in ("xception", "sexception"):
         return (Xception if name == "xception" else SeXception)(in_channels=in_channels, **kwargs)
+    if name == "vgg16":
+        return VGG16(in_channels=in_channels, **kwargs)
+    if name in ("drn_a_50", "drn_d_54"):
+        return (DRNA50 if name == "drn_a_50" else DRND54)(in_channels=in_channels, **kwargs)
     return _MonaiCNN(name, in_channels=in_channels)
 
 
