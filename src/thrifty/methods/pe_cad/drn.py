@@ -56,6 +56,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from thrifty.methods.pe_cad.pooled import PooledBackbone
+
 __all__ = ["DRNA50", "DRND54", "DRNBottleneck"]
 
 _EXPANSION = 4
@@ -116,7 +118,7 @@ def _bottleneck_layer(
     return nn.Sequential(*mods)
 
 
-class _DRN(nn.Module):
+class _DRN(PooledBackbone):
     """The shared stage-1 interface: ``feature_map`` = ``layers(stem(x))`` at stride 8, ``features`` = its global
     average, ``classify`` = Linear. Subclasses build ``stem``, ``layers`` and call :meth:`_finish`."""
 
@@ -139,17 +141,6 @@ class _DRN(nn.Module):
     def feature_map(self, x: Tensor) -> Tensor:
         """(N, C, H, W) → (N, map_channels, ⌈H/8⌉, ⌈W/8⌉)."""
         return self.layers(self.stem(x))
-
-    def features(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) → (N, feature_dim), the globally average-pooled last map."""
-        return self.feature_map(x).mean(dim=(2, 3))
-
-    def classify(self, features: Tensor) -> Tensor:
-        """(N, feature_dim) → logits (N,) when ``num_classes == 1``, else (N, num_classes)."""
-        return self.head(features).squeeze(-1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
 
 
 def _channels(width: float) -> Callable[[int], int]:

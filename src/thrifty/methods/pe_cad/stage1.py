@@ -85,6 +85,7 @@ from thrifty.core import distributed
 from thrifty.core.nn import count_parameters as count_parameters  # re-exported
 from thrifty.methods.pe_cad.config import AugmentConfig  # the one augmentation-settings class (re-exported)
 from thrifty.methods.pe_cad.drn import DRNA50, DRND54
+from thrifty.methods.pe_cad.pooled import PooledBackbone
 from thrifty.methods.pe_cad.vgg import VGG16
 from thrifty.methods.pe_cad.xception import SeXception, Xception
 
@@ -384,7 +385,7 @@ def _conv_bn(cin: int, cout: int, *, k: int = 3, stride: int = 1) -> nn.Sequenti
     )
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(PooledBackbone):
     """The miniature's CNN: 4 stride-2 stages of widths ``(w, 2w, 3w, 4w)`` (conv3x3/2-BN-ReLU, then, except in the
     first stage, conv3x3-BN-ReLU), a 1x1 conv-BN-ReLU to ``feature_dim``, global average pooling,
     Linear(feature_dim, 1).
@@ -409,15 +410,6 @@ class SmallCNN(nn.Module):
 
     def feature_map(self, x: Tensor) -> Tensor:
         return self.proj(self.stages(x))
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.feature_map(x).mean(dim=(2, 3))
-
-    def classify(self, features: Tensor) -> Tensor:
-        return self.head(features).squeeze(-1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
 
 
 class SmallViT(nn.Module):
@@ -493,7 +485,7 @@ class SmallViT(nn.Module):
         return self.classify(self.features(x))
 
 
-class _MonaiCNN(nn.Module):
+class _MonaiCNN(PooledBackbone):
     """A MONAI 2D CNN (``resnet*``, ``densenet121``, ``seresnext50``, ``senet154``) behind the common interface:
     ``feature_map`` = the last convolutional map, ``features`` = its global average (2048-d for the ResNet-50
     family, 1024-d for DenseNet-121), ``forward`` = Linear(D, 1)."""
@@ -526,15 +518,6 @@ class _MonaiCNN(nn.Module):
 
     def feature_map(self, x: Tensor) -> Tensor:
         return self.body(x)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.feature_map(x).mean(dim=(2, 3))
-
-    def classify(self, features: Tensor) -> Tensor:
-        return self.head(features).squeeze(-1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
 
 
 def build_backbone(

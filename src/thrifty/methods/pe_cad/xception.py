@@ -57,6 +57,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from thrifty.methods.pe_cad.pooled import PooledBackbone
+
 __all__ = ["SeXception", "SeparableConv2d", "SqueezeExcite", "Xception", "XceptionBlock"]
 
 # the release's channel counts (Cadene's ``Xception.__init__``)
@@ -155,7 +157,7 @@ class XceptionBlock(nn.Module):
         return y + self.shortcut(x)
 
 
-class Xception(nn.Module):
+class Xception(PooledBackbone):
     """Chollet's Xception as the PE CAD release builds it (Cadene's port), behind the stage-1 backbone interface.
 
     x: (N, in_channels, H, W) with H, W ≥ 7 (the stem's two convolutions are unpadded) → ``feature_map``
@@ -218,17 +220,6 @@ class Xception(nn.Module):
     def feature_map(self, x: Tensor) -> Tensor:
         """(N, C, H, W) → (N, feature_dim, h, w)."""
         return self.exit(self.blocks(self.stem(x)))
-
-    def features(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) → (N, feature_dim), the globally average-pooled penultimate activations."""
-        return self.feature_map(x).mean(dim=(2, 3))
-
-    def classify(self, features: Tensor) -> Tensor:
-        """(N, feature_dim) → logits (N,) when ``num_classes == 1``, else (N, num_classes)."""
-        return self.head(features).squeeze(-1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
 
 
 class SeXception(Xception):
