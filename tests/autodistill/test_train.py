@@ -35,6 +35,14 @@ def test_smoke_trial_is_deterministic(data_dir: Path, tmp_path: Path) -> None:
     assert c["seed"] == ctx.cfg.seed + 1 and c["distill"]["stages"] != a["distill"]["stages"]
 
 
+def test_teacher_stage_alone_fills_the_cache_and_ends_cleanly(data_dir: Path, tmp_path: Path) -> None:
+    res = train(_cfg(data_dir, tmp_path, "stages=[teacher]"))
+    assert res["claims"] == [] and "search" not in res
+    assert res["teacher"]["teacher_source"] == "ibbert" and res["teacher"]["teacher_params"] > 100_000
+    run = Path(res["run_dir"])
+    assert (run / "results.json").is_file() and not (run / "units" / "study.journal").exists()
+
+
 def test_search_stage_alone_then_the_rest_resumes(data_dir: Path, tmp_path: Path) -> None:
     first = train(_cfg(data_dir, tmp_path, "stages=[teacher,search]"))
     assert first["claims"] == [] and len(first["search"]["trials"]) == 2

@@ -500,6 +500,9 @@ def train(cfg: AutodistillConfig) -> dict[str, Any]:
     summary = new_summary(RECIPE, PAPER, cfg, run_dir, teacher=teacher)
     timings: dict[str, float] = {"teacher": time.perf_counter() - t_start}
 
+    if cfg.stages == ["teacher"]:  # the teacher alone (e.g. to fill its cache): nothing searched yet
+        summary["claims"], summary["figures"] = [], []
+        return finish_run(summary, run_dir, cfg, t_start=t_start, stage_seconds=timings)
     t = time.perf_counter()
     if "search" in cfg.stages:
         trials = run_search(cfg, ctx, run_dir)
