@@ -97,6 +97,28 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def step_memory(step: Callable[[], object], *, steps: int = 2) -> dict[str, float]:
+    """Peak RSS (MiB) of ``steps`` calls of ``step`` in this process, the kernel's peak mark reset first
+    (:func:`reset_peak_rss`): ``peak_mb`` and ``delta_mb``, its rise over the resting RSS. Warm ``step`` up before
+    calling this to leave one-off allocations out."""
+    reset_peak_rss()
+    before = current_rss_mb()
+    for _ in range(steps):
+        step()
+    peak = peak_rss_mb()
+    return {"peak_mb": peak, "delta_mb": peak - before}
+
+
+def fmt_rate(value: float) -> str:
+    """A throughput with about three significant figures, no exponent."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def fmt_or_dash(value: float | None, spec: str) -> str:
+    """``format(value, spec)``, or an en dash for a value that was not measured."""
+    return "–" if value is None else format(value, spec)
+
+
 def isolated(module: str, *args: str) -> dict:
     """Run ``python -m benchmarks.<module> --child ARGS`` and parse the JSON line it prints last."""
     cmd = [sys.executable, str(ROOT / f"{module}.py"), "--child", *args]

@@ -75,13 +75,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    current_rss_mb,
     flops_of,
+    fmt_or_dash,
+    fmt_rate,
     interleaved,
     isolated,
     matmul_peak_gflops,
     peak_rss_mb,
-    reset_peak_rss,
+    step_memory,
     timeit,
 )
 from thrifty.data.dermoscopy import generate, normalised_sdf
@@ -207,15 +208,6 @@ class MonaiViTUNETR(nn.Module):
 # --- candidates -------------------------------------------------------------------------------------------------
 
 
-def _f(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _rate(value: float) -> str:
-    """Images/s with three significant figures, no exponent."""
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
 def model_config(size: dict) -> ModelConfig:
     return ModelConfig(**size["model"])
 
@@ -307,11 +299,7 @@ def child(key: str, size_name: str, threads: int, steps: int, peer_feature_size:
     size["peer"]["feature_size"] = peer_feature_size
     _, step, _ = build(key, size, prepared_batch(size))
     step()
-    reset_peak_rss()
-    before = current_rss_mb()
-    for _ in range(steps):
-        step()
-    print(json.dumps({"peak_mb": peak_rss_mb(), "delta_mb": peak_rss_mb() - before}))
+    print(json.dumps(step_memory(step, steps=steps)))
 
 
 # --- benchmark --------------------------------------------------------------------------------------------------
@@ -368,13 +356,13 @@ def bench_networks(size_name: str, args: argparse.Namespace, rounds: int, peak: 
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows.values():
         tr = f"{r['train_img_s'] / ref['train_img_s']:.2f}" if ref else "–"
-        inf = _rate(r["infer_img_s"]) if r["infer_img_s"] else "(as ours)"
+        inf = fmt_rate(r["infer_img_s"]) if r["infer_img_s"] else "(as ours)"
         ir = f"{r['infer_img_s'] / ref['infer_img_s']:.2f}" if ref and r["infer_img_s"] else ""
         print(
             f"| {r['label']} | {r['params'] / 1e6:.3f}M | {r['tokens']} | {1e3 * r['train_s']:.1f} | "
-            f"{_rate(r['train_img_s'])} | {tr} | {inf} | {ir} | {_f(r['fwd_gflop_per_img'], '.3f')} | "
-            f"{r['train_gflops']:.1f} | {100 * r['share_of_peak']:.1f}% | {_f(r['peak_mb'], '.0f')} | "
-            f"{_f(r['delta_mb'], '.0f')} |"
+            f"{fmt_rate(r['train_img_s'])} | {tr} | {inf} | {ir} | {fmt_or_dash(r['fwd_gflop_per_img'], '.3f')} | "
+            f"{r['train_gflops']:.1f} | {100 * r['share_of_peak']:.1f}% | {fmt_or_dash(r['peak_mb'], '.0f')} | "
+            f"{fmt_or_dash(r['delta_mb'], '.0f')} |"
         )
     for key, why in skipped.items():
         print(f"- skipped {CANDIDATES[key]}: {why}")

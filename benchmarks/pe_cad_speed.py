@@ -67,13 +67,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    current_rss_mb,
     flops_of,
+    fmt_or_dash,
+    fmt_rate,
     interleaved,
     isolated,
     matmul_peak_gflops,
     peak_rss_mb,
-    reset_peak_rss,
+    step_memory,
     timeit,
 )
 from thrifty.core.nn import count_parameters
@@ -106,14 +107,6 @@ STAGE2_SIZES: dict[str, dict[str, int]] = {
 KINDS = ("cc", "mil_attention", "mil_max", "evit")
 SLICE_TRAINED = ("cc", "evit")
 IMAGE_WEIGHT = 0.0736
-
-
-def _rate(value: float) -> str:
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def _f(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
 
 
 # --- stage 1 ----------------------------------------------------------------------------------------------------
@@ -225,11 +218,11 @@ def bench_stage1(args: argparse.Namespace, rounds: int, peak: float) -> dict[str
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in rows.items():
         ref = rows[PEER_OF[key]]
-        print(f"| {r['label']} | {r['params'] / 1e6:.3f}M | {1e3 * r['train_s']:.1f} | {_rate(r['train_img_s'])} | "
-              f"{r['train_img_s'] / ref['train_img_s']:.2f} | {_rate(r['infer_img_s'])} | "
+        print(f"| {r['label']} | {r['params'] / 1e6:.3f}M | {1e3 * r['train_s']:.1f} | {fmt_rate(r['train_img_s'])} | "
+              f"{r['train_img_s'] / ref['train_img_s']:.2f} | {fmt_rate(r['infer_img_s'])} | "
               f"{r['infer_img_s'] / ref['infer_img_s']:.2f} | {r['fwd_gflop_per_img']:.4f} | {r['train_gflops']:.1f} | "
               f"{100 * r['train_gflops'] / peak:.1f}% | {100 * r['infer_gflops'] / peak:.1f}% | "
-              f"{_f(r['peak_mb'], '.0f')} | {_f(r['delta_mb'], '.0f')} |")  # fmt: skip
+              f"{fmt_or_dash(r['peak_mb'], '.0f')} | {fmt_or_dash(r['delta_mb'], '.0f')} |")  # fmt: skip
     c, v = rows["cnn"], rows["vit"]
     print(f"- CNN vs ViT (the recipe's arms, same batch): train {c['train_img_s'] / v['train_img_s']:.2f}x the ViT's "
           f"images/s ({1e3 * c['train_s']:.1f} vs {1e3 * v['train_s']:.1f} ms/step), inference "
@@ -308,12 +301,12 @@ def bench_stage2(size_name: str, args: argparse.Namespace, rounds: int, peak: fl
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     cc = rows["cc"]
     for key, r in rows.items():
-        print(f"| {key} | {r['params'] / 1e6:.3f}M | {1e3 * r['train_s']:.1f} | {_rate(r['train_exams_s'])} | "
-              f"{r['train_exams_s'] / cc['train_exams_s']:.2f} | {_rate(r['infer_exams_s'])} | "
+        print(f"| {key} | {r['params'] / 1e6:.3f}M | {1e3 * r['train_s']:.1f} | {fmt_rate(r['train_exams_s'])} | "
+              f"{r['train_exams_s'] / cc['train_exams_s']:.2f} | {fmt_rate(r['infer_exams_s'])} | "
               f"{r['infer_exams_s'] / cc['infer_exams_s']:.2f} | {r['fwd_gflop_per_exam']:.4f} | "
               f"{r['train_gflops']:.1f} | {100 * r['train_gflops'] / peak:.1f}% | "
-              f"{100 * r['infer_gflops'] / peak:.1f}% | {_f(r['peak_mb'], '.0f')} | "
-              f"{_f(r['delta_mb'], '.0f')} |")  # fmt: skip
+              f"{100 * r['infer_gflops'] / peak:.1f}% | {fmt_or_dash(r['peak_mb'], '.0f')} | "
+              f"{fmt_or_dash(r['delta_mb'], '.0f')} |")  # fmt: skip
     return {"rows": rows, "rounds": rounds, "size": size}
 
 
@@ -395,11 +388,7 @@ def child(stage: str, key: str, threads: int, steps: int) -> None:
         batch = stage2_batch(size, size["batch"], SEED)
         _, step, _ = build_stage2_candidate(kind, size, batch, batch)
     step()
-    reset_peak_rss()
-    before = current_rss_mb()
-    for _ in range(steps):
-        step()
-    print(json.dumps({"peak_mb": peak_rss_mb(), "delta_mb": peak_rss_mb() - before}))
+    print(json.dumps(step_memory(step, steps=steps)))
 
 
 def main() -> None:

@@ -121,19 +121,44 @@ def prepare_run_dir(recipe: str, cfg: BaseConfig, *, write: bool = True) -> Path
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; best effort, skipped where a directory cannot be
+    opened or synced (Windows, some network file systems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, temp: Path | None = None, sync_dir: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory (``temp``; default
+    ``.<name>.tmp-<pid>``), flushed and fsynced, then ``os.replace``: never half-written, the temporary file removed
+    whatever happens. ``sync_dir`` also fsyncs the directory (:func:`fsync_directory`), so the rename itself
+    survives a power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp or path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if sync_dir:
+        fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -61,11 +61,13 @@ from thrifty.data.ctpa_synth import EXAM_LABELS
 from thrifty.methods.pe_cad.config import PECadConfig
 from thrifty.methods.pe_cad.exam_store import (
     ExamJob,
+    ExamOffsets,
     ExamStore,
     IndexLike,
     StackView,
     as_rows,
     build_exam_split,
+    check_file_names,
     exam_file_name,
     safetensors_metadata,
     save_safetensors_atomic,
@@ -86,7 +88,7 @@ Jobs = dict[str, list[ExamJob]]
 
 
 @dataclasses.dataclass
-class ExamSet:
+class ExamSet(ExamOffsets):
     """The slices of E exams, concatenated in exam order (N slices in all).
 
     Attributes:
@@ -109,25 +111,8 @@ class ExamSet:
     masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        counts = np.diff(self.offsets)
-        self.exam_of = np.repeat(np.arange(len(counts)), counts)
         # slices i-1, i, i+1 of the same exam, the first and last replicating themselves (stage1.stack_slices)
         self.neighbours = torch.from_numpy(stack_neighbours(np.arange(self.num_slices), self.offsets))
-
-    def __len__(self) -> int:
-        return self.num_exams
-
-    @property
-    def num_exams(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_slices(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def slice_counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -145,14 +130,6 @@ class ExamSet:
     def slice_masks(self, idx: IndexLike) -> np.ndarray | None:
         """The emboli masks of slices ``idx`` (uint8 (n, H, W)), or None when the split keeps none."""
         return None if self.masks is None else self.masks[as_rows(idx, self.num_slices)]
-
-    def exam_any_pe(self) -> np.ndarray:
-        """(E,) 1 where the exam has a PE-positive slice."""
-        return np.maximum.reduceat(self.slice_labels, self.offsets[:-1]) if self.num_slices else np.zeros(0)
-
-    def exam_max(self, per_slice: np.ndarray) -> np.ndarray:
-        """(E,) the maximum of a per-slice score over each exam's slices."""
-        return np.maximum.reduceat(np.asarray(per_slice, dtype=np.float64), self.offsets[:-1])
 
 
 def exam_set(arrays: dict[str, np.ndarray]) -> ExamSet:
@@ -484,7 +461,7 @@ def prepare_data(
 
 
 @dataclasses.dataclass
-class FeatureSet:
+class FeatureSet(ExamOffsets):
     """One split's stage-1 slice features, per exam, in memory: what stage 2 reads with ``data.store: memory``.
 
     On disk one safetensors file per exam (:func:`save_exam_features`) under
@@ -505,13 +482,6 @@ class FeatureSet:
     slice_labels: np.ndarray
     exam_labels: np.ndarray
     study_ids: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def slice_counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
     def exams(self, idx: Sequence[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(feats (S, D), slice_labels (S,), exam_labels (9,))`` of exams ``idx`` (default: all), in order
@@ -547,10 +517,8 @@ FEATURE_INDEX = "index.json"
 FEATURE_FORMAT = 1
 
 
-def exam_feature_name(study_id: str) -> str:
-    """The file name of an exam's features: its study id with anything outside ``[A-Za-z0-9._-]`` replaced by
-    ``_``, plus ``.safetensors`` (a DICOM UID stays as it is; the exam store names its files alike)."""
-    return exam_file_name(study_id)
+#: the file name of an exam's features: the exam store's (:func:`~.exam_store.exam_file_name`)
+exam_feature_name = exam_file_name
 
 
 def save_exam_features(
@@ -605,10 +573,8 @@ def read_exam_features(path: Path) -> dict[str, torch.Tensor]:
 def write_feature_index(directory: Path, *, split: str, study_ids: Sequence[str], settings: dict[str, Any]) -> None:
     """``directory / index.json``: the split's exams in order (study id, file name) and the extraction settings;
     written last, so its presence means every exam's file is there."""
+    check_file_names(study_ids, split=split)
     exams = [{"study_id": str(sid), "file": exam_feature_name(sid)} for sid in study_ids]
-    names = [e["file"] for e in exams]
-    if len(set(names)) != len(names):
-        raise ValueError(f"split {split!r}: two study ids map to the same feature file name")
     write_json(directory / FEATURE_INDEX, {"split": split, "format": FEATURE_FORMAT, "settings": settings,
                                            "exams": exams})  # fmt: skip
 
@@ -645,7 +611,7 @@ def load_feature_split(directory: Path) -> FeatureSet:
     )
 
 
-class FeatureFiles:
+class FeatureFiles(ExamOffsets):
     """One split's stage-1 features left in their per-exam files (``data.store: exams``): slice counts and labels
     in memory, an exam's features read only when a batch or an evaluation shard needs it, so a stage-2 rank reads
     its share of the split rather than all of it (:func:`open_feature_split`).
@@ -677,13 +643,6 @@ class FeatureFiles:
         self.slice_labels = np.concatenate(labels)
         self.exam_labels = np.stack(exam_labels)
         self._probs: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def slice_counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
     @property
     def probs(self) -> np.ndarray:

@@ -28,6 +28,7 @@ store raises :class:`CorruptExamFile` naming it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from thrifty.core import distributed
-from thrifty.core.run import write_json
+from thrifty.core.run import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,40 +81,13 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def fsync_directory(directory: Path) -> None:
-    """Flush a directory's entries (a rename into it) to disk; best effort, skipped where a directory cannot be
-    opened or synced (Windows, some network file systems)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``path`` crash-safely: serialised in memory (``safetensors.torch.save``), written to
-    :func:`temp_path`, flushed and fsynced, renamed over ``path`` (``os.replace``), then the directory fsynced
-    (:func:`fsync_directory`). A killed process or a power loss leaves the old file or the new one, never a torn
-    one; at worst a stale temporary file, which :func:`remove_stale_temps` clears. Used by the exam store and the
-    per-exam feature files alike."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = save(tensors, metadata=metadata)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    """Write ``tensors`` to ``path`` crash-safely: serialised in memory (``safetensors.torch.save``) and written
+    through :func:`temp_path` by :func:`~thrifty.core.run.atomic_write_bytes` (fsynced, renamed over ``path``, the
+    directory fsynced). A killed process or a power loss leaves the old file or the new one, never a torn one; at
+    worst a stale temporary file, which :func:`remove_stale_temps` clears. Used by the exam store and the per-exam
+    feature files alike."""
+    atomic_write_bytes(path, save(tensors, metadata=metadata), temp=temp_path(path), sync_dir=True)
 
 
 def remove_stale_temps(directory: Path, names: set[str]) -> list[Path]:
@@ -192,6 +166,44 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     starts, stops = np.r_[rows[0], rows[breaks]], np.r_[rows[breaks - 1], rows[-1]] + 1
     return list(zip(starts.tolist(), stops.tolist()))
+
+
+class ExamOffsets:
+    """What a split's exams derive from their boundaries, for every holder of them (the in-memory
+    :class:`~thrifty.methods.pe_cad.data.ExamSet` and :class:`ExamStore`, the stage-1 features in memory or in
+    their files): ``offsets`` int64 (E + 1,), exam e holding global slices ``offsets[e] : offsets[e + 1]``, and
+    ``slice_labels`` uint8 (N,)."""
+
+    offsets: np.ndarray
+    slice_labels: np.ndarray
+
+    def __len__(self) -> int:
+        return self.num_exams
+
+    @property
+    def num_exams(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def slice_counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @functools.cached_property
+    def exam_of(self) -> np.ndarray:
+        """(N,) the exam of every slice."""
+        return np.repeat(np.arange(self.num_exams), self.slice_counts)
+
+    def exam_any_pe(self) -> np.ndarray:
+        """(E,) 1 where the exam has a PE-positive slice."""
+        return np.maximum.reduceat(self.slice_labels, self.offsets[:-1]) if self.num_slices else np.zeros(0)
+
+    def exam_max(self, per_slice: np.ndarray) -> np.ndarray:
+        """(E,) the maximum of a per-slice score over each exam's slices."""
+        return np.maximum.reduceat(np.asarray(per_slice, dtype=np.float64), self.offsets[:-1])
 
 
 # ------------------------------------------------------------------------------------------------ one exam
@@ -381,7 +393,7 @@ def build_exam_split(
 # -------------------------------------------------------------------------------------------- the lazy store
 
 
-class ExamStore:
+class ExamStore(ExamOffsets):
     """The exams of one split read lazily from their per-exam files: the interface of
     :class:`~thrifty.methods.pe_cad.data.ExamSet` (``stacks``, labels, counts, ``exam_max`` ...) without holding the
     slices. Labels, slice counts and study ids come from ``index.json``; slices are read on demand from at most
@@ -412,7 +424,6 @@ class ExamStore:
         self.open_exams = open_exams
         self._open: OrderedDict[int, Any] = OrderedDict()
         self._trivial: np.ndarray | None = None
-        self._exam_of: np.ndarray | None = None
 
     @classmethod
     def open(cls, directory: Path, *, digest: str, open_exams: int = 16) -> ExamStore:
@@ -423,29 +434,7 @@ class ExamStore:
                                     "every exam file)")  # fmt: skip
         return cls(directory, index, open_exams=open_exams)
 
-    # --- what ExamSet offers -----------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return self.num_exams
-
-    @property
-    def num_exams(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_slices(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def slice_counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @property
-    def exam_of(self) -> np.ndarray:
-        """(N,) the exam of every slice."""
-        if self._exam_of is None:
-            self._exam_of = np.repeat(np.arange(self.num_exams), self.slice_counts)
-        return self._exam_of
+    # --- what ExamSet offers besides ExamOffsets -------------------------------------------------------------
 
     @property
     def trivial(self) -> np.ndarray:
@@ -455,14 +444,6 @@ class ExamStore:
             parts = [self._tensor(e, "trivial").numpy() for e in range(self.num_exams)]
             self._trivial = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, 0))
         return self._trivial
-
-    def exam_any_pe(self) -> np.ndarray:
-        """(E,) 1 where the exam has a PE-positive slice."""
-        return np.maximum.reduceat(self.slice_labels, self.offsets[:-1]) if self.num_slices else np.zeros(0)
-
-    def exam_max(self, per_slice: np.ndarray) -> np.ndarray:
-        """(E,) the maximum of a per-slice score over each exam's slices."""
-        return np.maximum.reduceat(np.asarray(per_slice, dtype=np.float64), self.offsets[:-1])
 
     def stacks(self, idx: IndexLike, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The 3-slice stacks of slices ``idx``: (n, 3, H, W) in ``dtype`` (read as float16, as ExamSet holds them)."""
@@ -562,6 +543,7 @@ __all__ = [
     "EXAM_KEYS",
     "CorruptExamFile",
     "ExamJob",
+    "ExamOffsets",
     "ExamStore",
     "StackView",
     "after_shards",
@@ -572,7 +554,6 @@ __all__ = [
     "dealt",
     "exam_file_name",
     "exam_index",
-    "fsync_directory",
     "remove_stale_temps",
     "safetensors_metadata",
     "save_safetensors_atomic",

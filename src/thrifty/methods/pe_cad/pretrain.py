@@ -104,8 +104,8 @@ Images = Tensor | np.ndarray | LazyImages
 
 def _as_images(slices: Images) -> Tensor | LazyImages:
     """A tensor or an array-like with ``shape`` and row indexing (left as it is) of shape (N, C, H, W)."""
-    lazy = not isinstance(slices, np.ndarray) and hasattr(slices, "shape") and hasattr(slices, "__getitem__")
-    x: Tensor | LazyImages = slices if isinstance(slices, Tensor) or lazy else torch.as_tensor(np.asarray(slices))
+    keep = hasattr(slices, "shape") and not isinstance(slices, np.ndarray)  # a tensor or a LazyImages
+    x: Tensor | LazyImages = slices if keep else torch.as_tensor(np.asarray(slices))
     if len(x.shape) != 4:
         raise ValueError(f"expected slices of shape (N, C, H, W), got {tuple(x.shape)}")
     return x

@@ -39,9 +39,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from torch import nn
 from thrifty.core import cache
 from thrifty.core.checkpoint import load_unit_model
 from thrifty.core.config import ConfigError, load_config
-from thrifty.core.run import resolve_device
+from thrifty.core.run import atomic_write_bytes, atomic_write_text, resolve_device
 from thrifty.data.ctpa_synth import EXAM_LABELS
 from thrifty.data.rsna_pe import ExamDataError, load_exam
 from thrifty.methods.pe_cad.config import PECadConfig
@@ -288,28 +287,17 @@ def _exam_files(folder: Path) -> list[Path]:
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _write_csv_atomic(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def exam_features(scorer: ExamScorer, folder: Path, cache_dir: Path) -> tuple[dict[str, np.ndarray], bool]:

@@ -588,6 +588,24 @@ def features_unit(
 # --- stage 2 ----------------------------------------------------------------------------------------------
 
 
+class CollatedExams:
+    """A split's stage-2 input collated once, in memory (``data.store: memory``); :meth:`take` selects exams."""
+
+    def __init__(self, batch: Stage2Batch) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return int(self.batch.x.shape[0])
+
+    @property
+    def in_dim(self) -> int:
+        """F = 3D: the features and their two differences (``stage2.prepare_exam``)."""
+        return int(self.batch.x.shape[-1])
+
+    def take(self, idx: torch.Tensor) -> Stage2Batch:
+        return Stage2Batch(**{f.name: getattr(self.batch, f.name)[idx] for f in dataclasses.fields(self.batch)})
+
+
 class ExamBatches:
     """A split's stage-2 input collated on demand (``data.store: exams``): :meth:`take` reads exams ``idx`` from
     their feature files and collates them, so a rank reads only its share of each batch and of each evaluation."""
@@ -609,31 +627,23 @@ class ExamBatches:
                              long_mode=s2.long_mode)  # fmt: skip
 
 
-Batches = Stage2Batch | ExamBatches
+#: a split's stage-2 input: ``len`` exams, ``in_dim`` features per step, ``take(idx)`` a collated batch of them
+Batches = CollatedExams | ExamBatches
 
 
 def collate(fs: Features, cfg: PECadConfig) -> Batches:
-    """A split's stage-2 input: every exam collated now (:class:`~.data.FeatureSet`), or on demand per batch
-    (:class:`~.data.FeatureFiles` -> :class:`ExamBatches`)."""
+    """A split's stage-2 input: every exam collated now (:class:`~.data.FeatureSet` -> :class:`CollatedExams`), or
+    on demand per batch (:class:`~.data.FeatureFiles` -> :class:`ExamBatches`)."""
     if isinstance(fs, FeatureFiles):
         return ExamBatches(fs, cfg)
     s2 = cfg.stage2
-    return collate_exams(fs.exams(), length=s2.seq_len, label_mode=s2.label_mode, long_mode=s2.long_mode)
+    return CollatedExams(collate_exams(fs.exams(), length=s2.seq_len, label_mode=s2.label_mode,
+                                       long_mode=s2.long_mode))  # fmt: skip
 
 
 def take(batch: Batches, idx: torch.Tensor) -> Stage2Batch:
     """Exams ``idx`` of a split's stage-2 input as one collated batch."""
-    if isinstance(batch, ExamBatches):
-        return batch.take(idx)
-    return Stage2Batch(**{f.name: getattr(batch, f.name)[idx] for f in dataclasses.fields(batch)})
-
-
-def batch_exams(batch: Batches) -> int:
-    return len(batch) if isinstance(batch, ExamBatches) else int(batch.x.shape[0])
-
-
-def batch_in_dim(batch: Batches) -> int:
-    return batch.in_dim if isinstance(batch, ExamBatches) else int(batch.x.shape[-1])
+    return batch.take(idx)
 
 
 @torch.no_grad()
@@ -760,12 +770,12 @@ def stage2_unit(
     image_weight = s2.image_weight if slice_trained else 0.0  # MIL: exam labels only
     seed_everything(seed)
     extra = {"attention": s2.attention} if kind == "cc" else {}
-    model = build_stage2(kind, in_dim=batch_in_dim(train_batch), hidden=s2.hidden, seq_len=s2.seq_len, **extra)
+    model = build_stage2(kind, in_dim=train_batch.in_dim, hidden=s2.hidden, seq_len=s2.seq_len, **extra)
     model.to(device)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     opt, sched = build_stage2_optimizer(model, lr=s2.lr, step_size=s2.step_size, gamma=s2.gamma)
     gen = torch.Generator().manual_seed(seed * 7919 + 2)
-    n = batch_exams(train_batch)
+    n = len(train_batch)
     best: dict[str, Any] = {"score": -math.inf, "epoch": 0, "val": None, "state": None}
     curve = []
     t_train = 0.0
