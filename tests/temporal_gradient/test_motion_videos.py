@@ -297,6 +297,17 @@ def test_camera_shake_moves_the_background():
     assert np.median(np.abs(np.diff(b, axis=1))) > 0
 
 
+def test_background_colour_range_bounds_the_background_and_the_default_keeps_the_old_draws():
+    narrow = mv.generate(30, seed=4, spec=mv.MotionSpec(background_colour=(0.45, 0.55)))
+    assert np.all((narrow.meta["bg_colour"] >= 0.45) & (narrow.meta["bg_colour"] <= 0.55))
+    wide = mv.generate(30, seed=4).meta["bg_colour"]
+    assert wide.min() >= 0.15 and wide.max() <= 0.85 and np.ptp(wide) > 0.5
+    # only the background's mean colour comes from the knob: the rest of the stream is drawn as before
+    again = mv.generate(30, seed=4, spec=mv.MotionSpec(background_colour=(0.15, 0.85)))
+    assert np.array_equal(again.videos, mv.generate(30, seed=4).videos)
+    assert np.array_equal(narrow.labels, again.labels) and np.array_equal(narrow.meta["angle"], again.meta["angle"])
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -308,6 +319,7 @@ def test_camera_shake_moves_the_background():
         ("scale_range", (0.0, 0.5)),
         ("brightness", (0.0, 1.0)),
         ("noise_std", (0.0, 2.0)),
+        ("background_colour", (0.2, 1.2)),
         ("jitter_std", -1.0),
         ("camera_shake_std", float("nan")),
         ("digit_fraction", 1.5),

@@ -201,7 +201,7 @@ def default_docs_dir() -> Path:
 def config_changes(results: dict[str, Any], preset: str) -> list[str]:
     """Config keys whose value in ``results`` differs from the committed ``preset`` of its recipe.
 
-    Keys that only say where things go or how fast they run (``out_dir``, ``data_dir``, ``num_threads``,
+    Keys that only say where things go or how fast they run (``out_dir``, ``data_dir``, ``num_threads``, ``workers``,
     ``progress``, ``resume``, ``run_name``, ``preset``, ``stages``) may differ.
     """
     from thrifty.core.config import diff, to_dict

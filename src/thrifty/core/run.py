@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 # Keys that may change between a run and its resumption without changing any result.
 # ``stages`` only chooses which parts of a recipe run now (e.g. ``stages=[eval]`` after training).
-RESUMABLE_KEYS = {"resume", "progress", "num_threads", "preset", "run_name", "out_dir", "data_dir", "stages"}
+RESUMABLE_KEYS = {"resume", "progress", "num_threads", "workers", "preset", "run_name", "out_dir", "data_dir", "stages"}
 
 
 def resolve_device(name: str) -> torch.device:

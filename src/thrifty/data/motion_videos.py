@@ -104,6 +104,8 @@ class MotionSpec:
             ``high · (1 + zoom_rate high)^((T - 1) / 2)`` must stay <= 1 (checked by :func:`generate`).
         digit_fraction: share of MNIST digits (the rest are polygons). Default 0.5.
         brightness: global gain applied to the whole video. Default (0.8, 1.2).
+        background_colour: range of each channel of the background's mean colour, drawn per video. Default
+            (0.15, 0.85); a narrow range leaves a fixed (dataset) normalisation with small per-video offsets.
         background_contrast: std of the background's colour noise around its mean colour. Default 0.08.
         background_sigma: smoothing of the background noise (Gaussian sigma, px). Default 3.
         min_colour_distance: the foreground colour keeps at least this RGB (L2) distance from the background's
@@ -124,6 +126,7 @@ class MotionSpec:
     scale_range: tuple[float, float] = (0.35, 0.75)
     digit_fraction: float = 0.5
     brightness: tuple[float, float] = (0.8, 1.2)
+    background_colour: tuple[float, float] = (0.15, 0.85)
     background_contrast: float = 0.08
     background_sigma: float = 3.0
     min_colour_distance: float = 0.5
@@ -142,6 +145,7 @@ class MotionSpec:
             "scale_range": (0.0, 1.0, True),
             "brightness": (0.0, None, True),
             "noise_std": (0.0, 1.0, False),
+            "background_colour": (0.0, 1.0, False),
         }
         for name, (lowest, highest, strict) in bounds.items():
             value = getattr(self, name)
@@ -369,7 +373,7 @@ def _draw_appearance(rng: np.random.Generator, spec: MotionSpec, size: int) -> _
     k = np.arange(n_vert)
     theta = offset + (k + wobble[:n_vert]) * (2.0 * math.pi / n_vert)
     vertices = _centred_polygon(radii[:n_vert, None] * np.stack([np.cos(theta), np.sin(theta)], axis=1))
-    bg_colour = rng.uniform(0.15, 0.85, size=3)
+    bg_colour = rng.uniform(*spec.background_colour, size=3)
     sigma = spec.background_sigma * size / REFERENCE_SIZE
     bg_field = _smooth_field(rng.standard_normal((3, size, size)), sigma)
     candidates = rng.uniform(0.0, 1.0, size=(_COLOUR_CANDIDATES, 3))
