@@ -22,6 +22,8 @@ overrides are dotted key=value pairs applied after the preset, e.g.
 lists use brackets; `thrifty show-config RECIPE` prints every key with its value.
 Under torchrun the same command trains with DDP:
   torchrun --nproc_per_node=2 -m thrifty run glam --preset smoke
+Recipes with independent units (temporal_gradient, data_assemble) train several at once with workers=N:
+  thrifty run temporal_gradient --preset cpu workers=4 num_threads=8
 """
 
 

@@ -3,11 +3,14 @@ the parent's callback once per unit, a failing unit's error raised in the parent
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
-from thrifty.core.parallel import run_units, threads_per_worker
+from thrifty.cli import EXIT_OK, main
+from thrifty.core.parallel import by_arm_and_point, run_units, sweep_jobs, threads_per_worker
 
 
 def test_results_keep_job_order_and_every_unit_reports_once():
@@ -34,3 +37,81 @@ def test_no_jobs_and_bad_worker_counts():
 @pytest.mark.parametrize(("workers", "threads", "expected"), [(2, 4, 2), (2, 2, 1), (4, 2, 1), (1, 8, 8), (3, 8, 2)])
 def test_threads_are_shared_and_never_zero(workers, threads, expected):
     assert threads_per_worker(workers, threads) == expected
+
+
+def test_sweep_jobs_skip_the_main_point_of_trained_arms_and_results_regroup():
+    where = {"point_key": "count", "points": [20, 60, 180], "sweep_arms": ["a", "c"], "main_point": 60}
+    jobs = sweep_jobs(["a", "b"], [0, 1], **where)
+    assert jobs[:4] == [("a", 0, {}), ("a", 1, {}), ("b", 0, {}), ("b", 1, {})]
+    swept = [(arm, p["count"]) for arm, seed, p in jobs[4:] if seed == 0]
+    # arm c is not trained at the main setting, so its main point is a sweep unit; arm a's is not
+    assert swept == [("a", 20), ("c", 20), ("c", 60), ("a", 180), ("c", 180)]
+    results = [{"job": i} for i in range(len(jobs))]
+    main, sweep = by_arm_and_point(jobs, results, **where)
+    assert main == {"a": {0: {"job": 0}, 1: {"job": 1}}, "b": {0: {"job": 2}, 1: {"job": 3}}}
+    assert list(sweep) == [20, 60, 180] and list(sweep[60]) == ["a", "c"]
+    assert sweep[60]["a"] == main["a"]  # the main point reuses the main units
+    assert sweep[60]["c"][1] == results[jobs.index(("c", 1, {"count": 60}))]
+    assert all(len(sweep[p][arm]) == 2 for p in sweep for arm in sweep[p])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "args", "units"),
+    [
+        (
+            "temporal_gradient",
+            ["arms=[supervised,fixmatch_03,tg_full]", "sweep.labelled_fractions=[0.25,0.5]"],
+            3 * 2 + 2 * 2,  # the main setting, then the sweep's 0.5 (its 0.25 is the main setting)
+        ),
+        (
+            "data_assemble",
+            ["arms=[target_only,assemble]", "sweep.target_images=[8,16]", "sweep.arms=[target_only,assemble]"],
+            2 * 2 + 2 * 2,  # the main setting (16 target images), then the sweep's 8
+        ),
+    ],
+)
+def test_units_trained_by_two_worker_processes_equal_one_process(recipe, args, units, tmp_path, data_dir):
+    """``workers=2`` (one thread each) trains the same units as one 1-thread process, number for number; the parent
+    alone writes the metrics and the split-access log, with every unit's reads and records, each unit's final test
+    read after its selection reads."""
+    runs = {}
+    for workers, threads in ((1, 1), (2, 2)):
+        out = tmp_path / f"w{workers}"
+        overrides = [f"out_dir={out}", f"data_dir={data_dir}", "progress=false", "seeds=[0,1]", *args]
+        rc = main(["run", recipe, "--preset", "smoke", *overrides, f"num_threads={threads}", f"workers={workers}"])
+        assert rc == EXIT_OK
+        runs[workers] = out / recipe / "smoke"
+    found = [sorted(p.relative_to(runs[w]) for p in (runs[w] / "units").rglob("result.json")) for w in (1, 2)]
+    assert found[0] == found[1] and len(found[0]) == units
+    for rel in found[0]:
+        one, two = (json.loads((runs[w] / rel).read_text()) for w in (1, 2))
+        assert set(one) == set(two)
+        for key in set(one) - {"train_seconds", "train_images_per_s", "infer_images_per_s", "train_clips_per_s",
+                               "infer_clips_per_s"}:  # fmt: skip
+            assert one[key] == two[key], (rel, key)
+    for name in ("metrics.jsonl", "access_log.jsonl"):
+        one, two = (read_jsonl(runs[w] / name) for w in (1, 2))
+        if name == "access_log.jsonl":
+            assert [e["index"] for e in two] == list(range(len(two)))
+            for e in (*one, *two):
+                e.pop("index")
+            tested = {e["unit"] for e in two if e["purpose"] == "final_test"}
+            assert len(tested) >= units
+            for unit in tested:
+                purposes = [e["purpose"] for e in two if e["unit"] == unit]
+                assert purposes[-1] == "final_test" and purposes.count("final_test") == 1, unit
+        else:  # timings differ; every other logged number is equal
+            for r in (*one, *two):
+                for k in [k for k in r if "per_s" in k or "seconds" in k]:
+                    r.pop(k)
+        assert sorted(one, key=_key) == sorted(two, key=_key), name
+    claims = [json.loads((runs[w] / "results.json").read_text())["claims"] for w in (1, 2)]
+    assert [(c["id"], c["values"]) for c in claims[0]] == [(c["id"], c["values"]) for c in claims[1]]
+
+
+def _key(record: dict) -> str:
+    return json.dumps(record, sort_keys=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

@@ -230,40 +230,6 @@ def test_eval_stage_alone_rebuilds_the_claims_from_finished_units(smoke_run, tmp
     assert again["tables"][:2] == results["tables"][:2]
 
 
-def test_units_trained_by_two_worker_processes_equal_one_process(tmp_path, data_dir):
-    """``workers=2`` (one thread each) trains the same units as one 1-thread process, number for number; the parent
-    alone writes the metrics and the split-access log, with every unit's reads and records, each unit's final test
-    read after its selection reads."""
-    args = ["arms=[supervised,fixmatch_03,tg_full]", "seeds=[0,1]", "sweep.labelled_fractions=[0.25,0.5]"]
-    runs = {}
-    for workers, threads in ((1, 1), (2, 2)):
-        out = tmp_path / f"w{workers}"
-        assert cli(out, data_dir, *args, f"num_threads={threads}", f"workers={workers}") == EXIT_OK
-        runs[workers] = out / "temporal_gradient" / "smoke"
-    units = sorted(p.relative_to(runs[1]) for p in runs[1].rglob("result.json") if p.parent != runs[1])
-    assert len(units) == 3 * 2 + 2 * 2  # the main setting, then the sweep's 0.5 (0.25 is the main setting)
-    assert units == sorted(p.relative_to(runs[2]) for p in runs[2].rglob("result.json") if p.parent != runs[2])
-    for rel in units:
-        one, two = (json.loads((runs[w] / rel).read_text()) for w in (1, 2))
-        for key in ("best_step", "curve", "val", "test", "pseudo", "labelled_videos"):
-            assert one[key] == two[key], (rel, key)
-    for name in ("metrics.jsonl", "access_log.jsonl"):
-        one, two = (read_jsonl(runs[w] / name) for w in (1, 2))
-        if name == "access_log.jsonl":
-            assert [e["index"] for e in two] == list(range(len(two)))
-            for e in (*one, *two):
-                e.pop("index")
-            tested = {e["unit"] for e in two if e["purpose"] == "final_test"}
-            assert len(tested) >= len(units)  # every unit (and the single-frame control)
-            for unit in tested:
-                purposes = [e["purpose"] for e in two if e["unit"] == unit]
-                assert purposes[-1] == "final_test" and purposes.count("final_test") == 1, unit
-        key = lambda r: json.dumps(r, sort_keys=True)
-        assert sorted(one, key=key) == sorted(two, key=key), name
-    claims = [json.loads((runs[w] / "results.json").read_text())["claims"] for w in (1, 2)]
-    assert [(c["id"], c["values"]) for c in claims[0]] == [(c["id"], c["values"]) for c in claims[1]]
-
-
 def test_eval_stage_on_an_empty_run_directory_is_a_clear_error(tmp_path, data_dir, capsys):
     assert cli(tmp_path, data_dir, "stages=[eval]", "arms=[tg_full]", "seeds=[0]") == EXIT_USAGE
     err = capsys.readouterr().err

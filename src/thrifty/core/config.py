@@ -267,3 +267,22 @@ class BaseConfig:
             raise ValueError(f"config key 'seeds' has duplicates: {self.seeds}")
         if self.num_threads < 0:
             raise ValueError("config key 'num_threads' must be >= 0")
+
+
+@dataclasses.dataclass
+class UnitsConfig(BaseConfig):
+    """:class:`BaseConfig` for recipes whose training units (arm x seed, sweep points) are independent.
+
+    Attributes:
+        workers: train this many units at once in separate processes (:func:`thrifty.core.parallel.train_units`),
+            each with ``num_threads / workers`` threads (at least 1); 1 trains them one after another in this
+            process. Ignored under torchrun (DDP already splits every step). A unit's numbers do not depend on the
+            units beside it; like any change of thread count they may differ from a 1-worker run in the last bits.
+    """
+
+    workers: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.workers < 1:
+            raise ValueError(f"config key 'workers' must be >= 1, got {self.workers}")

@@ -396,8 +396,9 @@ def finish_run(
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (MiB); children are counted separately by the OS."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size (MiB) of the largest of this process and its finished children (the worker
+    processes of parallel units); concurrent workers together hold up to ``workers`` times as much."""
+    kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 

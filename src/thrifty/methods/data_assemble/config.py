@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from thrifty.core.config import BaseConfig, check_choices
+from thrifty.core.config import UnitsConfig, check_choices
 from thrifty.data.chest_synth import DOMAINS, FINDINGS, TARGET
 
 #: the card's arms: 1 target-only, 2 naive assemble (masked BCE), 3 the paper's method (+ pseudo-labels +
@@ -180,7 +180,7 @@ class SweepConfig:
 
 
 @dataclasses.dataclass
-class DataAssembleConfig(BaseConfig):
+class DataAssembleConfig(UnitsConfig):
     """The whole recipe.
 
     Attributes:

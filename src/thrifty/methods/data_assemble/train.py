@@ -33,7 +33,7 @@ from safetensors.torch import save_model
 from scipy import stats
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from thrifty.core import distributed
+from thrifty.core import distributed, parallel
 from thrifty.core.claims import Claim, format_mean_ci, paired_claim, value_claim, works_claim
 from thrifty.core.config import ConfigError, to_dict
 from thrifty.core.metrics import roc_auc
@@ -96,6 +96,12 @@ ARM_SPECS: dict[str, ArmSpec] = {
     "oracle": ArmSpec(ROLES, "multihead", "assemble", oracle=True),
     "release_compat": ArmSpec(ROLES, "multihead", "release"),
 }
+
+
+def unit_cost(job: parallel.UnitJob) -> float:
+    """Relative cost of a unit (a second, strong view doubles the forward passes), for the start order of
+    parallel workers."""
+    return 2.0 if ARM_SPECS[job[0]].strong_view else 1.0
 
 
 def lr_at(step: int, cfg: DataAssembleConfig) -> float:
@@ -453,18 +459,18 @@ def train(cfg: DataAssembleConfig) -> dict[str, Any]:
     results: dict[str, dict[int, dict]] = {}
     sweep: dict[int, dict[str, dict[int, dict]]] = {}
     if "train" in cfg.stages:
-        for arm in cfg.arms:
-            for seed in cfg.seeds:
-                results.setdefault(arm, {})[seed] = train_unit(arm, seed, cfg, data, run_dir, metrics, info)
-        main_count = len(data.train["target"])
-        for n in cfg.sweep.target_images:
-            for arm in cfg.sweep.arms:
-                for seed in cfg.seeds:
-                    if n == main_count and arm in results:
-                        sweep.setdefault(n, {}).setdefault(arm, {})[seed] = results[arm][seed]
-                        continue
-                    res = train_unit(arm, seed, cfg, data, run_dir, metrics, info, count=n)
-                    sweep.setdefault(n, {}).setdefault(arm, {})[seed] = res
+        where = {
+            "point_key": "count",
+            "points": cfg.sweep.target_images,
+            "sweep_arms": cfg.sweep.arms,
+            "main_point": len(data.train["target"]),
+        }
+        jobs = parallel.sweep_jobs(cfg.arms, cfg.seeds, **where)
+        done = parallel.train_units(
+            __name__, jobs, cfg=cfg, data=data, run_dir=run_dir, metrics=metrics, access=access, info=info,
+            cost=unit_cost,
+        )  # fmt: skip
+        results, sweep = parallel.by_arm_and_point(jobs, done, **where)
     if "eval" in cfg.stages and info.is_main:
         if not results:
             results, sweep = load_results(run_dir, cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from thrifty.core.config import BaseConfig, check_choices
+from thrifty.core.config import UnitsConfig, check_choices
 
 #: the card's arms: (1) supervised (RGB only), (2) FixMatch tau 0.95, (3) FixMatch tau 0.3, (4) TG-full, and the
 #: ablations of TG-full without alignment, without the contrastive term, and with RGB-only pseudo-labels
@@ -220,7 +220,7 @@ class SweepConfig:
 
 
 @dataclasses.dataclass
-class TemporalGradientConfig(BaseConfig):
+class TemporalGradientConfig(UnitsConfig):
     """The whole recipe.
 
     Attributes:
@@ -237,10 +237,6 @@ class TemporalGradientConfig(BaseConfig):
         final_test: False skips the test split (calibration runs).
         works_margin: the "works" claim's margin (accuracy points) over the single-frame baseline.
         trivial_steps: training steps of the single-frame classifier (the sanity control).
-        workers: train this many units (arm x seed) at once in separate processes, each with ``num_threads /
-            workers`` threads (at least 1); 1 trains them one after another in this process. Ignored under
-            torchrun (DDP already splits every step). A unit's numbers do not depend on its neighbours; like any
-            change of thread count, they may differ from a 1-worker run in the last float bits.
     """
 
     stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
@@ -262,7 +258,6 @@ class TemporalGradientConfig(BaseConfig):
     final_test: bool = True
     works_margin: float = 10.0
     trivial_steps: int = 200
-    workers: int = 1
 
     #: keys that only choose which units run (a resumed run may change them)
     SELECTORS: ClassVar[tuple[str, ...]] = ("arms", "sweep")
@@ -356,7 +351,5 @@ class TemporalGradientConfig(BaseConfig):
         for key in ("max_steps", "eval_every", "eval_batch_size", "log_every", "test_clips"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1")
-        if self.workers < 1:
-            raise ValueError(f"config key 'workers' must be >= 1, got {self.workers}")
         if self.precise_bn_batches < 0 or self.trivial_steps < 1:
             raise ValueError("config keys 'precise_bn_batches' >= 0 and 'trivial_steps' >= 1")

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,12 @@ import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from thrifty.core import distributed
+from thrifty.core import distributed, parallel
 from thrifty.core.claims import Claim, format_mean_ci, paired_claim, value_claim, works_claim
 from thrifty.core.config import ConfigError, to_dict
-from thrifty.core.parallel import run_units, threads_per_worker
+from thrifty.core.parallel import UnitJob
 from thrifty.core.run import (
     MetricsLog,
-    configure_torch,
     data_root,
     finish_run,
     load_unit_results,
@@ -642,88 +640,11 @@ def cost_table(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
 # --- the recipe -----------------------------------------------------------------------------------------
 
 
-Job = tuple[str, int, "float | None"]  # (arm, seed, labelled fraction or None for the main setting)
-
-
-def unit_jobs(cfg: TemporalGradientConfig) -> list[Job]:
-    """Every unit the config trains, in the order a single process trains them: each arm x seed at
-    ``data.labelled_fraction``, then each sweep fraction x sweep arm x seed that is not one of those."""
-    jobs: list[Job] = [(arm, seed, None) for arm in cfg.arms for seed in cfg.seeds]
-    for f in cfg.sweep.labelled_fractions:
-        for arm in cfg.sweep.arms:
-            if not (f == cfg.data.labelled_fraction and arm in cfg.arms):
-                jobs.extend((arm, seed, f) for seed in cfg.seeds)
-    return jobs
-
-
-# --- parallel units (``workers`` > 1): state of one worker process ------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(cfg: TemporalGradientConfig, run_dir: str, threads: int) -> None:
-    """Once per worker: its threads, determinism settings and its own copy of the (cached) data."""
-    configure_torch(dataclasses.replace(cfg, num_threads=threads))
-    access = AccessLog(None)  # reads are kept in memory and logged by the parent
-    _WORKER.update(cfg=dataclasses.replace(cfg, progress=False), run_dir=Path(run_dir), access=access)
-    _WORKER["data"] = prepare_data(cfg, data_root(cfg), access)
-
-
-def _worker_unit(job: Job) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train one unit in a worker; returns its result, its split reads and its metrics records."""
-    arm, seed, fraction = job
-    access: AccessLog = _WORKER["access"]
-    start = len(access.entries)
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = MetricsLog(Path(tmp) / "metrics.jsonl")
-        res = train_unit(
-            arm, seed, _WORKER["cfg"], _WORKER["data"], _WORKER["run_dir"], metrics, distributed.DistInfo(),
-            fraction=fraction,
-        )  # fmt: skip
-        records = metrics.read()
-    return res, access.entries[start:], records
-
-
-def train_units(
-    cfg: TemporalGradientConfig,
-    data: TGData,
-    run_dir: Path,
-    metrics: MetricsLog,
-    access: AccessLog,
-    info: distributed.DistInfo,
-) -> dict[Job, dict[str, Any]]:
-    """Train every unit of :func:`unit_jobs`: one after another, or in ``workers`` processes (one process, not
-    under torchrun), whose split reads and metrics the parent writes to the run's logs as each unit finishes."""
-    jobs = unit_jobs(cfg)
-    if cfg.workers == 1 or info.enabled:
-        return {job: train_unit(job[0], job[1], cfg, data, run_dir, metrics, info, fraction=job[2]) for job in jobs}
-
-    def on_done(job: Job, out: tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]) -> None:
-        _, entries, records = out
-        unit = records[0]["unit"] if records else None
-        if unit is not None:
-            metrics.truncate(unit, 0)
-        for rec in records:
-            metrics.log(rec)
-        for e in entries:
-            access.record(e["split"], e["purpose"], e["unit"])
-
-    threads = threads_per_worker(cfg.workers, cfg.num_threads)
-    # the costliest units first (two networks, then the unlabelled stream), so no worker is left with a long
-    # unit at the end while the others idle; the results do not depend on the order
-    order = sorted(jobs, key=lambda j: (not ARM_SPECS[j[0]].two_stream, not ARM_SPECS[j[0]].unlabelled))
-    outs = run_units(
-        _worker_unit,
-        order,
-        workers=cfg.workers,
-        initializer=_worker_init,
-        initargs=(cfg, str(run_dir), threads),
-        on_done=on_done,
-        description=f"units ({cfg.workers} workers x {threads} threads)",
-        show_progress=cfg.progress,
-    )
-    by_job = {job: out[0] for job, out in zip(order, outs, strict=True)}
-    return {job: by_job[job] for job in jobs}
+def unit_cost(job: UnitJob) -> float:
+    """Relative cost of a unit (two networks > the unlabelled stream > labelled clips only), for the start order
+    of parallel workers."""
+    spec = ARM_SPECS[job[0]]
+    return 4.0 if spec.two_stream else 2.0 if spec.unlabelled else 1.0
 
 
 def train(cfg: TemporalGradientConfig) -> dict[str, Any]:
@@ -736,16 +657,18 @@ def train(cfg: TemporalGradientConfig) -> dict[str, Any]:
     results: dict[str, dict[int, dict]] = {}
     sweep: dict[float, dict[str, dict[int, dict]]] = {}
     if "train" in cfg.stages:
-        done = train_units(cfg, data, run_dir, metrics, access, info)
-        for (arm, seed, f), res in done.items():
-            if f is None:
-                results.setdefault(arm, {})[seed] = res
-        for f in cfg.sweep.labelled_fractions:
-            for arm in cfg.sweep.arms:
-                for seed in cfg.seeds:
-                    main_setting = f == cfg.data.labelled_fraction and arm in results
-                    res = results[arm][seed] if main_setting else done[(arm, seed, f)]
-                    sweep.setdefault(f, {}).setdefault(arm, {})[seed] = res
+        where = {
+            "point_key": "fraction",
+            "points": cfg.sweep.labelled_fractions,
+            "sweep_arms": cfg.sweep.arms,
+            "main_point": cfg.data.labelled_fraction,
+        }
+        jobs = parallel.sweep_jobs(cfg.arms, cfg.seeds, **where)
+        done = parallel.train_units(
+            __name__, jobs, cfg=cfg, data=data, run_dir=run_dir, metrics=metrics, access=access, info=info,
+            cost=unit_cost,
+        )  # fmt: skip
+        results, sweep = parallel.by_arm_and_point(jobs, done, **where)
     if "eval" in cfg.stages and info.is_main:
         if not results:
             results, sweep = load_results(run_dir, cfg)
