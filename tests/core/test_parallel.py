@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from thrifty.cli import EXIT_OK, main
+from thrifty.core.config import ConfigError
 from thrifty.core.parallel import by_arm_and_point, run_units, sweep_jobs, threads_per_worker
 
 
@@ -21,9 +23,27 @@ def test_results_keep_job_order_and_every_unit_reports_once():
     assert sorted(seen) == sorted(zip(jobs, out, strict=True))
 
 
-def test_a_failing_unit_raises_in_the_parent():
+def test_each_unit_is_handed_back_as_soon_as_it_finishes():
+    """A short unit reaches ``on_done`` while a long one still runs (the logs of a killed run stay complete)."""
+    finished: dict[float, float] = {}
+    run_units(
+        time.sleep, [0.0, 1.5], workers=2, on_done=lambda j, _: finished.setdefault(j, time.monotonic()),
+        show_progress=False,
+    )  # fmt: skip
+    assert finished[1.5] - finished[0.0] > 1.0
+
+
+def test_a_failing_unit_raises_in_the_parent_after_the_finished_ones_are_reported():
+    seen: list[int] = []
     with pytest.raises(ValueError, match="negative"):
-        run_units(math.factorial, [3, -1, 4], workers=2, show_progress=False)
+        run_units(math.factorial, [3, -1], workers=2, on_done=lambda j, _: seen.append(j), show_progress=False)
+    assert seen == [3]
+    with pytest.raises(RuntimeError, match="on_done"):  # an error in the parent's callback stops the run too
+
+        def fail(job: int, result: int) -> None:
+            raise RuntimeError("on_done failed")
+
+        run_units(math.factorial, [1, 2, 3], workers=1, on_done=fail, show_progress=False)
 
 
 def test_no_jobs_and_bad_worker_counts():
@@ -53,6 +73,10 @@ def test_sweep_jobs_skip_the_main_point_of_trained_arms_and_results_regroup():
     assert sweep[60]["a"] == main["a"]  # the main point reuses the main units
     assert sweep[60]["c"][1] == results[jobs.index(("c", 1, {"count": 60}))]
     assert all(len(sweep[p][arm]) == 2 for p in sweep for arm in sweep[p])
+    with pytest.raises(ConfigError, match="arms list a value twice"):
+        sweep_jobs(["a", "a"], [0], **where)
+    with pytest.raises(ConfigError, match="sweep points"):
+        sweep_jobs(["a"], [0], **{**where, "points": [20, 20]})
 
 
 @pytest.mark.parametrize(
@@ -107,6 +131,23 @@ def test_units_trained_by_two_worker_processes_equal_one_process(recipe, args, u
         assert sorted(one, key=_key) == sorted(two, key=_key), name
     claims = [json.loads((runs[w] / "results.json").read_text())["claims"] for w in (1, 2)]
     assert [(c["id"], c["values"]) for c in claims[0]] == [(c["id"], c["values"]) for c in claims[1]]
+
+    # resumed with one unit's result gone: only that unit trains again, and its logs hold one attempt
+    lost = runs[2] / found[0][-1]
+    before = json.loads(lost.read_text())
+    lost.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (runs[2] / "units").rglob("result.json")}
+    unit = str(found[0][-1].parent.relative_to("units"))  # e.g. sweep/p0.5/tg_full/seed1
+    n_records = sum(r["unit"] == unit for r in read_jsonl(runs[2] / "metrics.jsonl"))
+    assert n_records > 0
+    overrides = [f"out_dir={tmp_path / 'w2'}", f"data_dir={data_dir}", "progress=false", "seeds=[0,1]", *args]
+    assert main(["run", recipe, "--preset", "smoke", *overrides, "num_threads=2", "workers=2"]) == EXIT_OK
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the other units were reused
+    again = json.loads(lost.read_text())
+    assert {k: again[k] for k in ("curve", "test")} == {k: before[k] for k in ("curve", "test")}
+    assert sum(r["unit"] == unit for r in read_jsonl(runs[2] / "metrics.jsonl")) == n_records
+    tests = [e for e in read_jsonl(runs[2] / "access_log.jsonl") if e["purpose"] == "final_test"]
+    assert [e["unit"] for e in tests].count(unit) == 2  # the first attempt's read and this one's
 
 
 def _key(record: dict) -> str:

@@ -1,31 +1,36 @@
-"""Independent training units (arm x seed) in parallel worker processes.
+"""Independent training units (arm x seed, sweep points) in parallel worker processes.
 
 A claim preset trains tens of small, independent units one after another. On a CPU with few cores, tiny 3D
-convolutions use two intra-op threads poorly (the temporal-gradient miniature's step: 77 ms with 2 threads, 122 ms
-with 1, so two 1-thread processes train about 1.3x as many steps per second as one 2-thread process), and on a
-laptop with 8 cores four 2-thread workers train about four units at once. :func:`run_units` runs such units in
-``spawn``-started worker processes, each with its own share of the threads, and hands each result back to the
-parent in the order they finish, so the parent alone writes the run directory's shared logs.
+convolutions use two intra-op threads poorly: two 1-thread workers ran the temporal-gradient claim preset in 37.2
+min where one 2-thread process took 53.8 (a TG-full unit: 130-135 s per worker, two at a time, against 94-98 s
+alone, about 1.4x the throughput), and on a machine with more cores several multi-thread workers train as many
+units at once. :func:`train_units` runs a recipe's units in ``spawn``-started worker processes with their share of
+the threads; as each unit finishes, the parent writes its metrics records and split reads to the run's logs and
+only then its ``result.json``, so a unit that a resumed run reuses always has complete logs.
 
-Each unit's numbers do not depend on how many workers run beside it; they can differ from a run with another
-thread count in the last float bits (reduction order), as any change of ``num_threads`` does.
+Each unit's numbers do not depend on how many workers run beside it; like any change of ``num_threads`` they can
+differ from a run with another thread count in the last float bits (reduction order).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import json
+import logging
 import multiprocessing
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from thrifty.core.config import ConfigError
 from thrifty.core.distributed import DistInfo
-from thrifty.core.run import MetricsLog, configure_torch, data_root, progress
+from thrifty.core.run import MetricsLog, configure_torch, data_root, progress, resolve_device, write_json
 from thrifty.core.splits import AccessLog
 
 J = TypeVar("J")
@@ -55,34 +60,51 @@ def run_units(
 
     ``fn`` and ``initializer`` must be importable module-level functions and the jobs, ``initargs`` and results
     picklable. ``initializer(*initargs)`` runs once per worker (load data, set threads). ``on_done(job, result)``
-    runs in the parent as each unit finishes (write logs); the returned list keeps the order of ``jobs``. The first
-    unit that raises cancels the units not yet started and its exception is raised here.
+    runs in the parent as soon as each job finishes (write logs); the returned list keeps the order of ``jobs``.
+    When a job raises (or the parent is interrupted), jobs not yet started are dropped, the running ones finish,
+    ``on_done`` still runs for every job that succeeded, and then the first error is raised here.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    results: dict[int, R] = {}
     if not jobs:
         return []
+    results: dict[int, R] = {}
+    error: BaseException | None = None
     context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
-    with (
-        ProcessPoolExecutor(
-            max_workers=min(workers, len(jobs)), mp_context=context, initializer=initializer, initargs=initargs
-        ) as pool,
-        progress(len(jobs), description, enabled=show_progress) as advance,
-    ):
-        pending: dict[Future[R], int] = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in done:
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=context, initializer=initializer, initargs=initargs
+    )
+    with progress(len(jobs), description, enabled=show_progress) as advance:
+
+        def collect(finished: Sequence[Future[R]]) -> None:
+            nonlocal error
+            for fut in sorted(finished, key=pending.__getitem__):
                 i = pending.pop(fut)
+                if fut.cancelled():
+                    continue
                 err = fut.exception()
-                if err is not None:  # units not yet started are dropped; running ones finish first
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise err
+                if err is not None:
+                    error = error or err
+                    continue
                 results[i] = fut.result()
                 if on_done is not None:
                     on_done(jobs[i], results[i])
                 advance(1)
+
+        pending: dict[Future[R], int] = {}
+        try:
+            pending = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            while pending and error is None:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                collect(list(done))
+        except BaseException as exc:  # an interrupt, or on_done failing
+            error = error or exc
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if error is not None:
+            with contextlib.suppress(BaseException):  # the first error is the one to report
+                collect([f for f in pending if f.done()])  # what finished while the pool shut down
+            raise error
     return [results[i] for i in range(len(jobs))]
 
 
@@ -95,22 +117,27 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(module: str, cfg: Any, run_dir: str, threads: int) -> None:
-    """Once per worker: its threads and determinism settings, and its own copy of the (cached) data."""
+    """Once per worker: warnings to stderr, its threads and determinism settings, its own copy of the (cached)
+    data."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s [worker] %(name)s: %(message)s")
     recipe = importlib.import_module(module)
     configure_torch(dataclasses.replace(cfg, num_threads=threads))
     access = AccessLog(None)  # the reads are kept in memory and logged by the parent
     _WORKER.update(recipe=recipe, cfg=dataclasses.replace(cfg, progress=False), run_dir=Path(run_dir), access=access)
+    _WORKER["info"] = DistInfo(device=resolve_device(cfg.device))
     _WORKER["data"] = recipe.prepare_data(cfg, data_root(cfg), access)
 
 
 def _worker_unit(job: UnitJob) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """One unit in a worker: its result, its split reads and its metrics records."""
+    """One unit in a worker: its result (``result.json`` is left to the parent), split reads, metrics records."""
     arm, seed, extra = job
     w = _WORKER
     start = len(w["access"].entries)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = MetricsLog(Path(tmp) / "metrics.jsonl")
-        res = w["recipe"].train_unit(arm, seed, w["cfg"], w["data"], w["run_dir"], metrics, DistInfo(), **extra)
+        res = w["recipe"].train_unit(
+            arm, seed, w["cfg"], w["data"], w["run_dir"], metrics, w["info"], **extra, write_result=False
+        )
         records = metrics.read()
     return res, w["access"].entries[start:], records
 
@@ -127,33 +154,48 @@ def train_units(
     info: DistInfo,
     cost: Callable[[UnitJob], float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train a recipe's units: ``module`` (e.g. ``thrifty.methods.temporal_gradient.train``) provides
-    ``prepare_data(cfg, root, access)`` and ``train_unit(arm, seed, cfg, data, run_dir, metrics, info, **extra)``.
+    """Train a recipe's units. ``module`` (e.g. ``thrifty.methods.temporal_gradient.train``) provides
+    ``prepare_data(cfg, root, access)``, ``unit_dir_for(run_dir, arm, seed, **extra)`` and ``train_unit(arm, seed,
+    cfg, data, run_dir, metrics, info, **extra, write_result=True)``, which reuses a unit whose ``result.json``
+    exists when ``cfg.resume``.
 
-    With ``cfg.workers == 1`` or under torchrun the units train one after another in this process. Otherwise
-    ``cfg.workers`` spawned processes share ``cfg.num_threads`` (torch's count when 0) and each loads the data
-    itself; the costliest units (``cost``, higher first) start first so no worker is left alone with a long unit
-    at the end. Each finished unit's metrics records and split reads are written here, by the parent alone. Returns
-    the results in the order of ``jobs``.
+    With ``cfg.workers == 1`` or under torchrun the units train one after another in this process. Otherwise the
+    finished units are reused here and the rest go to ``cfg.workers`` spawned processes that share
+    ``cfg.num_threads`` (torch's count when 0), each loading the data itself, the costliest first (``cost``,
+    higher first) so that no worker is left alone with a long unit at the end. As each unit finishes, its metrics
+    records and split reads are written here, by the parent alone, then its ``result.json``. Returns the results
+    in the order of ``jobs``.
     """
     recipe = importlib.import_module(module)
     if cfg.workers == 1 or info.enabled:
         return [recipe.train_unit(a, s, cfg, data, run_dir, metrics, info, **extra) for a, s, extra in jobs]
 
+    def result_file(job: UnitJob) -> Path:
+        return recipe.unit_dir_for(run_dir, job[0], job[1], **job[2]) / "result.json"
+
+    results: dict[int, dict[str, Any]] = {}
+    if cfg.resume:
+        for i, job in enumerate(jobs):
+            if result_file(job).is_file():
+                results[i] = json.loads(result_file(job).read_text())
+    todo = [i for i in range(len(jobs)) if i not in results]
+    if cost is not None:
+        todo.sort(key=lambda i: -cost(jobs[i]))
+
     def on_done(job: UnitJob, out: tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]) -> None:
-        _, entries, records = out
+        result, entries, records = out
         for unit in dict.fromkeys(r["unit"] for r in records):  # what an interrupted earlier attempt logged
             metrics.truncate(unit, 0)
         for rec in records:
             metrics.log(rec)
         for e in entries:
             access.record(e["split"], e["purpose"], e["unit"])
+        write_json(result_file(job), result)
 
-    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost is not None else list(range(len(jobs)))
     threads = threads_per_worker(cfg.workers, cfg.num_threads)
     outs = run_units(
         _worker_unit,
-        [jobs[i] for i in order],
+        [jobs[i] for i in todo],
         workers=cfg.workers,
         initializer=_worker_init,
         initargs=(module, cfg, str(run_dir), threads),
@@ -161,10 +203,9 @@ def train_units(
         description=f"units ({cfg.workers} workers x {threads} threads)",
         show_progress=cfg.progress,
     )
-    results: list[dict[str, Any]] = [{}] * len(jobs)
-    for i, out in zip(order, outs, strict=True):
+    for i, out in zip(todo, outs, strict=True):
         results[i] = out[0]
-    return results
+    return [results[i] for i in range(len(jobs))]
 
 
 def sweep_jobs(
@@ -178,7 +219,10 @@ def sweep_jobs(
 ) -> list[UnitJob]:
     """A recipe's units in the order one process trains them: every arm x seed at the main setting, then every
     sweep point x sweep arm x seed that the main setting does not already give (``{point_key: point}`` is passed
-    to ``train_unit``)."""
+    to ``train_unit``). A repeated arm, seed or point would train one unit twice: a ConfigError."""
+    for key, values in (("arms", arms), ("seeds", seeds), ("sweep arms", sweep_arms), ("sweep points", points)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"the {key} list a value twice: {list(values)}")
     jobs: list[UnitJob] = [(arm, seed, {}) for arm in arms for seed in seeds]
     for p in points:
         for arm in sweep_arms:

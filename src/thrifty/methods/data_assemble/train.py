@@ -181,9 +181,11 @@ def train_unit(
     info: distributed.DistInfo,
     *,
     count: int | None = None,
+    write_result: bool = True,
 ) -> dict[str, Any]:
     """Train one arm with one seed (source A cut to ``count`` images for the label-count sweep); select the step
-    on validation; test once. Returns the unit's result record (also written to ``result.json``)."""
+    on validation; test once. Returns the unit's result record (also written to ``result.json`` unless
+    ``write_result`` is False)."""
     unit = f"{arm}/seed{seed}" if count is None else f"sweep/n{count}/{arm}/seed{seed}"
     unit_dir = unit_dir_for(run_dir, arm, seed, count)
     done_file = unit_dir / "result.json"
@@ -280,7 +282,8 @@ def train_unit(
         unit_dir.mkdir(parents=True, exist_ok=True)
         save_model(model, str(unit_dir / "model.safetensors"))
         write_json(unit_dir / "card.json", model_card(cfg, arm, seed, names, spec.head))
-        write_json(done_file, result)
+        if write_result:  # a parallel worker leaves it to the parent, which writes it after the unit's logs
+            write_json(done_file, result)
     distributed.barrier()
     return result
 

@@ -291,9 +291,11 @@ def train_unit(
     info: distributed.DistInfo,
     *,
     fraction: float | None = None,
+    write_result: bool = True,
 ) -> dict[str, Any]:
     """Train one arm with one seed at ``fraction`` labels (default ``data.labelled_fraction``); select the step on
-    validation; test once. Returns the unit's result record (also written to ``result.json``)."""
+    validation; test once. Returns the unit's result record (also written to ``result.json`` unless
+    ``write_result`` is False)."""
     frac = cfg.data.labelled_fraction if fraction is None else fraction
     unit = f"{arm}/seed{seed}" if fraction is None else f"sweep/p{fraction:g}/{arm}/seed{seed}"
     unit_dir = unit_dir_for(run_dir, arm, seed, fraction)
@@ -404,7 +406,8 @@ def train_unit(
         unit_dir.mkdir(parents=True, exist_ok=True)
         save_file(model.rgb_only_state_dict(), str(unit_dir / "model.safetensors"))
         write_json(unit_dir / "card.json", model_card(cfg, arm, seed, data.class_names))
-        write_json(done_file, result)
+        if write_result:  # a parallel worker leaves it to the parent, which writes it after the unit's logs
+            write_json(done_file, result)
     distributed.barrier()
     return result
 
