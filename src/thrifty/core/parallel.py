@@ -256,3 +256,28 @@ def by_arm_and_point(
             if row is not None:
                 sweep.setdefault(p, {})[arm] = dict(row)
     return main, sweep
+
+
+def train_arms_and_sweep(
+    module: str,
+    *,
+    cfg: Any,
+    data: Any,
+    run_dir: Path,
+    metrics: MetricsLog,
+    access: AccessLog,
+    info: DistInfo,
+    point_key: str,
+    points: Sequence[Any],
+    main_point: Any,
+    cost: Callable[[UnitJob], float] | None = None,
+) -> tuple[dict[str, dict[int, dict]], dict[Any, dict[str, dict[int, dict]]]]:
+    """:func:`sweep_jobs` of ``cfg.arms`` x ``cfg.seeds`` and ``cfg.sweep.arms`` at ``points``, trained by
+    :func:`train_units`, regrouped by :func:`by_arm_and_point`: ``({arm: {seed: result}}, {point: {arm: {seed:
+    result}}})``."""
+    where = {"point_key": point_key, "points": points, "sweep_arms": cfg.sweep.arms, "main_point": main_point}
+    jobs = sweep_jobs(cfg.arms, cfg.seeds, **where)
+    done = train_units(
+        module, jobs, cfg=cfg, data=data, run_dir=run_dir, metrics=metrics, access=access, info=info, cost=cost
+    )
+    return by_arm_and_point(jobs, done, **where)

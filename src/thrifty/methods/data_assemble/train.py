@@ -462,18 +462,10 @@ def train(cfg: DataAssembleConfig) -> dict[str, Any]:
     results: dict[str, dict[int, dict]] = {}
     sweep: dict[int, dict[str, dict[int, dict]]] = {}
     if "train" in cfg.stages:
-        where = {
-            "point_key": "count",
-            "points": cfg.sweep.target_images,
-            "sweep_arms": cfg.sweep.arms,
-            "main_point": len(data.train["target"]),
-        }
-        jobs = parallel.sweep_jobs(cfg.arms, cfg.seeds, **where)
-        done = parallel.train_units(
-            __name__, jobs, cfg=cfg, data=data, run_dir=run_dir, metrics=metrics, access=access, info=info,
-            cost=unit_cost,
+        results, sweep = parallel.train_arms_and_sweep(
+            __name__, cfg=cfg, data=data, run_dir=run_dir, metrics=metrics, access=access, info=info,
+            point_key="count", points=cfg.sweep.target_images, main_point=len(data.train["target"]), cost=unit_cost,
         )  # fmt: skip
-        results, sweep = parallel.by_arm_and_point(jobs, done, **where)
     if "eval" in cfg.stages and info.is_main:
         if not results:
             results, sweep = load_results(run_dir, cfg)
