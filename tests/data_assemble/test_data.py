@@ -18,6 +18,7 @@ from thrifty.methods.data_assemble.data import (
     GuardedSet,
     LabelledImages,
     draw_batch,
+    fixed_role_counts,
     load_synthetic,
     prepare_data,
     role_counts,
@@ -80,6 +81,24 @@ def test_role_counts_bad_inputs_raise():
         role_counts(8, RATIOS, [])
     with pytest.raises(ValueError, match="cannot hold one image"):
         role_counts(2, RATIOS, list(ROLES))
+
+
+def test_fixed_role_counts_keep_the_target_count_of_every_arm_and_split_over_ranks():
+    fixed = {"target": 16, "assembled": 16, "unlabelled": 8}
+    # roles an arm does not use are dropped, the rest are not renormalised
+    assert fixed_role_counts(fixed, ["target"]) == {"target": 16}
+    assert fixed_role_counts(fixed, ["assembled", "target"]) == {"target": 16, "assembled": 16}
+    assert fixed_role_counts(fixed, list(ROLES)) == fixed
+    # all DDP ranks together hold the configured counts
+    assert fixed_role_counts(fixed, list(ROLES), world_size=2) == {"target": 8, "assembled": 8, "unlabelled": 4}
+    assert fixed_role_counts({"target": 4}, list(ROLES)) == {"target": 4}  # a role without a count is not drawn
+
+
+def test_fixed_role_counts_bad_inputs_raise():
+    with pytest.raises(ValueError, match="no count for the target"):
+        fixed_role_counts({"assembled": 8}, list(ROLES))
+    with pytest.raises(ValueError, match="split evenly"):
+        fixed_role_counts({"target": 16, "assembled": 9}, list(ROLES), world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------- draw_batch

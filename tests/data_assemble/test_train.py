@@ -383,6 +383,9 @@ def test_validation_only_run_never_reads_the_test_split(tmp_path, data_dir):
         ("data.synthetic.test_images=0", "test_images"),
         ("data.ratios.target=0", "data.ratios"),
         ("data.ratios.hospital=1", "data.ratios"),
+        ("data.role_images={assembled: 8}", "data.role_images"),
+        ("data.role_images={target: 0}", "data.role_images"),
+        ("data.role_images={target: 4, hospital: 4}", "data.role_images"),
         ("sweep.target_images=[2,16]", "sweep.target_images"),
         ("data.source=real", "real_sources"),
         ("data.source=web", "data.source"),
@@ -401,6 +404,26 @@ def test_bad_config_is_a_clear_error(override, match, tmp_path, capsys):
     assert main(["run", "data_assemble", "--preset", "smoke", f"out_dir={tmp_path}", override]) == EXIT_USAGE
     assert match in capsys.readouterr().err
     assert not (tmp_path / "data_assemble").exists()
+
+
+def test_fixed_role_images_give_every_arm_the_same_target_images_per_step(tmp_path, data_dir, monkeypatch):
+    """With data.role_images every arm draws the same number of target-source images per step; the multi-source
+    arms add the other sources' images on top."""
+    seen: dict[str, set[tuple[int, ...]]] = {}
+    real = recipe.compute_loss
+
+    def spy(spec, model, batch, cfg, gen, target_index):
+        arm = next(a for a, s in ARM_SPECS.items() if s is spec)
+        seen.setdefault(arm, set()).add(tuple(int((batch.roles == k).sum()) for k in range(len(ROLES))))
+        return real(spec, model, batch, cfg, gen, target_index)
+
+    monkeypatch.setattr(recipe, "compute_loss", spy)
+    overrides = ("arms=[target_only,naive,assemble]", "seeds=[0]", "stages=[train]", "final_test=false",
+                 "data.role_images={target: 6, assembled: 4, unlabelled: 2}")  # fmt: skip
+    train(smoke(tmp_path, data_dir, *overrides))
+    assert seen == {"target_only": {(6, 0, 0)}, "naive": {(6, 4, 0)}, "assemble": {(6, 4, 2)}}
+    unit = unit_result(tmp_path / "data_assemble" / "smoke", "assemble", 0)
+    assert unit["batch_roles"] == {"target": 6, "assembled": 4, "unlabelled": 2}
 
 
 def test_ratios_must_name_the_target():

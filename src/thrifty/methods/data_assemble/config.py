@@ -104,8 +104,12 @@ class DataConfig:
         labels: the label set (output order); empty = the generator's findings (synthetic) or the union of
             the real sources' labels.
         target: the class of interest.
-        ratios: the fixed share of each source role in every batch (on every DDP rank); roles an arm does not
-            use are dropped and the rest renormalised.
+        ratios: the fixed share of each source role in every batch of ``batch_size`` (on every DDP rank); roles
+            an arm does not use are dropped and the rest renormalised.
+        role_images: images of each source role per batch (all DDP ranks together); when set it replaces
+            ``batch_size`` x ``ratios``, and the roles an arm does not use are dropped *without* renormalising,
+            so every arm sees as many target-source images per step as target-only does and the multi-source arms
+            add the other sources' images on top (batch sizes then differ between arms).
         intensity_window: per-image percentiles (low, high) mapped to 0 and 1 before augmentation, for every
             source, split and scored image (``window_intensity``); empty = images as loaded. Sources from
             different scanners differ in contrast and brightness; calibrated on validation (recipe README).
@@ -119,6 +123,7 @@ class DataConfig:
     ratios: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"target": 0.25, "assembled": 0.5, "unlabelled": 0.25}
     )
+    role_images: dict[str, int] = dataclasses.field(default_factory=dict)
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     real_sources: list[RealSource] = dataclasses.field(default_factory=list)
     intensity_window: list[float] = dataclasses.field(default_factory=lambda: [1.0, 99.0])
@@ -273,7 +278,13 @@ class DataAssembleConfig(UnitsConfig):
         ratios = self.data.ratios
         if set(ratios) - set(ROLES) or any(v <= 0 for v in ratios.values()) or "target" not in ratios:
             raise ValueError(f"config key 'data.ratios' maps roles {list(ROLES)} (target required) to shares > 0")
-        if self.batch_size < len(self.data.ratios):
+        counts = self.data.role_images
+        if counts and (set(counts) - set(ROLES) or "target" not in counts or any(v < 1 for v in counts.values())):
+            raise ValueError(
+                f"config key 'data.role_images' maps roles {list(ROLES)} (target required) to image counts >= 1, "
+                f"got {counts}"
+            )
+        if not counts and self.batch_size < len(self.data.ratios):
             raise ValueError(
                 f"config key 'batch_size' ({self.batch_size}) must hold one image of each of the "
                 f"{len(self.data.ratios)} source roles in 'data.ratios'"

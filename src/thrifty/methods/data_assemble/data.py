@@ -20,7 +20,8 @@ assembles them into one partial-label table over the shared label set, and split
 Validation and test are wrapped in :class:`Guarded`: each read names its purpose and is written to
 ``access_log.jsonl``, so a test proves that the test split never reached model selection.
 
-Batches (:func:`draw_batch`) keep a fixed share of each source role (``data.ratios``) on every DDP rank,
+Batches (:func:`draw_batch`) keep a fixed share of each source role (``data.ratios``, or fixed counts
+``data.role_images``) on every DDP rank,
 drawn from a generator seeded by (seed, step, rank); the labels' masks travel with the batch.
 """
 
@@ -404,6 +405,18 @@ def role_counts(batch_size: int, ratios: dict[str, float], roles: list[str]) -> 
         largest = max(use, key=lambda r: counts[r])
         counts[largest] -= 1
     return counts
+
+
+def fixed_role_counts(role_images: dict[str, int], roles: list[str], world_size: int = 1) -> dict[str, int]:
+    """Images per role in one rank's batch when every role has a fixed count (``data.role_images``, all ranks
+    together): the roles an arm uses, *not* renormalised, each count split evenly over ``world_size`` ranks."""
+    use = [r for r in ROLES if r in roles and r in role_images]
+    if "target" not in use:
+        raise ValueError(f"data.role_images {role_images} gives no count for the target role")
+    uneven = [r for r in use if role_images[r] % world_size]
+    if uneven:
+        raise ValueError(f"data.role_images counts of {uneven} do not split evenly over {world_size} ranks")
+    return {r: role_images[r] // world_size for r in use}
 
 
 @dataclasses.dataclass

@@ -54,7 +54,14 @@ from thrifty.core.tables import IMAGE_COST_COLUMNS, first_of, per_arm_table
 from thrifty.methods.data_assemble import figures
 from thrifty.methods.data_assemble.augment import STRONG, WEAK, augment
 from thrifty.methods.data_assemble.config import ROLES, DataAssembleConfig
-from thrifty.methods.data_assemble.data import AssembleData, LabelledImages, draw_batch, prepare_data, role_counts
+from thrifty.methods.data_assemble.data import (
+    AssembleData,
+    LabelledImages,
+    draw_batch,
+    fixed_role_counts,
+    prepare_data,
+    role_counts,
+)
 from thrifty.methods.data_assemble.losses import LossParts, assemble_loss, release_compat_loss
 from thrifty.methods.data_assemble.model import build_model
 from thrifty.methods.data_assemble.trivial import pixel_knn_scores
@@ -210,9 +217,14 @@ def train_unit(
         override = {r: torch.ones_like(train_sets[r].given) for r in ("target", "assembled")}
     per_rank = cfg.batch_size // info.world_size
     try:
-        counts = role_counts(per_rank, cfg.data.ratios, roles)
+        if cfg.data.role_images:
+            counts = fixed_role_counts(cfg.data.role_images, roles, info.world_size)
+        else:
+            counts = role_counts(per_rank, cfg.data.ratios, roles)
     except ValueError as err:
-        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, {per_rank} per rank): {err}") from None
+        key = "data.role_images" if cfg.data.role_images else f"batch_size' ({cfg.batch_size}, {per_rank} per rank"
+        raise ConfigError(f"config key '{key}': {err}") from None
+    images_per_step = sum(counts.values()) * info.world_size
     names, t = data.label_names, data.target_index
 
     seed_everything(seed)
@@ -267,7 +279,7 @@ def train_unit(
         "curve": curve,
         "val": best["val"],
         "train_seconds": t_train,
-        "train_images_per_s": cfg.max_steps * cfg.batch_size * (2 if spec.strong_view else 1) / max(t_train, 1e-9),
+        "train_images_per_s": cfg.max_steps * images_per_step * (2 if spec.strong_view else 1) / max(t_train, 1e-9),
         "params": sum(p.numel() for p in model.parameters()),
         "batch_roles": counts,
     }
