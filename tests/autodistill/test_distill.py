@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 
@@ -113,3 +114,16 @@ def test_distillation_is_deterministic_and_lowers_the_loss(teacher, head, cache)
     other = _student(teacher, head)
     distill(other, cache, cfg, seed=4, progress_bar=False)
     assert any(not torch.equal(w_a[n], p) for n, p in _snapshot(other).items())
+
+
+def test_mlm_stage_reads_each_cached_batch_at_most_once(teacher, head, cache) -> None:
+    """The MLM stage starts a fresh pass over the cache, so a stage no longer than the cache never repeats a
+    batch's fixed masked labels (repeats let students memorise them), whatever the layer stages drew before."""
+    seen: list[int] = []
+    spy = copy.copy(cache)
+    spy.batch_logits = lambda b: (seen.append(b), cache.batch_logits(b))[1]
+    for steps_per_stage in (1, 3):  # the layer stages stop mid-pass
+        seen.clear()
+        cfg = DistillConfig(steps_per_stage=steps_per_stage, final_steps=len(cache), lr=3e-3)
+        distill(_student(teacher, head), spy, cfg, seed=5, progress_bar=False)
+        assert sorted(seen) == list(range(len(cache))), seen

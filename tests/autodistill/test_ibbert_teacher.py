@@ -28,7 +28,7 @@ from thrifty.data.text import Document
 from thrifty.methods.autodistill import ibbert
 from thrifty.methods.autodistill.config import AutodistillConfig, SpaceConfig, TeacherConfig
 from thrifty.methods.autodistill.data import MaskedBatches, masked_batches
-from thrifty.methods.autodistill.space import Arch, build_encoder, distilbert_like, space_choices
+from thrifty.methods.autodistill.space import Arch, build_encoder, distilbert_like, fold_layer_norm, space_choices
 from thrifty.methods.autodistill.teacher import TeacherError, head_from_mlm, load_mlm_teacher
 from thrifty.methods.autodistill.trial import unigram_accuracy
 
@@ -362,6 +362,48 @@ def test_searched_student_copies_the_embedding_but_not_its_norm_or_layers(ib_tea
     layer0 = [k for k in s if k.startswith("encoder.layer.0.")]
     assert layer0 and all(s[k].shape == t[k].shape for k in layer0)  # shapes agree, meaning does not
     assert not any(torch.equal(s[k], t[k]) for k in layer0)
+
+
+def _nonorm_arch(t_cfg) -> Arch:
+    return Arch(num_layers=2, hidden_size=t_cfg.hidden_size, intra_bottleneck_size=t_cfg.intra_bottleneck_size,
+                num_heads=t_cfg.num_attention_heads, intermediate_size=t_cfg.intermediate_size, num_ffn=1,
+                embedding_size=t_cfg.embedding_size)  # fmt: skip
+
+
+def test_layer_norm_fold_is_exact_for_a_single_token(ib_teacher) -> None:
+    """With one sample token its own mean and spread are the averages, so the NoNorm stand-in equals the
+    teacher's LayerNorm output on that token."""
+    ids = torch.tensor([[11]])
+    enc, copied = build_encoder(_nonorm_arch(ib_teacher.config), ib_teacher, seed=0, sample_ids=ids)
+    assert "embeddings.LayerNorm (teacher LayerNorm folded into NoNorm)" in copied
+    torch.testing.assert_close(enc.eval().embeddings(input_ids=ids), ib_teacher.embeddings(input_ids=ids))
+
+
+def test_nonorm_student_starts_at_the_teachers_embedding_scale(ib_teacher) -> None:
+    """Over many tokens the folded NoNorm embedding stays close to the teacher's LayerNorm output; the unfolded
+    one (x·1 + 0) is at the raw embedding's scale."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, ib_teacher.config.vocab_size, (4, 32), generator=g)
+    arch = _nonorm_arch(ib_teacher.config)
+    folded, _ = build_encoder(arch, ib_teacher, seed=0, sample_ids=ids)
+    plain, copied = build_encoder(arch, ib_teacher, seed=0)
+    assert not [n for n in copied if n.startswith("embeddings.LayerNorm")]
+    target = ib_teacher.embeddings(input_ids=ids)
+    with torch.no_grad():
+        err = ((folded.eval().embeddings(input_ids=ids) - target).pow(2).mean() / target.pow(2).mean()).item()
+        err_plain = ((plain.eval().embeddings(input_ids=ids) - target).pow(2).mean() / target.pow(2).mean()).item()
+    assert err < 0.1 < err_plain, (err, err_plain)
+    w, b = fold_layer_norm(ib_teacher, ids)
+    assert w.shape == b.shape == (ib_teacher.config.hidden_size,)
+
+
+def test_students_of_the_teachers_norm_type_copy_the_norm_instead_of_folding(ib_teacher) -> None:
+    arch = dataclasses.replace(_nonorm_arch(ib_teacher.config), norm="layer_norm")
+    enc, copied = build_encoder(arch, ib_teacher, seed=0, sample_ids=torch.tensor([[11, 12]]))
+    assert "embeddings.LayerNorm.weight" in copied
+    assert not [n for n in copied if "folded" in n]
+    torch.testing.assert_close(enc.state_dict()["embeddings.LayerNorm.weight"],
+                               ib_teacher.state_dict()["embeddings.LayerNorm.weight"])  # fmt: skip
 
 
 def test_distilbert_like_student_of_an_ibbert_teacher(ib_teacher) -> None:

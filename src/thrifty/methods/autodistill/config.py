@@ -70,7 +70,9 @@ class DataConfig:
         holdout: fraction of documents held out for flash-validation and for test each.
         seq_len: tokens per sequence ([CLS] + text + [SEP]; packed, no padding).
         batch_size: sequences per distillation step.
-        train_batches: distillation batches whose teacher outputs are cached (steps cycle over them).
+        train_batches: distillation batches whose teacher outputs are cached (steps draw them in random passes);
+            at least ``distill.final_steps × distill.long_factor``, or the longer MLM stage repeats masked
+            batches and students memorise their labels (a warning says so).
         eval_batches: held-out batches (test documents) scoring the students' MLM accuracy.
         mask_prob: masked fraction (80% [MASK], 10% random, 10% kept); ``mask_seed`` fixes every mask.
     """

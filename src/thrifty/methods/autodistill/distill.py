@@ -8,6 +8,11 @@ A student with L layers is trained in L + 1 stages from the cached teacher outpu
   frozen (``freeze_lower``) and layers above k are not run at all;
 * the last stage trains everything on MLM against 0.5·one-hot + 0.5·teacher probabilities.
 
+Steps draw the cached batches in seeded random passes; the MLM stage starts a fresh pass, so it sees each
+batch's labels (masked once, when the cache was built) at most once when the cache holds at least
+``final_steps × scale`` batches. Cycling a small cache several times lets students memorise its masked labels:
+with 96 cached batches the 4× longer MLM stage made 2.5 passes and lowered held-out accuracy (README).
+
 Each stage gets a fresh optimiser with linear warm-up and linear decay to ``end_lr`` (the release's polynomial
 schedule of power 1). Deviations: AdamW (weight decay 0.01) instead of LAMB; no next-sentence objective; a
 student narrower than the teacher is compared through a learned projection (PKT assumes equal widths); the
@@ -175,6 +180,7 @@ def distill(
             stages.append({"stage": k, "teacher_layer": t_idx, **{n: v / stage_steps for n, v in sums.items()}})
         params = set_stage_trainable(student, None, freeze_lower=cfg.freeze_lower)
         opt = _optimiser(params, cfg.lr)
+        order = iter(())  # a fresh pass: no cached batch (and its fixed mask) twice while final_steps <= len(cache)
         total_loss = 0.0
         for step in range(final_steps):
             b = next_batch()

@@ -184,17 +184,47 @@ def _same_block(student: nn.Module, teacher: nn.Module) -> bool:
     return s0 == t0
 
 
+@torch.no_grad()
+def fold_layer_norm(teacher: nn.Module, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NoNorm parameters (w, b), each (d,), that stand in for the teacher's embedding LayerNorm
+    γ·(x − μ)/σ + β with the per-token mean μ and standard deviation σ of its pre-norm embedding x replaced by
+    their averages over the tokens of ``sample_ids`` (B, T): w = γ·E[1/σ], b = β − γ·E[μ/σ]."""
+    norm = teacher.embeddings.LayerNorm
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    try:
+        teacher.embeddings(input_ids=sample_ids.to(norm.weight.device))
+    finally:
+        handle.remove()
+    x = seen[0].float().flatten(0, -2)  # (tokens, d)
+    inv_sigma = torch.rsqrt(x.var(-1, unbiased=False) + norm.eps)
+    mu = x.mean(-1)
+    weight = norm.weight.float() * inv_sigma.mean()
+    bias = norm.bias.float() - norm.weight.float() * (mu * inv_sigma).mean()
+    return weight, bias
+
+
 def build_encoder(
-    arch: Arch, teacher: nn.Module, *, seed: int, embedding_init: str = "pca"
+    arch: Arch,
+    teacher: nn.Module,
+    *,
+    seed: int,
+    embedding_init: str = "pca",
+    sample_ids: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """A freshly initialised student encoder (no pooler) and the list of teacher tensors copied into it.
 
     Teacher tables are copied where names, shapes and meaning agree: the word, position and token-type tables
     and the embedding transformation. From an IB-BERT teacher (MobileBERT-type, 128-wide trigram embeddings)
     a student of the teacher's width copies the whole embedding, as MobileBERT does; its embedding norm is
-    copied only when both use the same ``normalization_type``. A MobileBERT student of a BERT teacher (e.g.
-    all-MiniLM) cannot take the teacher's wider word table: ``embedding_init="pca"`` starts it from the
-    teacher's principal directions (:func:`pca_embeddings`, a flagged deviation), ``"random"`` leaves it random.
+    copied when both use the same ``normalization_type``. A NoNorm student (x·w + b) of a LayerNorm teacher
+    cannot copy the norm's meaning by copying its tensors: given ``sample_ids`` (B, T) it takes the teacher's
+    LayerNorm with the mean token statistics of the teacher's pre-norm embedding folded in
+    (:func:`fold_layer_norm`), so its embedding output starts at the teacher's scale instead of the raw
+    embedding's (about 8x smaller for the miniature's IB-BERT); without ``sample_ids`` it stays x·1 + 0. A
+    MobileBERT student of a BERT teacher (e.g. all-MiniLM) cannot take the teacher's wider word table:
+    ``embedding_init="pca"`` starts it from the teacher's principal directions (:func:`pca_embeddings`, a flagged
+    deviation), ``"random"`` leaves it random.
     A student whose block equals the teacher's (the DistilBERT-like baseline) is initialised from teacher
     layers 0, 2, 4, ... (DistilBERT's recipe)."""
     from transformers import BertModel, MobileBertModel
@@ -221,6 +251,14 @@ def build_encoder(
             if name.startswith("embeddings.") and same:
                 value.copy_(t_state[name])
                 copied.append(name)
+        pre_norm_copied = all(
+            name in copied for name in s_state if name.startswith("embeddings.") and ".LayerNorm." not in name
+        )
+        if not same_norm and sample_ids is not None and pre_norm_copied and cfg.model_type == "mobilebert":
+            weight, bias = fold_layer_norm(teacher, sample_ids)
+            s_state["embeddings.LayerNorm.weight"].copy_(weight)
+            s_state["embeddings.LayerNorm.bias"].copy_(bias)
+            copied.append("embeddings.LayerNorm (teacher LayerNorm folded into NoNorm)")
         table = teacher.get_input_embeddings().weight
         pca = embedding_init == "pca" and table.shape[1] == arch.hidden_size  # a BERT teacher's table at our width
         if arch.kind == "mobilebert" and "embeddings.word_embeddings.weight" not in copied and pca:

@@ -41,6 +41,8 @@ from thrifty.methods.autodistill.teacher import (
 
 log = logging.getLogger(__name__)
 HEAD_KEYS = ("head_batches", "head_steps", "head_lr", "head_positions")
+#: cached batches whose tokens give the teacher embedding statistics a NoNorm student starts from
+NORM_FOLD_BATCHES = 8
 
 
 @dataclasses.dataclass
@@ -102,6 +104,14 @@ def prepare_context(cfg: AutodistillConfig, *, lock: Path | None = None) -> Cont
     when it has none), the teacher cache and the held-out masked batches, keyed by a digest of teacher,
     corpus and data/head settings."""
     d = cfg.data
+    longest = cfg.distill.final_steps * cfg.distill.long_factor
+    if d.train_batches < longest:
+        log.warning(
+            "data.train_batches (%d) is smaller than the longer distillation's MLM stage (%d steps): it will see "
+            "cached masked batches more than once, and students memorise their labels",
+            d.train_batches,
+            longest,
+        )
     corpus = load_corpus(d.sources, d.files, text_field=d.text_field, holdout=d.holdout)
     t = resolve_teacher(cfg, corpus, data_root(cfg))
     teacher, tokenizer = t.encoder, t.tokenizer
@@ -194,7 +204,13 @@ def prepare_context(cfg: AutodistillConfig, *, lock: Path | None = None) -> Cont
 
 def build_student(ctx: Context, arch: Arch, *, seed: int) -> tuple[Student, list[str]]:
     """A fresh student on ``cfg.device`` (teacher tables copied as :func:`build_encoder` allows)."""
-    encoder, copied = build_encoder(arch, ctx.teacher, seed=seed, embedding_init=ctx.cfg.distill.embedding_init)
+    encoder, copied = build_encoder(
+        arch,
+        ctx.teacher,
+        seed=seed,
+        embedding_init=ctx.cfg.distill.embedding_init,
+        sample_ids=ctx.cache.ids[:NORM_FOLD_BATCHES].flatten(0, 1),
+    )
     student = Student(encoder=encoder, head=ctx.head, teacher_dim=ctx.teacher_dim)
     return student.to(resolve_device(ctx.cfg.device)), copied
 
