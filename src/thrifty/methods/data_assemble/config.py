@@ -193,7 +193,7 @@ class DataAssembleConfig(UnitsConfig):
             tables, figures).
         arms: which of :data:`ARMS` to train.
         batch_size / max_steps: images per step (split over DDP ranks; the paper's method runs each twice, weak
-            and strong view) and steps per unit.
+            and strong view; unused when ``data.role_images`` fixes the images per source) and steps per unit.
         eval_every: validation AUC of the target every this many steps; the best step's weights are kept
             (selection on validation only).
         final_test: False skips the test split (calibration runs).
