@@ -335,12 +335,15 @@ def ib_teacher() -> MobileBertModel:
     return model.eval().requires_grad_(False)
 
 
-def test_searched_student_copies_the_embedding_but_not_its_norm_or_layers(ib_teacher) -> None:
-    t_cfg = ib_teacher.config
-    # same widths as the teacher's block, but MobileBERT's defaults (NoNorm, ReLU): a different block
-    arch = Arch(num_layers=2, hidden_size=t_cfg.hidden_size, intra_bottleneck_size=t_cfg.intra_bottleneck_size,
+def _nonorm_arch(t_cfg) -> Arch:
+    """The widths of the teacher's block with MobileBERT's defaults (NoNorm, ReLU): a different block."""
+    return Arch(num_layers=2, hidden_size=t_cfg.hidden_size, intra_bottleneck_size=t_cfg.intra_bottleneck_size,
                 num_heads=t_cfg.num_attention_heads, intermediate_size=t_cfg.intermediate_size, num_ffn=1,
                 embedding_size=t_cfg.embedding_size)  # fmt: skip
+
+
+def test_searched_student_copies_the_embedding_but_not_its_norm_or_layers(ib_teacher) -> None:
+    arch = _nonorm_arch(ib_teacher.config)
     assert (arch.norm, arch.act) == ("no_norm", "relu")
     enc, copied = build_encoder(arch, ib_teacher, seed=0)
     s, t = enc.state_dict(), ib_teacher.state_dict()
@@ -362,12 +365,6 @@ def test_searched_student_copies_the_embedding_but_not_its_norm_or_layers(ib_tea
     layer0 = [k for k in s if k.startswith("encoder.layer.0.")]
     assert layer0 and all(s[k].shape == t[k].shape for k in layer0)  # shapes agree, meaning does not
     assert not any(torch.equal(s[k], t[k]) for k in layer0)
-
-
-def _nonorm_arch(t_cfg) -> Arch:
-    return Arch(num_layers=2, hidden_size=t_cfg.hidden_size, intra_bottleneck_size=t_cfg.intra_bottleneck_size,
-                num_heads=t_cfg.num_attention_heads, intermediate_size=t_cfg.intermediate_size, num_ffn=1,
-                embedding_size=t_cfg.embedding_size)  # fmt: skip
 
 
 def test_layer_norm_fold_is_exact_for_a_single_token(ib_teacher) -> None:

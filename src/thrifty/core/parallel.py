@@ -176,8 +176,8 @@ def train_units(
     results: dict[int, dict[str, Any]] = {}
     if cfg.resume:
         for i, job in enumerate(jobs):
-            if result_file(job).is_file():
-                results[i] = json.loads(result_file(job).read_text())
+            if (done := result_file(job)).is_file():
+                results[i] = json.loads(done.read_text())
     todo = [i for i in range(len(jobs)) if i not in results]
     if cost is not None:
         todo.sort(key=lambda i: -cost(jobs[i]))

@@ -215,15 +215,14 @@ def train_unit(
     override = None
     if spec.oracle:
         override = {r: torch.ones_like(train_sets[r].given) for r in ("target", "assembled")}
-    per_rank = cfg.batch_size // info.world_size
     try:
         if cfg.data.role_images:
             counts = fixed_role_counts(cfg.data.role_images, roles, info.world_size)
         else:
-            counts = role_counts(per_rank, cfg.data.ratios, roles)
+            counts = role_counts(cfg.batch_size // info.world_size, cfg.data.ratios, roles)
     except ValueError as err:
-        key = "data.role_images" if cfg.data.role_images else f"batch_size' ({cfg.batch_size}, {per_rank} per rank"
-        raise ConfigError(f"config key '{key}': {err}") from None
+        key = "data.role_images" if cfg.data.role_images else "batch_size"
+        raise ConfigError(f"config key {key!r}: {err}") from None
     images_per_step = sum(counts.values()) * info.world_size
     names, t = data.label_names, data.target_index
 
