@@ -242,6 +242,37 @@ def test_pretrain_is_deterministic_for_a_seed(docs, tok) -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_pretrain_in_bf16_tracks_fp32_and_keeps_fp32_weights(docs, tok) -> None:
+    def run(precision: str):
+        return ibbert.pretrain(_tcfg(steps=100, precision=precision), docs, tok, seq_len=SEQ_LEN, mask_prob=0.15,
+                               progress_bar=False)  # fmt: skip
+
+    (m32, r32), (m16, r16) = run("fp32"), run("bf16")
+    c32, c16 = r32["loss_curve"], r16["loss_curve"]
+    assert c16[-1]["loss"] < 0.9 * c16[0]["loss"]
+    assert c16[-1]["loss"] == pytest.approx(c32[-1]["loss"], rel=0.02)
+    assert all(p.dtype == torch.float32 for p in m16.parameters())
+    # the same seed gives different weights: autocast really ran the matmuls in bf16
+    a, b = m32.state_dict(), m16.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_cache_key_separates_bf16_and_keeps_fp32_keys() -> None:
+    data = types.SimpleNamespace(seq_len=SEQ_LEN, mask_prob=0.15, holdout=0.1)
+    fp32 = ibbert.teacher_settings(_tcfg(), data)
+    bf16 = ibbert.teacher_settings(_tcfg(precision="bf16"), data)
+    assert bf16 != fp32 and bf16["teacher"]["precision"] == "bf16"
+    # teachers cached before ``precision`` existed were fp32: their key has no precision entry
+    assert "precision" not in fp32["teacher"]
+
+
+def test_teacher_precision_must_be_fp32_or_bf16() -> None:
+    cfg = AutodistillConfig()
+    cfg.teacher = dataclasses.replace(cfg.teacher, precision="fp16")
+    with pytest.raises(ValueError, match=r"teacher\.precision"):
+        cfg.validate()
+
+
 # --- the cached teacher directory ---------------------------------------------------------------------------------
 
 DATA_CFG = types.SimpleNamespace(seq_len=SEQ_LEN, mask_prob=0.15, holdout=0.1)

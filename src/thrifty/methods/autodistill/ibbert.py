@@ -156,7 +156,9 @@ def pretrain(
                 prob=mask_prob, seed=tcfg.seed * 1_000_003 + step,
             )  # fmt: skip
             keep = labels != -100
-            loss = F.cross_entropy(masked_logits(model, ids, keep), labels[keep])
+            with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
+                logits = masked_logits(model, ids, keep)
+            loss = F.cross_entropy(logits.float(), labels[keep])
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, tcfg.steps, lr=tcfg.lr, end_lr=0.0, warmup_frac=tcfg.warmup_frac)
             opt.zero_grad(set_to_none=True)
@@ -187,11 +189,15 @@ def pretrain(
 
 
 def teacher_settings(tcfg: Any, data_cfg: Any) -> dict[str, Any]:
-    """What the pre-trained teacher depends on besides the corpus (its cache key)."""
+    """What the pre-trained teacher depends on besides the corpus (its cache key). ``precision`` enters only when it
+    is not fp32, so teachers pre-trained before the key existed keep their keys."""
     keep = ("vocab_size", "num_layers", "dim", "intra_dim", "num_heads", "intermediate_size", "embedding_size",
             "steps", "batch_size", "lr", "warmup_frac", "weight_decay", "seed")  # fmt: skip
+    teacher = {k: getattr(tcfg, k) for k in keep}
+    if tcfg.precision != "fp32":
+        teacher["precision"] = tcfg.precision
     return {
-        "teacher": {k: getattr(tcfg, k) for k in keep},
+        "teacher": teacher,
         "data": {"seq_len": data_cfg.seq_len, "mask_prob": data_cfg.mask_prob, "holdout": data_cfg.holdout},
         "version": 1,
     }
