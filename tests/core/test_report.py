@@ -351,7 +351,10 @@ def test_report_has_fresh_run_and_reference_section(tmp_path):
     md_path, html_path = render([run], tmp_path / "out", references={"glam": ref})
     md = md_path.read_text()
     assert md.count("### Fresh run and committed reference") == 1
-    assert f"Reference: `{ref_dir}`, produced on Some CPU @ 2.0GHz with 2 threads in 40.0 min" in md
+    # both directories are named relative to the report, so the report holds no machine path
+    assert "Reference: `../docs/glam/reference`, produced on Some CPU @ 2.0GHz with 2 threads in 40.0 min" in md
+    assert "Run directory: `../runs/glam/smoke`" in md
+    assert str(tmp_path) not in md and str(tmp_path) not in html_path.read_text()
     table = _section_table(md, "### Fresh run and committed reference")
     assert table[0] == ["claim", "fresh run (preset smoke, 3 seeds, commit abcdef1234)", f"reference ({REF_LABEL})"]
     cells = {r[0]: r[1:] for r in table[1:]}

@@ -286,13 +286,14 @@ def render(
 
     for run in runs:
         run_dir = Path(run["_run_dir"])
+        shown = os.path.relpath(run_dir, out_dir)  # relative to the report, so the report holds no machine path
         paper = run.get("paper", {})
         arxiv = paper.get("arxiv", "?")
         head = f"{run['recipe']} — {paper.get('title', '')} (arXiv {arxiv}), preset `{run.get('preset')}`"
-        md += [f"## {head}", "", f"Run directory: `{run_dir}`", ""]
+        md += [f"## {head}", "", f"Run directory: `{shown}`", ""]
         body += [
             f"<h2>{html.escape(head.replace('`', ''))}</h2>",
-            f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p>",
+            f"<p>Run directory: <code>{html.escape(shown)}</code></p>",
         ]
         ref = refs.get(run["recipe"])
         if ref is not None and _is_same(run, ref):
@@ -301,7 +302,7 @@ def render(
             cols = ["claim", f"fresh run ({_label(run)})", f"reference ({_label(ref)})"]
             prov = ref.get("reference", {})
             where = (
-                f"Reference: `{ref['_run_dir']}`, produced on {prov.get('processor', '?')} with "
+                f"Reference: `{os.path.relpath(ref['_run_dir'], out_dir)}`, produced on {prov.get('processor', '?')} with "
                 f"{prov.get('threads', '?')} threads in {_wall(ref)}, peak RSS "
                 f"{_num(prov.get('peak_rss_mb'))} MiB."
             )
