@@ -38,8 +38,11 @@ def _units(run_dir: Path, kind: str) -> dict[str, dict]:
     }
 
 
-def test_smoke_writes_claims_tables_figures(smoke) -> None:
+def test_smoke_writes_claims_tables_figures(smoke, data_dir: Path) -> None:
     res, run_dir = smoke
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    # the corpus lives in the data cache; the manifest names it by placeholder, not by this machine's path
+    assert manifest["corpus"].startswith("<data_dir>/speech/") and str(data_dir) not in json.dumps(manifest)
     ids = {c["id"] for c in res["claims"]}
     for f in ("0.5", "1"):
         assert f"pretraining_lowers_wer_{f}" in ids and f"nst_lowers_wer_{f}" in ids

@@ -29,7 +29,9 @@ from thrifty.core.run import (
     configure_torch,
     data_root,
     finish_run,
+    machine_roots,
     new_summary,
+    portable,
     prepare_run_dir,
     progress,
     resolve_device,
@@ -365,7 +367,7 @@ def train(cfg: BigSSLConfig) -> dict[str, Any]:
     distributed.barrier()
     data = data or prepare_data(cfg, cache, access)
     if info.is_main:
-        write_json(run_dir / "manifest.json", data.manifest)
+        write_json(run_dir / "manifest.json", portable(data.manifest, machine_roots(cfg)))  # no machine path
     lm = language_model(cfg, data, run_dir) if info.is_main else None
     distributed.barrier()
     lm = lm or language_model(cfg, data, run_dir)
