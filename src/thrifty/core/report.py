@@ -302,7 +302,8 @@ def render(
             cols = ["claim", f"fresh run ({_label(run)})", f"reference ({_label(ref)})"]
             prov = ref.get("reference", {})
             where = (
-                f"Reference: `{os.path.relpath(ref['_run_dir'], out_dir)}`, produced on {prov.get('processor', '?')} with "
+                f"Reference: `{os.path.relpath(ref['_run_dir'], out_dir)}`, "
+                f"produced on {prov.get('processor', '?')} with "
                 f"{prov.get('threads', '?')} threads in {_wall(ref)}, peak RSS "
                 f"{_num(prov.get('peak_rss_mb'))} MiB."
             )
