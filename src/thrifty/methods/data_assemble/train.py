@@ -157,13 +157,16 @@ def label_metrics(probs: np.ndarray, data: LabelledImages, names: list[str], tar
 
 def compute_loss(spec: ArmSpec, model: torch.nn.Module, batch: Any, cfg: DataAssembleConfig, gen: torch.Generator,
                  target_index: int) -> LossParts:  # fmt: skip
-    """The arm's loss on one batch: weak view (and strong view, in one forward) through ``model``."""
+    """The arm's loss on one batch: the weak view (and the strong view) through ``model``.
+
+    The two views go through two forward passes, weak first, as in the release's ``train.py``: in training mode
+    BatchNorm then normalises each view with its own batch statistics. (One forward over both views, which this
+    recipe used up to its fourth registration, normalised the weak view with statistics pooled over strongly
+    jittered and erased copies.)"""
     weak = augment(batch.images, WEAK, generator=gen)
-    if spec.strong_view:
-        strong = augment(batch.images, STRONG, generator=gen)
-        logits_weak, logits_strong = model(torch.cat([weak, strong])).chunk(2)
-    else:
-        logits_weak, logits_strong = model(weak), None
+    strong = augment(batch.images, STRONG, generator=gen) if spec.strong_view else None
+    logits_weak = model(weak)
+    logits_strong = model(strong) if strong is not None else None
     w = cfg.loss
     if spec.loss == "bce":  # the masked BCE alone
         return assemble_loss(logits_weak, None, batch.labels, batch.given, pseudo_weight=0.0, consistency_weight=0.0)
