@@ -221,6 +221,9 @@ def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+PRECISIONS = ("fp32", "bf16")  # training precisions a ``precision`` key accepts (see ``core.run.autocast``)
+
+
 def check_choices(*checks: tuple[str, Sequence[str], Sequence[str]]) -> None:
     """``ValueError`` naming the config key when a list setting holds a value outside its choices.
 

@@ -51,6 +51,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def autocast(device_type: str, precision: str) -> torch.autocast:
+    """bf16 autocast for ``precision="bf16"`` on ``device_type`` (``"cpu"``, ``"cuda"``); a no-op context for fp32.
+    Weights and optimizer state stay fp32; callers compute losses from ``.float()`` outputs."""
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from thrifty.core.config import BaseConfig, check_choices
+from thrifty.core.config import PRECISIONS, BaseConfig, check_choices
 
 STAGES = ("teacher", "search", "rank_fidelity", "evaluate")
 SAMPLERS = ("gp", "tpe", "random", "nsga2")
@@ -272,7 +272,7 @@ class AutodistillConfig(BaseConfig):
             raise ValueError(f"config key 'teacher.source' must be one of {list(TEACHER_SOURCES)}")
         if self.teacher.source == "path" and not self.teacher.path:
             raise ValueError("teacher.source=path needs teacher.path (a local Hugging Face BERT directory)")
-        if self.teacher.precision not in ("fp32", "bf16"):
+        if self.teacher.precision not in PRECISIONS:
             raise ValueError("config key 'teacher.precision' must be fp32|bf16")
         if self.teacher.source == "ibbert" and self.teacher.intra_dim % self.teacher.num_heads:
             raise ValueError("config key 'teacher.num_heads' must divide 'teacher.intra_dim'")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from thrifty.core.run import progress, write_json
+from thrifty.core.run import autocast, progress, write_json
 from thrifty.data.text import Document
 from thrifty.methods.autodistill.data import MaskedBatches, mask_tokens, masked_batches, sample_sequences
 from thrifty.methods.autodistill.schedule import lr_at
@@ -156,7 +156,7 @@ def pretrain(
                 prob=mask_prob, seed=tcfg.seed * 1_000_003 + step,
             )  # fmt: skip
             keep = labels != -100
-            with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
+            with autocast(ids.device.type, tcfg.precision):
                 logits = masked_logits(model, ids, keep)
             loss = F.cross_entropy(logits.float(), labels[keep])
             for group in opt.param_groups:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from thrifty.core.config import BaseConfig
+from thrifty.core.config import PRECISIONS, BaseConfig
 from thrifty.methods.glam.model import MoESettings
 from thrifty.methods.glam.moe import MODES
 
@@ -144,7 +144,7 @@ class GlamConfig(BaseConfig):
             raise ValueError("config key 'moe.second_policy' must be all|sampling|random")
         if self.moe.aux_norm not in ("nonpad", "legacy"):
             raise ValueError("config key 'moe.aux_norm' must be nonpad|legacy")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError("config key 'precision' must be fp32|bf16")
         if self.optim.name not in ("adamw", "adafactor"):
             raise ValueError("config key 'optim.name' must be adamw|adafactor")

@@ -31,6 +31,7 @@ from thrifty.core.claims import Claim, paired_claim, value_claim, works_claim
 from thrifty.core.config import ConfigError
 from thrifty.core.run import (
     MetricsLog,
+    autocast,
     data_root,
     finish_run,
     main_first,
@@ -130,11 +131,6 @@ def lr_at(step: int, cfg: GlamConfig) -> float:
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress_frac, 1.0)))
 
 
-def autocast(device: torch.device, cfg: GlamConfig) -> torch.autocast:
-    """bf16 autocast when ``precision=bf16`` (a no-op context for fp32)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
 # --- evaluation -----------------------------------------------------------------------------------------
 
 
@@ -177,7 +173,7 @@ def evaluate(
         real, rows = torch.from_numpy(rows >= 0), rows.clip(min=0)  # padding rows repeat window 0, uncounted
         batch = torch.from_numpy(windows[rows]).to(info.device)
         pad = None if bool(real.all()) else real.to(info.device).view(-1, 1).expand(-1, batch.shape[1] - 1)
-        with autocast(info.device, cfg):
+        with autocast(info.device.type, cfg.precision):
             logits = model(batch[:, :-1], padding_mask=pad).logits
         nll = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none").sum(1).double().cpu()
         src = torch.from_numpy(owner[rows]).long()[real]
@@ -303,7 +299,7 @@ def train_unit(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast(info.device, cfg):
+            with autocast(info.device.type, cfg.precision):
                 out = ddp(batch[:, :-1], labels=batch[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
