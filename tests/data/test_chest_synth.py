@@ -241,10 +241,56 @@ def test_domains_render_the_same_patients_differently():
 
     ca, cb = (np.array([contrast(i) for i in x.images]) for x in (a, b))
     na, nb = (np.array([noise(i) for i in x.images]) for x in (a, b))
-    assert (cb < ca).mean() > 0.9 and (nb > na).mean() > 0.9
+    assert (cb < ca).mean() > 0.9  # flatter (and brighter, above)
+    assert 0.8 < np.median(nb) / np.median(na) < 1.25  # with A's noise: the scanner is not one noise statistic
     flat = cs.Domain("flat", gamma=(1.0, 1.0), contrast=1.0, brightness=0.0, noise_std=0.0, blur_sigma=0.0)
     f1, f2 = cs.generate(3, seed=4, domain=flat), cs.generate(3, seed=4, domain=flat)
     assert np.array_equal(f1.images, f2.images) and np.array_equal(f1.labels, a.labels[:3])
+
+
+def _rise(batch: cs.ChestBatch, base: cs.ChestBatch, col: int) -> np.ndarray:
+    """Each image's mean intensity rise over its own ``col`` region, against the same patient without it."""
+    return np.array([(p[0][k] - q[0][k]).mean() for p, q, k in zip(batch.images, base.images, batch.masks[:, col])])
+
+
+@pytest.mark.parametrize("style", ["lobar", "peripheral"])
+def test_consolidation_styles_are_unilateral_and_local_and_change_nothing_else(negatives, style):
+    size = negatives.images.shape[-1]
+    c = COL["consolidation"]
+    look = _twin("consolidation", consolidation=style)
+    assert look.labels[:, c].all() and np.array_equal(look.ids, negatives.ids)
+    m = look.masks[:, c]
+    both = m[:, :, : size // 2 - 2].any(axis=(1, 2)) & m[:, :, size // 2 + 2 :].any(axis=(1, 2))
+    assert m.any(axis=(1, 2)).all() and not both.any()  # one lung, unlike the bilateral target
+    diff = np.abs(look.images[:, 0] - negatives.images[:, 0])
+    near = np.stack([ndimage.binary_dilation(k, iterations=2) for k in m])
+    assert (diff[~near] > 0.02).mean() < 0.005 and diff[near].mean() > 5 * diff[~near].mean()
+    assert (_rise(look, negatives, c) > 0).mean() > 0.9
+    # a style changes consolidation positives only: without consolidation every style draws the same images
+    none = {**ZERO, "effusion": 1.0, "ground_glass": 1.0}
+    a = cs.generate(20, seed=3, prevalence=none)
+    b = cs.generate(20, seed=3, prevalence=none, consolidation=style)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
+
+
+def test_lobar_consolidation_is_larger_and_fainter_than_dense(negatives):
+    c = COL["consolidation"]
+    dense, lobar = _twin("consolidation"), _twin("consolidation", consolidation="lobar")
+    assert np.median(lobar.masks[:, c].sum(axis=(1, 2))) > 1.5 * np.median(dense.masks[:, c].sum(axis=(1, 2)))
+    assert np.median(_rise(lobar, negatives, c)) < 0.75 * np.median(_rise(dense, negatives, c))
+
+
+def test_peripheral_consolidation_is_the_target_haze_in_one_lung(negatives):
+    c, g = COL["consolidation"], COL["ground_glass"]
+    look = _twin("consolidation", consolidation="peripheral")
+    haze = _twin("ground_glass")  # the same patients: the haze's mask covers both lungs' periphery
+    m, h = look.masks[:, c], haze.masks[:, g]
+    inside = (m & h).sum(axis=(1, 2)) / m.sum(axis=(1, 2))
+    assert np.median(inside) > 0.8  # where the haze lies
+    assert np.median(m.sum(axis=(1, 2))) < 0.65 * np.median(h.sum(axis=(1, 2)))  # about half of it: one side
+    # as faint as the haze at the same strength, per pixel of its region
+    ratio = np.median(_rise(look, negatives, c)) / np.median(_rise(haze, negatives, g))
+    assert 0.6 < ratio < 1.6
 
 
 @pytest.mark.parametrize(
@@ -257,6 +303,7 @@ def test_domains_render_the_same_patients_differently():
         ({"prevalence": {"effusion": float("nan")}}, "effusion"),
         ({"strength": {"ground_glass": -1.0}}, "ground_glass"),
         ({"domain": "C"}, "'C'"),
+        ({"consolidation": "wispy"}, "'wispy'"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_key(kwargs, needle):

@@ -40,6 +40,12 @@ Findings (column order of :data:`FINDINGS`; each has a random size and opacity, 
 - ``pneumothorax`` (4 %): in one lung, an apical-lateral crescent of air, 2–5 px thick at 64² (darker, no lung
   markings and no parenchymal texture) outside a thin bright visceral pleural line; its mask is the crescent;
 - ``consolidation`` (10 %): a dense, lobulated, focal opacity (a thresholded blob of smooth noise) in one lung;
+  ``consolidation="lobar"`` draws it 1.5× larger, from ground-glass faint to dense
+  (:data:`LOBAR_CONSOLIDATION_OPACITY`), with the target haze's patchy texture; ``consolidation="peripheral"``
+  draws the target's own pattern (peripheral patchy haze, more at the base) in one lung only, at the
+  consolidation's strength: a unilateral look-alike of the target, as bacterial pneumonia is of COVID-19's
+  bilateral peripheral ground glass on real films (the release assembles ChestX-ray14's *Pneumonia* images with
+  COVIDx: the "negative examples" of the paper);
 - ``atelectasis`` (4 %): a plate-like band (1–4 px) widening laterally into a wedge across a lower lung, plus
   volume loss: that side's hemidiaphragm rises a little (the only finding that changes the anatomy);
 - ``ground_glass`` (6 %, the rare target, :data:`TARGET`): bilateral, peripheral, faint haze, a low-frequency
@@ -60,7 +66,7 @@ about 0.98 from 2,000 (half positive).
 Acquisition domains (:data:`DOMAINS`) are applied last, in this order: a per-image gamma drawn from the
 domain's range, contrast about 0.5, brightness offset, Gaussian blur (``blur_sigma`` in pixels at 64², scaled
 with ``size``), additive Gaussian noise, clip to [0, 1]. Domain ``"A"`` is the target hospital (mild); ``"B"``
-is the assembled source's scanner (flatter, brighter, blurrier and noisier).
+is the assembled source's scanner (flatter, brighter and blurrier, with A's noise).
 
 Determinism: image ``i`` of ``seed`` is a pure function of (seed, i, domain, size, prevalence, strength). It has
 its own ``numpy.random.SeedSequence([seed, i])`` (the seed ``numpy.random.default_rng([seed, i])`` would use),
@@ -109,6 +115,10 @@ DEFAULT_PREVALENCE: dict[str, float] = {
     "atelectasis": 0.04,
     "ground_glass": 0.06,
 }
+#: how consolidation may look (``generate(consolidation=...)``; the module docstring describes each)
+CONSOLIDATION_STYLES: tuple[str, ...] = ("dense", "lobar", "peripheral")
+#: the lobar style's opacity range: the share of the way from the lung towards water density (dense: 0.45-0.85)
+LOBAR_CONSOLIDATION_OPACITY: tuple[float, float] = (0.08, 0.85)
 CTR_THRESHOLD = 0.5  # cardiomegaly: cardiothoracic ratio above this
 ID_STRIDE = 1_000_000  # patient id = seed * ID_STRIDE + index
 REFERENCE_SIZE = 64  # pixel lengths (blur, texture scales) are given at this size and scale with ``size``
@@ -154,9 +164,11 @@ class Domain:
 
 DOMAINS: dict[str, Domain] = {
     "A": Domain("A", gamma=(0.9, 1.1), contrast=1.0, brightness=0.0, noise_std=0.02, blur_sigma=0.0),
-    # calibrated on validation (recipe README): the first B (gamma 0.6-0.8, contrast 0.75, brightness +0.08,
-    # noise 0.05, blur 0.6) was so far from A that findings learnt on B scored near chance on A
-    "B": Domain("B", gamma=(0.75, 0.9), contrast=0.85, brightness=0.05, noise_std=0.035, blur_sigma=0.4),
+    # calibrated on validation (data_assemble README): the first B (gamma 0.6-0.8, contrast 0.75, brightness +0.08,
+    # noise 0.05, blur 0.6) was so far from A that findings learnt on B scored near chance on A; the second
+    # (noise 0.035) was told from A by one statistic (the Laplacian's spread, AUC 1.0 after the intensity
+    # window), so a label that B's images share could be learnt as the scanner (calibration step 27)
+    "B": Domain("B", gamma=(0.75, 0.9), contrast=0.85, brightness=0.05, noise_std=0.02, blur_sigma=0.4),
 }
 
 
@@ -221,6 +233,7 @@ def generate(
     size: int = 64,
     prevalence: Mapping[str, float] | None = None,
     strength: Mapping[str, float] | None = None,
+    consolidation: str = "dense",
 ) -> ChestBatch:
     """Draw images ``0 … n-1`` of ``seed`` (see the module docstring for what each holds).
 
@@ -231,7 +244,12 @@ def generate(
         size: image side in pixels (≥ 16).
         prevalence: per-finding overrides of :data:`DEFAULT_PREVALENCE`, each in [0, 1].
         strength: per-finding visibility multipliers (default 1.0 each), each ≥ 0.
+        consolidation: its appearance, a key of :data:`CONSOLIDATION_STYLES`: ``"dense"`` (a dense lobulated
+            blob) or ``"patchy"`` (an airspace opacity from faint to dense with the target haze's patchy
+            texture: a unilateral look-alike of the target, see the module docstring).
     """
+    if consolidation not in CONSOLIDATION_STYLES:
+        raise ValueError(f"unknown consolidation style {consolidation!r}; known: {', '.join(CONSOLIDATION_STYLES)}")
     if int(n) != n or n < 0 or n > ID_STRIDE:
         raise ValueError(f"n must be an integer in [0, {ID_STRIDE}], got {n!r}")
     if int(seed) != seed or seed < 0:
@@ -251,7 +269,7 @@ def generate(
     labels = np.empty((n, len(FINDINGS)), np.uint8)
     masks = np.zeros((n, len(FINDINGS), size, size), bool)
     for i in range(n):
-        images[i, 0], labels[i] = _render(seed, i, dom, size, p_vec, s_vec, masks[i])
+        images[i, 0], labels[i] = _render(seed, i, dom, size, p_vec, s_vec, masks[i], consolidation)
     ids = seed * ID_STRIDE + np.arange(n, dtype=np.int64)
     return ChestBatch(images, labels, masks, ids)
 
@@ -349,7 +367,14 @@ def _point_in_lung(rng: np.random.Generator, lung: _Lung, heart_fn, *, r_max: fl
 
 
 def _render(
-    seed: int, index: int, dom: Domain, size: int, p_vec: np.ndarray, s_vec: np.ndarray, mask_out: np.ndarray
+    seed: int,
+    index: int,
+    dom: Domain,
+    size: int,
+    p_vec: np.ndarray,
+    s_vec: np.ndarray,
+    mask_out: np.ndarray,
+    consolidation: str = "dense",
 ) -> tuple[np.ndarray, np.ndarray]:
     ss = np.random.SeedSequence([seed, index])
     rngs = [np.random.default_rng(child) for child in ss.spawn(len(_STREAMS))]
@@ -540,15 +565,28 @@ def _render(
     rc = rf["consolidation"]
     co_side = int(rc.integers(2))
     co_r = rc.uniform(0.12, 0.24)
+    if consolidation == "lobar":  # lobar rather than focal: an area the haze's texture can show in
+        co_r *= 1.5
     co_a = rc.uniform(0.45, 0.85) * st["consolidation"]
     co_xy = _point_in_lung(rc, lungs[co_side], _mirrored(avoid, co_side), r_max=0.7, margin=0.3 * co_r)
-    if pos["consolidation"]:
+    if pos["consolidation"] and consolidation == "peripheral":  # the target's haze, in one lung
+        co_f0 = rc.uniform(0.50, 0.62)
+        co_vis = rc.uniform(0.2, 1.0) * st["consolidation"]
+        cons = _sig((f_side - co_f0) / 0.07) * lung * sidesel[co_side]
+        qy = np.clip((Y + 0.3) / 0.9, 0.0, 1.0)
+        patch = _sig(1.2 * _smooth_noise(rc, size, 3.0) + 0.6)
+        img += 0.14 * co_vis * cons * (0.6 + 0.4 * qy) * (0.3 + 0.7 * patch) * (1.0 - crescent)
+        mask_out[_COL["consolidation"]] = (cons > 0.5) & (lung > 0.5)
+    elif pos["consolidation"]:
         cx_ = co_xy[0] if co_side else -co_xy[0]
         d_c = np.sqrt((X - cx_) ** 2 + (Y - co_xy[1]) ** 2) / co_r
         lob = (1.0 - d_c) + 0.45 * _smooth_noise(rc, size, 1.3)
         cons = _sig(lob / 0.12) * lung * sidesel[co_side]
-        img += min(1.0, co_a) * cons * (level - img) * 0.9
         mask_out[_COL["consolidation"]] = (cons > 0.5) & (lung > 0.5)
+        if consolidation == "lobar":  # the haze's texture, from ground-glass faint to dense (drawn after the rest)
+            co_a = rc.uniform(*LOBAR_CONSOLIDATION_OPACITY) * st["consolidation"]
+            cons = cons * (0.3 + 0.7 * _sig(1.2 * _smooth_noise(rc, size, 3.0) + 0.6))
+        img += min(1.0, co_a) * cons * (level - img) * 0.9
 
     # atelectasis: plate-like band widening laterally into a wedge, lower lung
     at_y = ra.uniform(0.25, 0.42)

@@ -11,7 +11,7 @@ import dataclasses
 from typing import ClassVar
 
 from thrifty.core.config import UnitsConfig, check_choices
-from thrifty.data.chest_synth import DOMAINS, FINDINGS, TARGET
+from thrifty.data.chest_synth import CONSOLIDATION_STYLES, DOMAINS, FINDINGS, TARGET
 
 #: the card's arms: 1 target-only, 2 naive assemble (masked BCE), 3 the paper's method (+ pseudo-labels +
 #: consistency), 4 arm 3 with the adapter head, 5 oracle (every label of A and B given), 6 the release's loss
@@ -30,7 +30,7 @@ class SyntheticConfig:
     Attributes:
         target_images / target_positives: source A (domain A): images that carry only the target label, and
             how many of them are positive (exact; the card: 60 with 15 positive).
-        assembled_images: source B (domain B: other contrast, brightness, blur and noise), labelled for the
+        assembled_images: source B (domain B: other gamma, contrast, brightness and blur), labelled for the
             six other findings, the target missing (the oracle arm sees it).
         assembled_target_prevalence: how often B's images hold the target. 0 (default) mirrors the paper's
             setting: the assembled NIH ChestX-ray14 predates COVID-19, so its images are the "negative examples"
@@ -38,6 +38,11 @@ class SyntheticConfig:
             unlabelled positives too.
         assembled_domain: the acquisition domain B is rendered in (a key of ``chest_synth.DOMAINS``; ``A``
             removes the scanner shift, a diagnostic).
+        consolidation: how the generator draws consolidation (``chest_synth.CONSOLIDATION_STYLES``):
+            ``peripheral`` (default: the target's own peripheral patchy haze in one lung, a unilateral
+            look-alike, as the *Pneumonia* images the release assembles from ChestX-ray14 are to COVID-19),
+            ``lobar`` (larger, faint to dense, the haze's texture) or ``dense`` (a focal dense blob; the first
+            five registrations, at the generator's 10%).
         unlabelled_images: source C (domain A), no labels.
         val_images / test_images: domain A, every label given. The test split is read once, at the end.
         prevalence / strength: overrides of the generator's per-finding prevalence and visibility (the
@@ -51,10 +56,13 @@ class SyntheticConfig:
     assembled_images: int = 2000
     assembled_target_prevalence: float = 0.0
     assembled_domain: str = "B"
+    # calibrated on validation (recipe README, steps 24-27): a unilateral look-alike of the target at COVIDx's
+    # share of pneumonia among the negatives; the generator's own default is a dense blob at 10%
+    consolidation: str = "peripheral"
     unlabelled_images: int = 1000
     val_images: int = 200
     test_images: int = 1000
-    prevalence: dict[str, float] = dataclasses.field(default_factory=dict)
+    prevalence: dict[str, float] = dataclasses.field(default_factory=lambda: {"consolidation": 0.3})
     # calibrated on validation with target-only (recipe README, step 11): with the intensity window the
     # generator's full-strength haze put target-only at 94.7 validation AUC, near the ceiling; half of it, 72.9
     strength: dict[str, float] = dataclasses.field(default_factory=lambda: {"ground_glass": 0.5})
@@ -252,6 +260,11 @@ class DataAssembleConfig(UnitsConfig):
                 raise ValueError(
                     f"config key 'data.synthetic.assembled_domain': unknown {syn.assembled_domain!r}; "
                     f"choose from {list(DOMAINS)}"
+                )
+            if syn.consolidation not in CONSOLIDATION_STYLES:
+                raise ValueError(
+                    f"config key 'data.synthetic.consolidation': unknown {syn.consolidation!r}; "
+                    f"choose from {list(CONSOLIDATION_STYLES)}"
                 )
             for key in ("assembled_images", "unlabelled_images", "val_images", "test_images"):
                 if getattr(syn, key) < 1:

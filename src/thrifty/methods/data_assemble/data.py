@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 VAL_PURPOSES = ("selection", "calibration", "figure")
 TEST_PURPOSES = ("final_test", "figure")
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: domain B with A's noise (the consolidation style is a setting)
 #: the cached synthetic splits; source A is generated as separate positive and negative pools
 SPLITS = ("target_pos", "target_neg", "assembled", "unlabelled", "val", "test")
 
@@ -185,7 +185,7 @@ def _generate_splits(cfg: DataAssembleConfig) -> dict[str, chest_synth.ChestBatc
     pool = target_pool_size(cfg)
     n_pos = max(1, round(pool * syn.positive_fraction))
     target = cfg.data.target
-    common = {"size": size, "strength": syn.strength}
+    common = {"size": size, "strength": syn.strength, "consolidation": syn.consolidation}
 
     def gen(n: int, key: str, domain: str, extra: dict[str, float] | None = None) -> chest_synth.ChestBatch:
         prevalence = {**syn.prevalence, **(extra or {})}
