@@ -244,9 +244,9 @@ def generate(
         size: image side in pixels (≥ 16).
         prevalence: per-finding overrides of :data:`DEFAULT_PREVALENCE`, each in [0, 1].
         strength: per-finding visibility multipliers (default 1.0 each), each ≥ 0.
-        consolidation: its appearance, a key of :data:`CONSOLIDATION_STYLES`: ``"dense"`` (a dense lobulated
-            blob) or ``"patchy"`` (an airspace opacity from faint to dense with the target haze's patchy
-            texture: a unilateral look-alike of the target, see the module docstring).
+        consolidation: its appearance, a key of :data:`CONSOLIDATION_STYLES`: ``"dense"`` (a focal dense
+            blob), ``"lobar"`` (larger, faint to dense, with the haze's texture) or ``"peripheral"`` (the target's
+            haze in one lung: a unilateral look-alike of the target); see the module docstring.
     """
     if consolidation not in CONSOLIDATION_STYLES:
         raise ValueError(f"unknown consolidation style {consolidation!r}; known: {', '.join(CONSOLIDATION_STYLES)}")
@@ -301,6 +301,14 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma_px: float) -> np.nd
     sigma = sigma_px * size / REFERENCE_SIZE
     field = ndimage.gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), sigma, mode="wrap")
     return field * (2.0 * math.sqrt(math.pi) * sigma)  # std of 2-D Gaussian-filtered unit white noise
+
+
+def _haze(rng: np.random.Generator, visibility: float, region: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
+    """The ground-glass layer: a low-frequency patchy haze over ``region`` (weights in [0, 1]), more at the bases
+    (``y`` grows downwards), at most ``0.14 * visibility`` above the lung; lung markings stay visible under it."""
+    basal = np.clip((y + 0.3) / 0.9, 0.0, 1.0)
+    patch = _sig(1.2 * _smooth_noise(rng, size, 3.0) + 0.6)
+    return 0.14 * visibility * region * (0.6 + 0.4 * basal) * (0.3 + 0.7 * patch)
 
 
 @dataclasses.dataclass
@@ -541,9 +549,7 @@ def _render(
     gg_vis = rg.uniform(0.2, 1.0) * st["ground_glass"]
     if pos["ground_glass"]:
         periph = _sig((f_side - gg_f0) / 0.07) * lung
-        qy = np.clip((Y + 0.3) / 0.9, 0.0, 1.0)  # basal predominance
-        patch = _sig(1.2 * _smooth_noise(rg, size, 3.0) + 0.6)
-        img += 0.14 * gg_vis * periph * (0.6 + 0.4 * qy) * (0.3 + 0.7 * patch) * (1.0 - crescent)
+        img += _haze(rg, gg_vis, periph, Y, size) * (1.0 - crescent)
         mask_out[_COL["ground_glass"]] = periph > 0.5
 
     level = tissue + 0.05  # water density, what fluid and airless lung look like
@@ -573,9 +579,7 @@ def _render(
         co_f0 = rc.uniform(0.50, 0.62)
         co_vis = rc.uniform(0.2, 1.0) * st["consolidation"]
         cons = _sig((f_side - co_f0) / 0.07) * lung * sidesel[co_side]
-        qy = np.clip((Y + 0.3) / 0.9, 0.0, 1.0)
-        patch = _sig(1.2 * _smooth_noise(rc, size, 3.0) + 0.6)
-        img += 0.14 * co_vis * cons * (0.6 + 0.4 * qy) * (0.3 + 0.7 * patch) * (1.0 - crescent)
+        img += _haze(rc, co_vis, cons, Y, size) * (1.0 - crescent)
         mask_out[_COL["consolidation"]] = (cons > 0.5) & (lung > 0.5)
     elif pos["consolidation"]:
         cx_ = co_xy[0] if co_side else -co_xy[0]
