@@ -27,9 +27,9 @@ SIZES = {
 LABELS = 7
 
 
-def model_cfg(backbone: str) -> SimpleNamespace:
+def model_cfg(backbone: str, channels_last: bool = False) -> SimpleNamespace:
     return SimpleNamespace(backbone=backbone, init_features=16, growth_rate=8, block_config=[2, 2, 2, 2],
-                           weights="", adapter_dim=32)  # fmt: skip
+                           weights="", adapter_dim=32, channels_last=channels_last)  # fmt: skip
 
 
 def monai_peer(backbone: str) -> torch.nn.Module:
@@ -49,26 +49,30 @@ def make_steps(size: dict) -> dict[str, tuple]:
     gen = torch.Generator().manual_seed(0)
     out: dict[str, tuple] = {}
 
-    def build(kind: str) -> torch.nn.Module:
+    def build(kind: str, channels_last: bool) -> torch.nn.Module:
         if kind == "monai":
-            return monai_peer(size["backbone"])
-        return build_model(model_cfg(size["backbone"]), num_labels=LABELS, head=kind)
+            peer = monai_peer(size["backbone"])
+            return peer.to(memory_format=torch.channels_last) if channels_last else peer
+        return build_model(model_cfg(size["backbone"], channels_last), num_labels=LABELS, head=kind)
 
-    for name, kind, views in (
-        ("MONAI DenseNet (peer), 1 view", "monai", 1),
-        ("ours multi-head, 1 view (naive)", "multihead", 1),
-        ("ours multi-head, 2 views (paper)", "multihead", 2),
-        ("ours adapter, 2 views", "adapter", 2),
+    for name, kind, views, channels_last in (
+        ("MONAI DenseNet (peer), 1 view", "monai", 1, False),
+        ("MONAI DenseNet (peer), 1 view, channels_last", "monai", 1, True),
+        ("ours multi-head, 1 view (naive)", "multihead", 1, False),
+        ("ours multi-head, 2 views (paper)", "multihead", 2, False),
+        ("ours multi-head, 2 views (paper), channels_last (default)", "multihead", 2, True),
+        ("ours adapter, 2 views", "adapter", 2, False),
+        ("ours adapter, 2 views, channels_last (default)", "adapter", 2, True),
     ):
-        model = build(kind)
+        model = build(kind, channels_last)
         opt = torch.optim.Adam(model.parameters(), 1e-3)
 
         def train_step(model=model, opt=opt, views=views) -> None:
             model.train()
             weak = augment(x, WEAK, generator=gen)
-            if views == 2:
-                zw, zs = model(torch.cat([weak, augment(x, STRONG, generator=gen)])).chunk(2)
-                loss = assemble_loss(zw, zs, y, mask).total
+            if views == 2:  # two forward passes, weak first, as the recipe (and the release) does
+                zw = model(weak)
+                loss = assemble_loss(zw, model(augment(x, STRONG, generator=gen)), y, mask).total
             else:
                 loss = masked_bce(model(weak), y, mask)
             opt.zero_grad()

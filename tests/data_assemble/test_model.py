@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from thrifty.methods.data_assemble.config import ModelConfig
 from thrifty.methods.data_assemble.model import Adapter, MultiHead, build_model
@@ -20,6 +20,30 @@ def test_one_output_per_label_and_every_parameter_gets_a_gradient(head):
     out.sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("head", ["multihead", "adapter"])
+def test_channels_last_is_a_memory_layout_only(head, tmp_path):
+    torch.manual_seed(0)
+    dense = build_model(ModelConfig(channels_last=False), num_labels=7, head=head)
+    fast = build_model(ModelConfig(channels_last=True), num_labels=7, head=head)
+    fast.load_state_dict(dense.state_dict())
+    convs = [
+        m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 < m.kernel_size[0]
+    ]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    x = torch.rand(6, 1, 64, 64)
+    out_dense, out_fast = dense(x), fast(x)
+    assert torch.allclose(out_dense, out_fast, atol=1e-5)
+    out_dense.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, a), b in zip(dense.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), name
+    # its weights load into a contiguous network (a card written before the option existed) unchanged
+    save_file({k: v.contiguous() for k, v in fast.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    again = build_model(ModelConfig(channels_last=False), num_labels=7, head=head)
+    again.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    assert torch.allclose(again.eval()(x), fast.eval()(x), atol=1e-5)
 
 
 def test_adapter_permuting_labels_permutes_outputs():

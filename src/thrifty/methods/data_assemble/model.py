@@ -97,7 +97,9 @@ def build_backbone(
 
 def build_model(model_cfg: Any, *, num_labels: int, head: str = "multihead", in_channels: int = 1) -> AssembleNet:
     """The network of one arm (``model_cfg`` a ``ModelConfig``; ``head`` ``multihead`` or ``adapter``). A
-    ``model_cfg.weights`` file (safetensors, backbone keys) initialises the backbone; nothing is downloaded."""
+    ``model_cfg.weights`` file (safetensors, backbone keys) initialises the backbone; nothing is downloaded. With
+    ``model_cfg.channels_last`` (absent: False, as in model cards written before it existed) the weights are kept
+    in ``channels_last`` memory format, which the convolutions then follow."""
     backbone, channels = build_backbone(
         name=model_cfg.backbone, in_channels=in_channels, init_features=model_cfg.init_features,
         growth_rate=model_cfg.growth_rate, block_config=tuple(model_cfg.block_config),
@@ -119,4 +121,7 @@ def build_model(model_cfg: Any, *, num_labels: int, head: str = "multihead", in_
                 f"{path}: not weights of this backbone ({len(unexpected)} unexpected keys, e.g. "
                 f"{list(unexpected)[:3]}; {len(missing)} missing)"
             )
-    return AssembleNet(backbone=backbone, head=out)
+    model = AssembleNet(backbone=backbone, head=out)
+    if getattr(model_cfg, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    return model
