@@ -148,10 +148,9 @@ class ModelConfig:
         weights: optional local ``.safetensors`` for the backbone (never downloaded).
         adapter_dim: width of the adapter's keys, values and queries (arm ``assemble_adapter``).
         channels_last: keep the network's weights in ``channels_last`` memory format: the same maths summed in
-            another order, and on this 2-core CPU a training step of the miniature 1.46× faster (90.8 → 62.3 ms
-            for the paper's two-view step at 40 images, 1 thread; ``benchmarks/data_assemble_speed.py``). The
-            first six claim-preset registrations ran in the contiguous format (``configs/data_assemble/cpu.yaml``
-            pins it).
+            another order, and on this 2-core CPU the paper's two-view step of the miniature 1.46× faster with 1
+            thread (90.8 → 62.3 ms at 40 images) and 1.35× with 2 (``benchmarks/data_assemble_speed.py``). The
+            first six claim-preset registrations ran in the contiguous format, the seventh in this one.
     """
 
     backbone: str = "densenet_mini"
