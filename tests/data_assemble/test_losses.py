@@ -157,3 +157,22 @@ def test_assemble_loss_is_finite_at_extreme_logits(bad_mask_dtype):
     z = torch.tensor([[60.0, -60.0]])
     parts = assemble_loss(z, z, torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]], dtype=bad_mask_dtype))
     assert torch.isfinite(parts.total)
+
+
+def test_a_teachers_logits_replace_the_networks_own_as_the_sharpened_target():
+    torch.manual_seed(0)
+    zw = torch.randn(4, 3, requires_grad=True)
+    zs = torch.randn(4, 3, requires_grad=True)
+    teacher = torch.randn(4, 3, requires_grad=True)
+    y = torch.zeros(4, 3)
+    mask = torch.tensor([[True, False, False]] * 4)
+    parts = assemble_loss(zw, zs, y, mask, teacher_logits=teacher)
+    target = sharpen(torch.sigmoid(teacher.detach()))
+    missing = ~mask
+    expected = ((torch.sigmoid(zw) - target) ** 2)[missing].mean() + ((torch.sigmoid(zs) - target) ** 2)[missing].mean()
+    assert torch.allclose(parts.pseudo + parts.consistency, expected, atol=1e-6)
+    parts.total.backward()
+    assert teacher.grad is None  # the target is a constant
+    # a teacher equal to the network gives the paper's loss
+    same = assemble_loss(zw, zs, y, mask, teacher_logits=zw.detach())
+    assert torch.allclose(same.total, assemble_loss(zw, zs, y, mask).total)

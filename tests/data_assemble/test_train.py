@@ -20,7 +20,7 @@ from thrifty.methods.data_assemble import train as recipe
 from thrifty.methods.data_assemble.config import ARMS, ROLES, DataAssembleConfig, ModelConfig
 from thrifty.methods.data_assemble.data import LabelledImages, draw_batch, role_counts
 from thrifty.methods.data_assemble.model import build_model
-from thrifty.methods.data_assemble.train import ARM_SPECS, compute_loss, lr_at, train
+from thrifty.methods.data_assemble.train import ARM_SPECS, compute_loss, ema_update, lr_at, mean_teacher, train
 
 SMOKE_ARMS = ["target_only", "naive", "assemble", "oracle"]  # the smoke preset's (the card's arms 1, 2, 3, 5)
 TIMING = ("train_seconds", "train_images_per_s", "infer_images_per_s")
@@ -362,10 +362,10 @@ def test_oracle_reveals_the_hidden_labels_of_the_labelled_sources(tmp_path, data
     seen: dict[str, list[torch.Tensor]] = {}
     real = recipe.compute_loss
 
-    def spy(spec, model, batch, cfg, gen, target_index):
+    def spy(spec, model, batch, cfg, gen, target_index, teacher=None):
         arm = next(a for a, s in ARM_SPECS.items() if s is spec)
         seen.setdefault(arm, []).append(torch.stack([batch.given[batch.roles == k].all() for k in range(3)]))
-        return real(spec, model, batch, cfg, gen, target_index)
+        return real(spec, model, batch, cfg, gen, target_index, teacher)
 
     monkeypatch.setattr(recipe, "compute_loss", spy)
     train(smoke(tmp_path, data_dir, "arms=[assemble,oracle]", "seeds=[0]", "stages=[train]"))
@@ -421,6 +421,9 @@ def test_validation_only_run_never_reads_the_test_split(tmp_path, data_dir):
         ("data.intensity_window=[99,1]", "intensity_window"),
         ("data.intensity_window=[5]", "intensity_window"),
         ("data.synthetic.assembled_domain=C", "assembled_domain"),
+        ("data.synthetic.consolidation=wispy", "data.synthetic.consolidation"),
+        ("loss.ema_decay=1", "loss.ema_decay"),
+        ("loss.ema_decay=-0.5", "loss.ema_decay"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, match, tmp_path, capsys):
@@ -435,10 +438,10 @@ def test_fixed_role_images_give_every_arm_the_same_target_images_per_step(tmp_pa
     seen: dict[str, set[tuple[int, ...]]] = {}
     real = recipe.compute_loss
 
-    def spy(spec, model, batch, cfg, gen, target_index):
+    def spy(spec, model, batch, cfg, gen, target_index, teacher=None):
         arm = next(a for a, s in ARM_SPECS.items() if s is spec)
         seen.setdefault(arm, set()).add(tuple(int((batch.roles == k).sum()) for k in range(len(ROLES))))
-        return real(spec, model, batch, cfg, gen, target_index)
+        return real(spec, model, batch, cfg, gen, target_index, teacher)
 
     monkeypatch.setattr(recipe, "compute_loss", spy)
     overrides = ("arms=[target_only,naive,assemble]", "seeds=[0]", "stages=[train]", "final_test=false",
@@ -462,3 +465,48 @@ def test_a_batch_too_small_for_the_arms_sources_is_a_usage_error(tmp_path, data_
             "progress=false", "arms=[assemble]", "seeds=[0]", "batch_size=2"]  # fmt: skip
     assert main(args) == EXIT_USAGE
     assert "batch" in capsys.readouterr().err
+
+
+def test_ema_update_moves_the_teacher_towards_the_network_and_copies_its_buffers():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), num_labels=3).train()
+    teacher = mean_teacher(model)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model(torch.rand(4, 1, 32, 32))  # moves BatchNorm's running statistics
+    ema_update(teacher, model, 0.9)
+    for old, new, cur in zip(before, teacher.parameters(), model.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * cur, atol=1e-6)
+    for t_buf, buf in zip(teacher.buffers(), model.buffers()):
+        assert torch.equal(t_buf, buf)
+
+
+def test_the_mean_teacher_supplies_the_pseudo_labels_and_trains_with_the_assemble_arm(tmp_path, data_dir, monkeypatch):
+    batch, t = _toy_batch(size=32)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), num_labels=len(FINDINGS)).train()
+    cfg = DataAssembleConfig()
+    own = compute_loss(ARM_SPECS["assemble"], model, batch, cfg, torch.Generator().manual_seed(5), t)
+    twin = mean_teacher(model)  # before any update the teacher is the network, but in eval mode
+    taught = compute_loss(ARM_SPECS["assemble"], model, batch, cfg, torch.Generator().manual_seed(5), t, twin)
+    assert torch.equal(own.bce, taught.bce) and not torch.equal(own.pseudo, taught.pseudo)
+    # a run with the teacher calls it on every step of the paper's arms and never on the others
+    calls: list[str] = []
+    real = recipe.ema_update
+    monkeypatch.setattr(recipe, "ema_update", lambda tea, mod, d: (calls.append(d), real(tea, mod, d)))
+    train(
+        smoke(
+            tmp_path,
+            data_dir,
+            "arms=[naive,assemble]",
+            "seeds=[0]",
+            "loss.ema_decay=0.99",
+            "max_steps=3",
+            "sweep.target_images=[]",
+            "final_test=false",
+        )
+    )
+    assert calls == [0.99] * 3

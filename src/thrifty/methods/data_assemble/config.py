@@ -169,12 +169,17 @@ class LossConfig:
     Attributes:
         tau / t: sharpening threshold and factor (a > tau: a + (1-a)/t; else a - a/t).
         pseudo_weight / consistency_weight: the terms' weights (the paper: 1 and 1).
+        ema_decay: 0 (default, the paper) sharpens the network's own weak-view predictions; a decay in (0, 1)
+            sharpens those of a mean teacher instead, an exponential moving average of the network's weights
+            (buffers copied) run in eval mode on the weak view, as USB offers (the card: optional, off by
+            default). Selection and export use the network itself, not the teacher.
     """
 
     tau: float = 0.5
     t: float = 4.0
     pseudo_weight: float = 1.0
     consistency_weight: float = 1.0
+    ema_decay: float = 0.0
 
 
 @dataclasses.dataclass
@@ -315,6 +320,9 @@ class DataAssembleConfig(UnitsConfig):
             raise ValueError("config key 'optim.halve_every' must be >= 1")
         if not 0.0 < self.loss.tau < 1.0 or self.loss.t <= 1.0:
             raise ValueError("config keys 'loss.tau' in (0, 1) and 'loss.t' > 1 (the sharpening rule)")
+        if not 0.0 <= self.loss.ema_decay < 1.0:
+            decay = self.loss.ema_decay
+            raise ValueError(f"config key 'loss.ema_decay' must be in [0, 1) (0: no teacher), got {decay}")
         if self.trivial_k < 1:
             raise ValueError("config key 'trivial_k' must be >= 1")
         if self.on_par_margin < 0 or self.works_margin < 0:

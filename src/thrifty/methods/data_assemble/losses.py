@@ -78,17 +78,20 @@ def assemble_loss(
     t: float = 4.0,
     pseudo_weight: float = 1.0,
     consistency_weight: float = 1.0,
+    teacher_logits: torch.Tensor | None = None,
 ) -> LossParts:
     """The paper's loss. ``logits_weak``/``logits_strong`` (B, L) on the two views of the same images,
     ``targets`` (B, L) in {0, 1}, ``mask`` (B, L) bool (True = given). ``logits_strong=None`` (or both weights
-    0) gives the naive masked BCE alone."""
+    0) gives the naive masked BCE alone. ``teacher_logits`` (B, L), when given, are a mean teacher's on the weak
+    view: the sharpened target is taken from them instead of from ``logits_weak`` (the optional EMA teacher)."""
     bce = masked_bce(logits_weak, targets, mask)
     zero = logits_weak.sum() * 0.0
     pseudo = consistency = zero
     missing = ~mask
     if pseudo_weight or (consistency_weight and logits_strong is not None):
         probs_weak = torch.sigmoid(logits_weak)
-        target = sharpen(probs_weak.detach(), tau=tau, t=t)
+        source = probs_weak if teacher_logits is None else torch.sigmoid(teacher_logits)
+        target = sharpen(source.detach(), tau=tau, t=t)
         if pseudo_weight:
             pseudo = pseudo_label_term(probs_weak, target, missing)
         if consistency_weight and logits_strong is not None:

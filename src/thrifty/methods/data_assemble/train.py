@@ -156,8 +156,9 @@ def label_metrics(probs: np.ndarray, data: LabelledImages, names: list[str], tar
 
 
 def compute_loss(spec: ArmSpec, model: torch.nn.Module, batch: Any, cfg: DataAssembleConfig, gen: torch.Generator,
-                 target_index: int) -> LossParts:  # fmt: skip
-    """The arm's loss on one batch: the weak view (and the strong view) through ``model``.
+                 target_index: int, teacher: torch.nn.Module | None = None) -> LossParts:  # fmt: skip
+    """The arm's loss on one batch: the weak view (and the strong view) through ``model``; with a mean
+    ``teacher`` (``loss.ema_decay`` > 0) the paper's loss sharpens the teacher's weak-view predictions.
 
     The two views go through two forward passes, weak first, as in the release's ``train.py``: in training mode
     BatchNorm then normalises each view with its own batch statistics. (One forward over both views, which this
@@ -175,10 +176,32 @@ def compute_loss(spec: ArmSpec, model: torch.nn.Module, batch: Any, cfg: DataAss
             logits_weak, logits_strong, batch.labels, batch.given, tau=w.tau, t=w.t, class_index=target_index,
             from_target_source=batch.roles == ROLES.index("target"),
         )  # fmt: skip
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(weak)
     return assemble_loss(
         logits_weak, logits_strong, batch.labels, batch.given, tau=w.tau, t=w.t, pseudo_weight=w.pseudo_weight,
-        consistency_weight=w.consistency_weight,
+        consistency_weight=w.consistency_weight, teacher_logits=teacher_logits,
     )  # fmt: skip
+
+
+def mean_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model`` in eval mode, to be moved by :func:`ema_update`."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``teacher ← decay · teacher + (1 − decay) · model`` for every parameter; buffers (BatchNorm's running
+    statistics) are copied from ``model``."""
+    for t_param, param in zip(teacher.parameters(), model.parameters(), strict=True):
+        t_param.lerp_(param.detach(), 1.0 - decay)
+    for t_buf, buf in zip(teacher.buffers(), model.buffers(), strict=True):
+        t_buf.copy_(buf)
 
 
 def train_unit(
@@ -234,6 +257,7 @@ def train_unit(
     net = DDP(model) if info.enabled else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     gen = torch.Generator().manual_seed(seed * 7919 + info.rank)
+    teacher = mean_teacher(model) if cfg.loss.ema_decay > 0 and spec.loss == "assemble" else None
     best: dict[str, Any] = {"auc": -math.inf, "step": 0, "state": None}
     curve: list[dict[str, float]] = []
     sums: dict[str, float] = {}
@@ -247,10 +271,12 @@ def train_unit(
             )
             for g in opt.param_groups:
                 g["lr"] = lr_at(step - 1, cfg)
-            parts = compute_loss(spec, net, batch, cfg, gen, t)
+            parts = compute_loss(spec, net, batch, cfg, gen, t, teacher)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()
+            if teacher is not None:
+                ema_update(teacher, model, cfg.loss.ema_decay)
             t_train += time.perf_counter() - t0
             for k, v in parts.floats().items():
                 sums[k] = sums.get(k, 0.0) + v
