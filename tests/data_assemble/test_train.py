@@ -510,3 +510,24 @@ def test_the_mean_teacher_supplies_the_pseudo_labels_and_trains_with_the_assembl
         )
     )
     assert calls == [0.99] * 3
+
+
+def test_sync_bn_is_asked_for_only_under_ddp(tmp_path, data_dir, monkeypatch):
+    asked: list[bool] = []
+    real = recipe.distributed.with_sync_bn
+    monkeypatch.setattr(
+        recipe.distributed, "with_sync_bn", lambda m, **kw: (asked.append(kw["enabled"]), real(m, **kw))[1]
+    )
+    train(
+        smoke(
+            tmp_path,
+            data_dir,
+            "arms=[naive]",
+            "seeds=[0]",
+            "model.sync_bn=true",
+            "max_steps=2",
+            "sweep.target_images=[]",
+            "final_test=false",
+        )
+    )
+    assert asked == [False]  # one process: nothing to synchronise (a CUDA DDP run converts; see core.distributed)

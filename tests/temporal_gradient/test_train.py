@@ -474,7 +474,7 @@ def test_the_control_reports_the_frame_position_that_leaks_the_class():
 
 
 def test_sync_bn_only_under_ddp_on_cuda():
-    from thrifty.methods.temporal_gradient.train import with_sync_bn
+    from thrifty.core.distributed import with_sync_bn
 
     def count(m: torch.nn.Module) -> int:
         return sum(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())

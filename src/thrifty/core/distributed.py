@@ -174,3 +174,11 @@ def sync_batchnorm_stats(module: torch.nn.Module) -> None:
             for buf in (m.running_mean, m.running_var):
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                 buf /= dist.get_world_size()
+
+
+def with_sync_bn(model: torch.nn.Module, *, enabled: bool, device: torch.device) -> torch.nn.Module:
+    """``model`` with every BatchNorm converted to ``SyncBatchNorm`` when ``enabled`` and on CUDA (the only device
+    SyncBN runs on; its parameters, buffers and state-dict keys carried over); unchanged otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

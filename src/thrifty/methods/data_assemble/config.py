@@ -151,6 +151,10 @@ class ModelConfig:
             another order, and on this 2-core CPU the paper's two-view step of the miniature 1.46× faster with 1
             thread (90.8 → 62.3 ms at 40 images) and 1.35× with 2 (``benchmarks/data_assemble_speed.py``). The
             first six claim-preset registrations ran in the contiguous format, the seventh in this one.
+        sync_bn: under DDP on CUDA, convert every BatchNorm to ``SyncBatchNorm`` so each view is normalised with
+            the global batch's statistics (the card: optional). Off by default; on CPU ranks (gloo) it is ignored,
+            since torch's SyncBatchNorm does not run there (running statistics are still averaged over ranks
+            before every evaluation).
     """
 
     backbone: str = "densenet_mini"
@@ -160,6 +164,7 @@ class ModelConfig:
     weights: str = ""
     adapter_dim: int = 32
     channels_last: bool = True
+    sync_bn: bool = False
 
 
 @dataclasses.dataclass

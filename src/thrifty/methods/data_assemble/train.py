@@ -254,6 +254,7 @@ def train_unit(
 
     seed_everything(seed)
     model = build_model(cfg.model, num_labels=len(names), head=spec.head).to(info.device)
+    model = distributed.with_sync_bn(model, enabled=info.enabled and cfg.model.sync_bn, device=info.device)
     net = DDP(model) if info.enabled else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     gen = torch.Generator().manual_seed(seed * 7919 + info.rank)

@@ -173,14 +173,6 @@ def accuracy_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) ->
 # --- one unit -----------------------------------------------------------------------------------------------
 
 
-def with_sync_bn(model: torch.nn.Module, *, enabled: bool, device: torch.device) -> torch.nn.Module:
-    """``model`` with every BatchNorm converted to ``SyncBatchNorm`` when ``enabled`` and on CUDA (the only device
-    SyncBN runs on); unchanged otherwise."""
-    if enabled and device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
 @dataclasses.dataclass
 class StepLoss:
     total: torch.Tensor
@@ -312,7 +304,9 @@ def train_unit(
     k = len(data.class_names)
 
     seed_everything(seed)
-    model = with_sync_bn(build_model(cfg, spec, k), enabled=info.enabled and cfg.model.sync_bn, device=info.device)
+    model = distributed.with_sync_bn(
+        build_model(cfg, spec, k), enabled=info.enabled and cfg.model.sync_bn, device=info.device
+    )
     model = model.to(info.device)
     net = DDP(model) if info.enabled else model
     o = cfg.optim
