@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thrifty.core.metrics import roc_auc
 from thrifty.data import chest_synth
 from thrifty.methods.data_assemble.score import Predictor
 
@@ -26,9 +27,8 @@ SEEDS = {"positives": 4242, "clean": 4243, "lookalike": 4244}  # far from every 
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Mann-Whitney AUC (%) of scores ``pos`` (P,) against ``neg`` (N,)."""
-    ranks = np.concatenate([pos, neg]).argsort().argsort() + 1.0
-    return 100.0 * (ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    """AUC (%) of scores ``pos`` (P,) against ``neg`` (N,)."""
+    return 100.0 * roc_auc(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))])
 
 
 def main() -> None:

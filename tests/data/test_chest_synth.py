@@ -31,6 +31,11 @@ def _twin(finding: str, **kw) -> cs.ChestBatch:
     return cs.generate(N_PAIRS, seed=21, prevalence={**ZERO, finding: 1.0}, **kw)
 
 
+def _rise(batch: cs.ChestBatch, base: cs.ChestBatch, col: int) -> np.ndarray:
+    """Each image's mean intensity rise over its own ``col`` region, against the same patient without it."""
+    return np.array([(p[0][k] - q[0][k]).mean() for p, q, k in zip(batch.images, base.images, batch.masks[:, col])])
+
+
 def _auc(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Mann-Whitney AUC of each column of ``scores`` (n, k) for binary ``y``."""
     y = y.astype(bool)
@@ -149,9 +154,7 @@ def test_a_finding_changes_the_image_only_around_its_mask(negatives):
 
 def test_opacities_brighten_their_region(negatives):
     for f in ("nodule", "effusion", "consolidation", "atelectasis"):
-        pos = _twin(f)
-        m = pos.masks[:, COL[f]]
-        raised = np.array([(p[0][k] - q[0][k]).mean() for p, q, k in zip(pos.images, negatives.images, m)])
+        raised = _rise(_twin(f), negatives, COL[f])
         assert (raised > 0).mean() > 0.9 and raised.mean() > 0.04, f
 
 
@@ -246,11 +249,6 @@ def test_domains_render_the_same_patients_differently():
     flat = cs.Domain("flat", gamma=(1.0, 1.0), contrast=1.0, brightness=0.0, noise_std=0.0, blur_sigma=0.0)
     f1, f2 = cs.generate(3, seed=4, domain=flat), cs.generate(3, seed=4, domain=flat)
     assert np.array_equal(f1.images, f2.images) and np.array_equal(f1.labels, a.labels[:3])
-
-
-def _rise(batch: cs.ChestBatch, base: cs.ChestBatch, col: int) -> np.ndarray:
-    """Each image's mean intensity rise over its own ``col`` region, against the same patient without it."""
-    return np.array([(p[0][k] - q[0][k]).mean() for p, q, k in zip(batch.images, base.images, batch.masks[:, col])])
 
 
 @pytest.mark.parametrize("style", ["lobar", "peripheral"])

@@ -303,12 +303,16 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma_px: float) -> np.nd
     return field * (2.0 * math.sqrt(math.pi) * sigma)  # std of 2-D Gaussian-filtered unit white noise
 
 
+def _patchiness(rng: np.random.Generator, size: int) -> np.ndarray:
+    """The ground glass's texture: a low-frequency field in [0.3, 1] (one draw of smooth noise from ``rng``)."""
+    return 0.3 + 0.7 * _sig(1.2 * _smooth_noise(rng, size, 3.0) + 0.6)
+
+
 def _haze(rng: np.random.Generator, visibility: float, region: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
     """The ground-glass layer: a low-frequency patchy haze over ``region`` (weights in [0, 1]), more at the bases
     (``y`` grows downwards), at most ``0.14 * visibility`` above the lung; lung markings stay visible under it."""
     basal = np.clip((y + 0.3) / 0.9, 0.0, 1.0)
-    patch = _sig(1.2 * _smooth_noise(rng, size, 3.0) + 0.6)
-    return 0.14 * visibility * region * (0.6 + 0.4 * basal) * (0.3 + 0.7 * patch)
+    return 0.14 * visibility * region * (0.6 + 0.4 * basal) * _patchiness(rng, size)
 
 
 @dataclasses.dataclass
@@ -382,7 +386,7 @@ def _render(
     p_vec: np.ndarray,
     s_vec: np.ndarray,
     mask_out: np.ndarray,
-    consolidation: str = "dense",
+    consolidation: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     ss = np.random.SeedSequence([seed, index])
     rngs = [np.random.default_rng(child) for child in ss.spawn(len(_STREAMS))]
@@ -589,7 +593,7 @@ def _render(
         mask_out[_COL["consolidation"]] = (cons > 0.5) & (lung > 0.5)
         if consolidation == "lobar":  # the haze's texture, from ground-glass faint to dense (drawn after the rest)
             co_a = rc.uniform(*LOBAR_CONSOLIDATION_OPACITY) * st["consolidation"]
-            cons = cons * (0.3 + 0.7 * _sig(1.2 * _smooth_noise(rc, size, 3.0) + 0.6))
+            cons = cons * _patchiness(rc, size)
         img += min(1.0, co_a) * cons * (level - img) * 0.9
 
     # atelectasis: plate-like band widening laterally into a wedge, lower lung

@@ -271,16 +271,10 @@ class DataAssembleConfig(UnitsConfig):
                 raise ValueError("config key 'data.synthetic.target_positives' must be in (0, target_images)")
             if not 0.0 <= syn.assembled_target_prevalence <= 1.0:
                 raise ValueError("config key 'data.synthetic.assembled_target_prevalence' must be in [0, 1]")
-            if syn.assembled_domain not in DOMAINS:
-                raise ValueError(
-                    f"config key 'data.synthetic.assembled_domain': unknown {syn.assembled_domain!r}; "
-                    f"choose from {list(DOMAINS)}"
-                )
-            if syn.consolidation not in CONSOLIDATION_STYLES:
-                raise ValueError(
-                    f"config key 'data.synthetic.consolidation': unknown {syn.consolidation!r}; "
-                    f"choose from {list(CONSOLIDATION_STYLES)}"
-                )
+            check_choices(
+                ("data.synthetic.assembled_domain", list(DOMAINS), [syn.assembled_domain]),
+                ("data.synthetic.consolidation", CONSOLIDATION_STYLES, [syn.consolidation]),
+            )
             for key in ("assembled_images", "unlabelled_images", "val_images", "test_images"):
                 if getattr(syn, key) < 1:
                     raise ValueError(f"config key 'data.synthetic.{key}' must be >= 1")
